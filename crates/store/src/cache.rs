@@ -1,0 +1,269 @@
+//! `Cache`: a cache directory plus its metadata driver, with the seed's driver interface.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::driver::{Driver, DriverKind};
+use crate::error::{IoContext, Result, StoreError};
+use crate::key::Key;
+use crate::layout::{Layout, Status, key_files};
+use crate::lock::{FileLock, Mode};
+use crate::reader::CacheReader;
+use crate::record::{LruEntry, Record, now};
+use crate::sqlite::{SqliteDriver, SqliteOptions};
+use crate::writer::{CacheWriter, WriteOptions};
+use crate::xattr::XattrDriver;
+
+/// A cache directory. Cheap to clone; clones share the driver. Safe to use from many threads,
+/// and from many processes at once on the same directory (they coordinate through `locks/`).
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    layout: Layout,
+    driver: Box<dyn Driver>,
+    kind: DriverKind,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("root", &self.inner.layout.root())
+            .field("driver", &self.inner.kind)
+            .finish()
+    }
+}
+
+impl Cache {
+    /// Opens a cache directory with the given driver, creating what is missing. This is the
+    /// seed's `configure`: it fails with [`StoreError::BadDriverConfiguration`] or
+    /// [`StoreError::CacheDir`] when the store cannot work, not later on first use.
+    pub fn open(root: impl Into<PathBuf>, kind: DriverKind) -> Result<Cache> {
+        let layout = Layout::open(root)?;
+        let driver: Box<dyn Driver> = match kind {
+            DriverKind::Sqlite => Box::new(SqliteDriver::open(
+                &layout.sqlite_path(),
+                &SqliteOptions::default(),
+            )?),
+            DriverKind::Xattr => Box::new(XattrDriver::open(layout.clone())?),
+        };
+        Ok(Cache::with_driver(layout, driver, kind))
+    }
+
+    pub fn with_driver(layout: Layout, driver: Box<dyn Driver>, kind: DriverKind) -> Cache {
+        Cache {
+            inner: Arc::new(Inner {
+                layout,
+                driver,
+                kind,
+            }),
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.inner.layout
+    }
+    pub fn root(&self) -> &Path {
+        self.inner.layout.root()
+    }
+    pub fn driver(&self) -> &dyn Driver {
+        self.inner.driver.as_ref()
+    }
+    pub fn driver_kind(&self) -> DriverKind {
+        self.inner.kind
+    }
+
+    /// The global lock: shared by publishers for the instant of a publish, exclusive for
+    /// clean-up, so a clean-up never sees a record and its file out of step.
+    pub(crate) fn global_lock(&self, mode: Mode) -> Result<FileLock> {
+        FileLock::acquire(&self.layout().global_lock_path(), mode)
+    }
+
+    pub(crate) fn key_lock(&self, key: &Key, wait: bool) -> Result<Option<FileLock>> {
+        let path = self.layout().key_lock_path(key);
+        if wait {
+            FileLock::acquire(&path, Mode::Exclusive).map(Some)
+        } else {
+            FileLock::try_acquire(&path, Mode::Exclusive)
+        }
+    }
+
+    // ---- The seed's driver interface ---------------------------------------------------
+
+    /// Total bytes of published images.
+    pub fn get_cache_size(&self) -> Result<u64> {
+        self.driver().total_size()
+    }
+
+    /// Records of published images, ordered by image id.
+    pub fn get_cached_images(&self) -> Result<Vec<Record>> {
+        self.driver().list()
+    }
+
+    /// The record of one published image, if there is one.
+    pub fn get_record(&self, key: &Key) -> Result<Option<Record>> {
+        if !self.get_image_filepath(key, Status::Active).exists() {
+            return Ok(None);
+        }
+        self.driver().get(key)
+    }
+
+    /// True when the image is published: its file is in place and it has a record.
+    pub fn is_cached(&self, key: &Key) -> Result<bool> {
+        Ok(self.get_record(key)?.is_some())
+    }
+
+    /// True when nobody is writing the image now (another thread or process holds its lock).
+    pub fn is_being_cached(&self, key: &Key) -> Result<bool> {
+        Ok(self.key_lock(key, false)?.is_none())
+    }
+
+    /// True when the image could be cached now: not cached and not being cached.
+    pub fn is_cacheable(&self, key: &Key) -> Result<bool> {
+        Ok(!self.is_cached(key)? && !self.is_being_cached(key)?)
+    }
+
+    pub fn get_hit_count(&self, key: &Key) -> Result<u64> {
+        Ok(self.get_record(key)?.map_or(0, |r| r.hits))
+    }
+
+    /// Size in bytes of a published image, or `None` when it is not cached.
+    pub fn get_image_size(&self, key: &Key) -> Result<Option<u64>> {
+        Ok(self.get_record(key)?.map(|r| r.size))
+    }
+
+    pub fn get_image_filepath(&self, key: &Key, status: Status) -> PathBuf {
+        self.layout().path(key, status)
+    }
+
+    /// Key-named regular files in one of the cache's directories (see [`Status`]).
+    pub fn get_cache_files(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        Ok(key_files(dir)?
+            .into_iter()
+            .map(|(k, _)| dir.join(k.as_str()))
+            .collect())
+    }
+
+    /// The image least recently opened for reading (or published), with its size.
+    pub fn get_least_recently_accessed(&self) -> Result<Option<(String, u64)>> {
+        Ok(self
+            .driver()
+            .lru_page(None, 1)?
+            .into_iter()
+            .next()
+            .map(|e| (e.image_id, e.size)))
+    }
+
+    /// Removes a published image and its record. Readers that already have it open keep
+    /// reading the bytes they opened (the inode lives until they close it).
+    pub fn delete_cached_image(&self, key: &Key) -> Result<bool> {
+        let _g = self.global_lock(Mode::Exclusive)?;
+        self.delete_locked(key)
+    }
+
+    pub(crate) fn delete_locked(&self, key: &Key) -> Result<bool> {
+        let path = self.get_image_filepath(key, Status::Active);
+        let had_file = match fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(StoreError::io("remove", &path, e)),
+        };
+        let had_record = self.driver().remove(key)?;
+        Ok(had_file || had_record)
+    }
+
+    /// Removes every published image the store has a record of; returns how many.
+    /// Files in the cache directory without a record are not the store's and are left alone.
+    pub fn delete_all_cached_images(&self) -> Result<u64> {
+        let _g = self.global_lock(Mode::Exclusive)?;
+        let mut n = 0;
+        for rec in self.driver().list()? {
+            let key = Key::new(&rec.image_id)?;
+            if self.delete_locked(&key)? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Opens a published image for reading: counts a hit and updates `last_accessed`.
+    /// `None` when it is not cached. While the reader is open, prune and clean leave the file be.
+    pub fn open_for_read(&self, key: &Key) -> Result<Option<CacheReader>> {
+        let path = self.get_image_filepath(key, Status::Active);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("open", &path, e)),
+        };
+        // Shared flock on the image itself marks it in use; the evictor only removes a file it
+        // can lock exclusively. Then check it was not unlinked between our open and lock.
+        crate::lock::lock_file(&file, Mode::Shared, true).ctx("lock", &path)?;
+        let meta = file.metadata().ctx("stat", &path)?;
+        if std::os::unix::fs::MetadataExt::nlink(&meta) == 0 {
+            return Ok(None);
+        }
+        let Some(record) = self.driver().record_hit(key, &file, now())? else {
+            return Ok(None); // a file with no record is not the store's
+        };
+        Ok(Some(CacheReader::new(file, record, path)))
+    }
+
+    /// Opens a writer into `incomplete/`. Waits for any other writer of the same key (in this
+    /// or another process) and returns `None` if, by then, the image is cached.
+    pub fn open_for_write(&self, key: &Key) -> Result<Option<CacheWriter>> {
+        self.open_for_write_with(key, WriteOptions::default())
+    }
+
+    pub fn open_for_write_with(
+        &self,
+        key: &Key,
+        opts: WriteOptions,
+    ) -> Result<Option<CacheWriter>> {
+        let Some(lock) = self.key_lock(key, opts.wait)? else {
+            return Err(StoreError::Busy(key.to_string()));
+        };
+        if !opts.replace && self.is_cached(key)? {
+            return Ok(None);
+        }
+        CacheWriter::create(self.clone(), key.clone(), lock, opts).map(Some)
+    }
+
+    /// Sets a free-form property on a published image (origin validators and the like).
+    pub fn set_prop(&self, key: &Key, name: &str, value: &str) -> Result<()> {
+        let path = self.get_image_filepath(key, Status::Active);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotCached(key.to_string()));
+            }
+            Err(e) => return Err(StoreError::io("open", &path, e)),
+        };
+        self.driver().set_prop(key, &file, name, value)
+    }
+
+    /// Walks the whole LRU order, a page at a time.
+    pub(crate) fn lru_walk(&self, mut f: impl FnMut(&LruEntry) -> Result<bool>) -> Result<()> {
+        let mut after: Option<LruEntry> = None;
+        loop {
+            let page = self.driver().lru_page(after.as_ref(), 256)?;
+            let Some(last) = page.last().cloned() else {
+                return Ok(());
+            };
+            for e in &page {
+                if !f(e)? {
+                    return Ok(());
+                }
+            }
+            after = Some(last);
+        }
+    }
+}
+
+/// Modification time of a file as a `SystemTime`, `UNIX_EPOCH` when unknown.
+pub(crate) fn mtime(meta: &fs::Metadata) -> SystemTime {
+    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)
+}

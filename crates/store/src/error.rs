@@ -1,0 +1,127 @@
+//! Errors as types an operator can act on: each names the path or key involved and what went wrong.
+
+use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::integrity::Integrity;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("invalid key: it is empty")]
+    Empty,
+    #[error("invalid key: {0} bytes long, at most 255 allowed")]
+    TooLong(usize),
+    #[error("invalid key: character {0:?} not allowed (only A-Z a-z 0-9 . _ -)")]
+    BadChar(char),
+    #[error("invalid key: it must not start with '.'")]
+    LeadingDot,
+    #[error("invalid key: {0:?} is the name of one of the cache's own directories")]
+    Reserved(String),
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+
+    #[error("bad driver configuration ({driver}): {reason}")]
+    BadDriverConfiguration {
+        driver: &'static str,
+        reason: String,
+    },
+
+    #[error("cache directory {path}: {reason}")]
+    CacheDir { path: PathBuf, reason: String },
+
+    #[error("disk full while writing {path}: the partial file was removed, nothing was published")]
+    DiskFull { path: PathBuf },
+
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(
+        "checksum mismatch for {key}: expected {expected}, got {actual}; the file was moved to invalid/"
+    )]
+    ChecksumMismatch {
+        key: String,
+        expected: Integrity,
+        actual: Integrity,
+    },
+
+    #[error(
+        "size mismatch for {key}: expected {expected} bytes, got {actual}; the file was moved to invalid/"
+    )]
+    SizeMismatch {
+        key: String,
+        expected: u64,
+        actual: u64,
+    },
+
+    #[error("image {0} is not cached")]
+    NotCached(String),
+
+    #[error("image {0} is already cached")]
+    AlreadyCached(String),
+
+    #[error("image {0} is being written by another writer")]
+    Busy(String),
+
+    #[error("invalid checksum {0:?}: expected ALGO:HEX with ALGO one of md5, sha256, sha512")]
+    BadIntegrity(String),
+
+    #[error("metadata database {path}: {source}")]
+    Database {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    #[error(
+        "metadata database {path}: schema version {found} is newer than this imgcache understands ({supported})"
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+}
+
+impl StoreError {
+    /// Wraps an I/O error with the operation and path, turning ENOSPC/EDQUOT into [`StoreError::DiskFull`].
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        let path = path.into();
+        match source.raw_os_error() {
+            Some(code)
+                if code == rustix::io::Errno::NOSPC.raw_os_error()
+                    || code == rustix::io::Errno::DQUOT.raw_os_error() =>
+            {
+                StoreError::DiskFull { path }
+            }
+            _ => StoreError::Io { op, path, source },
+        }
+    }
+
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::DiskFull { .. })
+    }
+}
+
+/// Attaches an operation and a path to an `io::Result`.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| StoreError::io(op, path, e))
+    }
+}

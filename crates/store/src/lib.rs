@@ -1,0 +1,32 @@
+//! imgcache's store: a crash-safe cache directory of disk images.
+//!
+//! An image becomes visible only by fsync + atomic rename; a write that fails leaves at most a
+//! file in `incomplete/` or `invalid/`. Per-image records live behind the [`Driver`] trait
+//! (SQLite by default, or extended attributes); everything else — layout, locks, queue,
+//! eviction — is shared, in [`Cache`].
+
+pub mod cache;
+pub mod driver;
+pub mod error;
+pub mod integrity;
+pub mod key;
+pub mod layout;
+pub mod lock;
+pub mod policy;
+pub mod queue;
+pub mod reader;
+pub mod record;
+pub mod sqlite;
+pub mod writer;
+pub mod xattr;
+
+pub use cache::Cache;
+pub use driver::{Driver, DriverKind};
+pub use error::{KeyError, Result, StoreError};
+pub use integrity::{Algorithm, Hasher, Integrity};
+pub use key::Key;
+pub use layout::{Layout, Status};
+pub use policy::{CleanReport, PruneReport};
+pub use reader::CacheReader;
+pub use record::{LruEntry, Record, Timestamp};
+pub use writer::{CacheWriter, WriteOptions};

@@ -1,0 +1,191 @@
+//! Keeping the cache in bounds: `prune` (LRU eviction to a size) and `clean` (stalled and
+//! invalid files, records whose file is gone, unused lock files).
+//!
+//! Both run under the global lock and never delete a file that is open for reading (its shared
+//! flock blocks ours) or hard-linked elsewhere (`nlink > 1`: a deploy still uses it). Only files
+//! the store has a record of are candidates: a foreign file in the directory is reported,
+//! never deleted.
+
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::cache::{Cache, mtime};
+use crate::error::{IoContext, Result, StoreError};
+use crate::key::Key;
+use crate::layout::{Status, key_files};
+use crate::lock::{self, Mode};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PruneReport {
+    /// Images evicted, in the order they went.
+    pub evicted: Vec<(String, u64)>,
+    pub bytes_freed: u64,
+    /// Images that would have gone but were open or hard-linked.
+    pub skipped_in_use: Vec<String>,
+    /// Cache size after pruning.
+    pub size_after: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CleanReport {
+    /// Stalled files removed from `incomplete/`.
+    pub stalled: Vec<String>,
+    /// Files removed from `invalid/`.
+    pub invalid: Vec<String>,
+    /// Records whose image file had disappeared, dropped.
+    pub dangling_records: Vec<String>,
+    /// Key-named files in the cache directory the store has no record of: not ours, left alone.
+    pub foreign_files: Vec<String>,
+    /// Lock files of keys with nothing left, removed.
+    pub stale_locks: u64,
+}
+
+/// Why a candidate could not be evicted.
+enum Evict {
+    Done(u64),
+    InUse,
+    Gone,
+}
+
+impl Cache {
+    /// Evicts least recently accessed images until the cache holds at most `max_size` bytes.
+    pub fn prune(&self, max_size: u64) -> Result<PruneReport> {
+        let _g = self.global_lock(Mode::Exclusive)?;
+        let mut size = self.get_cache_size()?;
+        let mut report = PruneReport::default();
+        if size > max_size {
+            self.lru_walk(|entry| {
+                let key = Key::new(&entry.image_id)?;
+                match self.evict_locked(&key)? {
+                    Evict::Done(bytes) => {
+                        size = size.saturating_sub(bytes);
+                        report.bytes_freed += bytes;
+                        report.evicted.push((entry.image_id.clone(), bytes));
+                    }
+                    Evict::InUse => report.skipped_in_use.push(entry.image_id.clone()),
+                    Evict::Gone => {
+                        self.driver().remove(&key)?;
+                        size = size.saturating_sub(entry.size);
+                    }
+                }
+                Ok(size > max_size)
+            })?;
+        }
+        report.size_after = self.get_cache_size()?;
+        Ok(report)
+    }
+
+    /// Removes one published image unless it is open for reading or hard-linked elsewhere.
+    /// Caller holds the global lock exclusively.
+    fn evict_locked(&self, key: &Key) -> Result<Evict> {
+        let path = self.get_image_filepath(key, Status::Active);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Evict::Gone),
+            Err(e) => return Err(StoreError::io("open", &path, e)),
+        };
+        let meta = file.metadata().ctx("stat", &path)?;
+        if meta.nlink() > 1 || !lock::lock_file(&file, Mode::Exclusive, false).ctx("lock", &path)? {
+            return Ok(Evict::InUse);
+        }
+        // Holding the exclusive flock: no reader has it open (a reader that opens it now
+        // blocks on its shared lock, then sees nlink == 0 and treats it as a miss).
+        fs::remove_file(&path).ctx("remove", &path)?;
+        self.driver().remove(key)?;
+        Ok(Evict::Done(meta.len()))
+    }
+
+    /// Removes files in `incomplete/` last written at or before `older_than`, unless their
+    /// writer is still alive (holds the key lock). Returns the keys removed.
+    pub fn delete_stalled_files(&self, older_than: SystemTime) -> Result<Vec<String>> {
+        let dir = self.layout().incomplete_dir();
+        let mut removed = Vec::new();
+        for (key, meta) in key_files(&dir)? {
+            if mtime(&meta) > older_than {
+                continue;
+            }
+            let Some(_lock) = self.key_lock(&key, false)? else {
+                continue; // a live writer: slow, not stalled
+            };
+            let path = dir.join(key.as_str());
+            match fs::remove_file(&path) {
+                Ok(()) => removed.push(key.to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove", &path, e)),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes every file in `invalid/`; returns the keys removed.
+    pub fn delete_invalid_files(&self) -> Result<Vec<String>> {
+        let dir = self.layout().invalid_dir();
+        let mut removed = Vec::new();
+        for path in self.get_cache_files(&dir)? {
+            match fs::remove_file(&path) {
+                Ok(()) => removed.push(file_name(&path)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove", &path, e)),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The cleaner: stalled incomplete files older than `stall_time`, invalid files, records
+    /// whose file vanished behind the store's back, and unused lock files.
+    pub fn clean(&self, stall_time: Duration) -> Result<CleanReport> {
+        let _g = self.global_lock(Mode::Exclusive)?;
+        let cutoff = SystemTime::now()
+            .checked_sub(stall_time)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut report = CleanReport {
+            stalled: self.delete_stalled_files(cutoff)?,
+            invalid: self.delete_invalid_files()?,
+            ..CleanReport::default()
+        };
+
+        let records = self.driver().list()?;
+        let files = key_files(self.root())?;
+        let mut known = std::collections::BTreeSet::new();
+        for rec in records {
+            let key = Key::new(&rec.image_id)?;
+            if !self.get_image_filepath(&key, Status::Active).exists() {
+                self.driver().remove(&key)?;
+                report.dangling_records.push(rec.image_id);
+            } else {
+                known.insert(rec.image_id);
+            }
+        }
+        for (key, _) in files {
+            if !known.contains(key.as_str()) {
+                tracing::warn!(file = %key, "file in the cache directory has no record; leaving it alone");
+                report.foreign_files.push(key.to_string());
+            }
+        }
+
+        let locks = self.layout().locks_dir();
+        for entry in fs::read_dir(&locks).ctx("read directory", &locks)? {
+            let entry = entry.ctx("read directory", &locks)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(key) = name.strip_suffix(".lock").and_then(|k| Key::new(k).ok()) else {
+                continue;
+            };
+            let busy = [Status::Active, Status::Incomplete, Status::Queue]
+                .iter()
+                .any(|s| self.get_image_filepath(&key, *s).exists());
+            if !busy && lock::remove_if_unused(&entry.path())? {
+                report.stale_locks += 1;
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn file_name(p: &std::path::Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

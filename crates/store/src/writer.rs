@@ -1,0 +1,253 @@
+//! Writing an image into the cache: bytes go to `incomplete/<key>` and become visible only by
+//! fsync + atomic rename in [`CacheWriter::commit`]. A writer dropped without committing (or one
+//! whose commit fails) moves its partial file to `invalid/`, or removes it when the disk is full.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::cache::Cache;
+use crate::error::{IoContext, Result, StoreError};
+use crate::integrity::{Algorithm, Hasher, Integrity};
+use crate::key::Key;
+use crate::layout::Status;
+use crate::lock::{FileLock, Mode};
+use crate::record::{Record, now};
+
+#[derive(Clone, Debug)]
+pub struct WriteOptions {
+    /// Checksum the bytes must have; a mismatch fails the commit and moves the file to `invalid/`.
+    pub expected: Option<Integrity>,
+    /// Size the bytes must have (a truncated download fails here even without a checksum).
+    pub expected_size: Option<u64>,
+    /// Algorithm recorded when no `expected` checksum is given.
+    pub algorithm: Algorithm,
+    /// Replace an already published image (a stale master) instead of returning `None`.
+    pub replace: bool,
+    /// Wait for another writer of the same key; when false, fail at once with `Busy`.
+    pub wait: bool,
+    /// Properties recorded with the image.
+    pub props: BTreeMap<String, String>,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            expected: None,
+            expected_size: None,
+            algorithm: Algorithm::Sha256,
+            replace: false,
+            wait: true,
+            props: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct CacheWriter {
+    cache: Cache,
+    key: Key,
+    path: PathBuf,
+    file: Option<File>,
+    hasher: Option<Hasher>,
+    written: u64,
+    opts: WriteOptions,
+    disk_full: bool,
+    // Held until commit or abort: one writer per key across threads and processes.
+    _lock: FileLock,
+}
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hasher")
+    }
+}
+
+impl CacheWriter {
+    pub(crate) fn create(
+        cache: Cache,
+        key: Key,
+        lock: FileLock,
+        opts: WriteOptions,
+    ) -> Result<Self> {
+        let path = cache.get_image_filepath(&key, Status::Incomplete);
+        // We hold the key lock, so a file already here is a leftover of a dead writer: truncate.
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .ctx("create", &path)?;
+        let algorithm = opts
+            .expected
+            .as_ref()
+            .map_or(opts.algorithm, |e| e.algorithm);
+        let mut w = CacheWriter {
+            cache,
+            key,
+            path,
+            file: Some(file),
+            hasher: Some(Hasher::new(algorithm)),
+            written: 0,
+            opts,
+            disk_full: false,
+            _lock: lock,
+        };
+        if let Some(size) = w.opts.expected_size {
+            w.preallocate(size)?;
+        }
+        Ok(w)
+    }
+
+    /// Reserves the blocks up front so a full disk fails now, not after gigabytes were fetched.
+    fn preallocate(&mut self, size: u64) -> Result<()> {
+        let file = self.file.as_ref().expect("open until commit");
+        match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, size) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::NOSPC) | Err(rustix::io::Errno::DQUOT) => {
+                self.disk_full = true;
+                Err(StoreError::DiskFull {
+                    path: self.path.clone(),
+                })
+            }
+            // Filesystems without fallocate just skip the reservation.
+            Err(_) => Ok(()),
+        }
+    }
+
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// The file being written, in `incomplete/` (readers following a download tail it).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    /// fsyncs, checks size and checksum, records the image and renames it into place.
+    /// On any failure the partial file goes to `invalid/` (or is removed if the disk is full)
+    /// and nothing is published.
+    pub fn commit(mut self) -> Result<Record> {
+        match self.try_commit() {
+            Ok(rec) => Ok(rec),
+            Err(e) => {
+                self.disk_full |= e.is_disk_full();
+                self.discard();
+                Err(e)
+            }
+        }
+    }
+
+    fn try_commit(&mut self) -> Result<Record> {
+        let file = self.file.as_ref().expect("open until commit");
+        let actual = self.hasher.take().expect("hasher until commit").finish();
+        if let Some(expected) = self.opts.expected_size
+            && expected != self.written
+        {
+            return Err(StoreError::SizeMismatch {
+                key: self.key.to_string(),
+                expected,
+                actual: self.written,
+            });
+        }
+        if let Some(expected) = &self.opts.expected
+            && *expected != actual
+        {
+            return Err(StoreError::ChecksumMismatch {
+                key: self.key.to_string(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        file.sync_all().ctx("fsync", &self.path)?;
+        let at = now();
+        let record = Record {
+            image_id: self.key.to_string(),
+            size: self.written,
+            checksum: Some(actual),
+            hits: 0,
+            last_modified: at,
+            last_accessed: at,
+            props: std::mem::take(&mut self.opts.props),
+        };
+        let dest = self.cache.get_image_filepath(&self.key, Status::Active);
+        let _g = self.cache.global_lock(Mode::Shared)?;
+        // Record first, then rename: a crash between the two leaves a record with no file,
+        // which `clean` drops; never a published file the store does not know it owns.
+        self.cache.driver().insert(&record, file)?;
+        if let Err(e) = fs::rename(&self.path, &dest) {
+            let _ = self.cache.driver().remove(&self.key);
+            return Err(StoreError::io("publish (rename)", &dest, e));
+        }
+        self.file = None;
+        sync_dir(self.cache.root())?;
+        Ok(record)
+    }
+
+    /// Gives up: the partial file goes to `invalid/`, nothing is recorded.
+    pub fn abort(mut self) {
+        self.discard();
+    }
+
+    fn discard(&mut self) {
+        let Some(file) = self.file.take() else { return };
+        drop(file);
+        let result = if self.disk_full || self.written == 0 {
+            fs::remove_file(&self.path)
+        } else {
+            let to = self.cache.get_image_filepath(&self.key, Status::Invalid);
+            fs::rename(&self.path, &to).or_else(|_| fs::remove_file(&self.path))
+        };
+        if let Err(e) = result
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not discard partial write");
+        }
+    }
+}
+
+impl Write for CacheWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("writer already closed"))?;
+        let n = match file.write(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                if matches!(e.raw_os_error(), Some(c) if c == rustix::io::Errno::NOSPC.raw_os_error())
+                {
+                    self.disk_full = true;
+                }
+                return Err(e);
+            }
+        };
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for CacheWriter {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+/// fsyncs a directory so a rename into it survives a crash.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx("fsync directory", dir)
+}
