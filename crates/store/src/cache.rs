@@ -83,6 +83,23 @@ impl Cache {
         FileLock::acquire(&self.layout().global_lock_path(), mode)
     }
 
+    /// Takes the key's writer lock (blocking) for a caller that must decide, under the lock,
+    /// whether to write: check freshness, then [`Cache::open_for_write_locked`].
+    pub fn lock_key(&self, key: &Key) -> Result<FileLock> {
+        Ok(self.key_lock(key, true)?.expect("blocking lock"))
+    }
+
+    /// A writer for a key whose lock the caller already holds (from [`Cache::lock_key`]).
+    /// Always writes, replacing any published image on commit.
+    pub fn open_for_write_locked(
+        &self,
+        key: &Key,
+        lock: FileLock,
+        opts: WriteOptions,
+    ) -> Result<CacheWriter> {
+        CacheWriter::create(self.clone(), key.clone(), lock, opts)
+    }
+
     pub(crate) fn key_lock(&self, key: &Key, wait: bool) -> Result<Option<FileLock>> {
         let path = self.layout().key_lock_path(key);
         if wait {

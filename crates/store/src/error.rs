@@ -66,6 +66,15 @@ pub enum StoreError {
         actual: u64,
     },
 
+    #[error(
+        "not enough disk space on {path}: {required} bytes required, {available} available after cleaning every cache on that filesystem"
+    )]
+    InsufficientDiskSpace {
+        path: PathBuf,
+        required: u64,
+        available: u64,
+    },
+
     #[error("image {0} is not cached")]
     NotCached(String),
 

@@ -27,6 +27,19 @@ pub struct PruneReport {
     pub skipped_in_use: Vec<String>,
     /// Cache size after pruning.
     pub size_after: u64,
+    /// Bytes of the requested `amount` that could not be reclaimed.
+    pub still_needed: u64,
+}
+
+/// What [`Cache::evict`] removes; any combination, all optional.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EvictPolicy {
+    /// Images not accessed for this long go.
+    pub ttl: Option<Duration>,
+    /// Evict least recently used images until the cache is at most this big.
+    pub max_size: Option<u64>,
+    /// Reclaim at least this many bytes (Ironic's `clean_up(amount)`).
+    pub amount: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -53,11 +66,35 @@ enum Evict {
 impl Cache {
     /// Evicts least recently accessed images until the cache holds at most `max_size` bytes.
     pub fn prune(&self, max_size: u64) -> Result<PruneReport> {
+        self.evict(&EvictPolicy {
+            max_size: Some(max_size),
+            ..EvictPolicy::default()
+        })
+    }
+
+    /// One pass over the LRU order (oldest access first), evicting each image that is past
+    /// the TTL, or while the cache is over `max_size`, or while `amount` bytes are still to be
+    /// reclaimed. Expired images come first in LRU order, so this is Ironic's "too old, then
+    /// least recently used" in a single walk. Files open for reading or hard-linked are skipped.
+    pub fn evict(&self, policy: &EvictPolicy) -> Result<PruneReport> {
         let _g = self.global_lock(Mode::Exclusive)?;
         let mut size = self.get_cache_size()?;
         let mut report = PruneReport::default();
-        if size > max_size {
+        let expired_before = policy
+            .ttl
+            .map(|ttl| crate::record::now() - ttl.as_secs_f64());
+        let wants = |size: u64, freed: u64, last_accessed: f64| {
+            policy.max_size.is_some_and(|m| size > m)
+                || policy.amount.is_some_and(|a| freed < a)
+                || expired_before.is_some_and(|t| last_accessed < t)
+        };
+        if policy.max_size.is_some() || policy.amount.is_some() || policy.ttl.is_some() {
             self.lru_walk(|entry| {
+                if !wants(size, report.bytes_freed, entry.last_accessed) {
+                    // Size and amount are satisfied and, in LRU order, every later entry is
+                    // newer than this unexpired one: nothing further is wanted.
+                    return Ok(false);
+                }
                 let key = Key::new(&entry.image_id)?;
                 match self.evict_locked(&key)? {
                     Evict::Done(bytes) => {
@@ -71,10 +108,13 @@ impl Cache {
                         size = size.saturating_sub(entry.size);
                     }
                 }
-                Ok(size > max_size)
+                Ok(true)
             })?;
         }
         report.size_after = self.get_cache_size()?;
+        report.still_needed = policy
+            .amount
+            .map_or(0, |a| a.saturating_sub(report.bytes_freed));
         Ok(report)
     }
 
