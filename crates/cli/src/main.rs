@@ -1,1 +1,62 @@
-fn main() {}
+//! The `imgcache` command line. Wiring only: parse, configure, run one command, report errors
+//! as one line on stderr.
+
+mod cli;
+mod commands;
+mod config;
+mod error;
+mod output;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser;
+
+use crate::cli::Cli;
+use crate::commands::Ctx;
+use crate::config::{Host, Layer, Settings};
+
+fn main() -> ExitCode {
+    error::install_panic_hook();
+    init_tracing();
+    // Usage errors: clap prints them and exits with 2; --help and --version exit 0.
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if error::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imgcache: {}", error::one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let file = match &cli.global.config {
+        Some(path) => Layer::from_file(path)?,
+        None => Layer::default(),
+    };
+    let env = Layer::from_env(|name| std::env::var(name).ok())?;
+    let settings = Settings::resolve(file, env, cli.flag_layer(), &Host::current())?;
+    tracing::debug!(?settings, "configuration");
+    let ctx = Ctx {
+        settings,
+        json: cli.global.json,
+    };
+    commands::run(&ctx, cli.command)
+}
+
+/// Logs go to stderr, filtered by `IMGCACHE_LOG` (tracing's env-filter syntax), warnings by
+/// default. The store's per-file warnings during `clean` are left out by default: `clean`
+/// reports those files itself.
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("IMGCACHE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("warn,imgcache_store::policy=error"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,184 @@
+//! The command line, as clap derive types. Parsing only; the work is in `commands`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use imgcache_store::{DriverKind, Integrity};
+
+use crate::config::{self, Layer};
+
+/// imgcache: a crash-safe disk cache for VM images.
+///
+/// Configuration comes from a TOML file (--config), then IMGCACHE_* environment variables,
+/// then flags, each overriding the one before. Sizes take binary units (10G = 10 GiB);
+/// durations take humantime units (90s, 24h, 7d).
+#[derive(Debug, Parser)]
+#[command(name = "imgcache", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Cache directory [default: /var/cache/imgcache as root, else $XDG_CACHE_HOME/imgcache or ~/.cache/imgcache]
+    #[arg(long, global = true, value_name = "DIR", env = config::ENV_CACHE_DIR)]
+    pub cache_dir: Option<PathBuf>,
+
+    /// TOML configuration file (keys: cache_dir, driver, max_size, stall_time)
+    #[arg(long, global = true, value_name = "FILE", env = config::ENV_CONFIG)]
+    pub config: Option<PathBuf>,
+
+    /// Metadata driver [default: sqlite]
+    #[arg(long, global = true, value_enum, env = config::ENV_DRIVER)]
+    pub driver: Option<DriverArg>,
+
+    /// Print machine-readable JSON instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DriverArg {
+    /// Records in an embedded SQLite database in the cache directory (needs nothing installed)
+    Sqlite,
+    /// Records in user.imgcache.* extended attributes of the image files
+    Xattr,
+}
+
+impl From<DriverArg> for DriverKind {
+    fn from(d: DriverArg) -> Self {
+        match d {
+            DriverArg::Sqlite => DriverKind::Sqlite,
+            DriverArg::Xattr => DriverKind::Xattr,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List cached images (ordered by image id)
+    List {
+        /// List the queued image ids instead, oldest first
+        #[arg(long)]
+        queued: bool,
+    },
+    /// Publish a local file into the cache under KEY (sha256 computed while copying)
+    Add(AddArgs),
+    /// Queue KEY for prefetching
+    Queue {
+        /// Image key ([A-Za-z0-9._-], 1-255 chars, not starting with '.')
+        key: String,
+    },
+    /// Delete KEY from the cache and from the queue
+    Delete {
+        /// Image key
+        key: String,
+    },
+    /// Delete every cached image and/or queued entry
+    Clear {
+        /// What to clear
+        #[arg(long, value_enum, default_value_t = ClearTarget::All)]
+        target: ClearTarget,
+    },
+    /// Evict least recently accessed images until the cache fits in max size
+    Prune {
+        /// Size to prune to, e.g. 10G, 512M, 0 [env: IMGCACHE_MAX_SIZE] [config: max_size] [default: 10G]
+        #[arg(long, value_name = "SIZE", value_parser = size_parser)]
+        max_size: Option<u64>,
+    },
+    /// Remove stalled incomplete writes, invalid files and records whose file vanished
+    Clean {
+        /// Age after which an unfinished write counts as stalled, e.g. 24h, 30m [env: IMGCACHE_STALL_TIME] [config: stall_time] [default: 24h]
+        #[arg(long, value_name = "DURATION", value_parser = duration_parser)]
+        stall_time: Option<Duration>,
+    },
+    /// Show the cache's driver, location, size and counts
+    Stats,
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Image key ([A-Za-z0-9._-], 1-255 chars, not starting with '.')
+    pub key: String,
+    /// Local file to publish
+    pub file: PathBuf,
+    /// Expected checksum, ALGO:HEX with ALGO md5, sha256 or sha512; a mismatch publishes nothing
+    #[arg(long, value_name = "ALGO:HEX", value_parser = checksum_parser)]
+    pub checksum: Option<Integrity>,
+    /// No progress bar (it is only shown when stderr is a terminal anyway)
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ClearTarget {
+    Cache,
+    Queue,
+    All,
+}
+
+fn size_parser(s: &str) -> Result<u64, String> {
+    config::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn duration_parser(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn checksum_parser(s: &str) -> Result<Integrity, String> {
+    s.parse::<Integrity>().map_err(|e| e.to_string())
+}
+
+impl Cli {
+    /// The configuration the flags give (flag or, via clap, its environment variable).
+    pub fn flag_layer(&self) -> Layer {
+        let (max_size, stall_time) = match &self.command {
+            Command::Prune { max_size } => (*max_size, None),
+            Command::Clean { stall_time } => (None, *stall_time),
+            _ => (None, None),
+        };
+        Layer {
+            cache_dir: self.global.cache_dir.clone(),
+            driver: self.global.driver.map(Into::into),
+            max_size,
+            stall_time,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_become_a_layer() {
+        let cli = Cli::try_parse_from([
+            "imgcache",
+            "prune",
+            "--max-size",
+            "1G",
+            "--cache-dir",
+            "/c",
+            "--driver",
+            "xattr",
+        ])
+        .unwrap();
+        let l = cli.flag_layer();
+        assert_eq!(l.max_size, Some(1 << 30));
+        assert_eq!(l.cache_dir, Some("/c".into()));
+        assert_eq!(l.driver, Some(DriverKind::Xattr));
+        assert!(Cli::try_parse_from(["imgcache", "prune", "--max-size", "10Q"]).is_err());
+        assert!(Cli::try_parse_from(["imgcache", "add", "k", "f", "--checksum", "x"]).is_err());
+    }
+}

@@ -1,0 +1,44 @@
+//! One module per command group. Each command opens the cache, does one thing, and prints a
+//! text or JSON result; errors bubble up to `main` as `anyhow::Error`.
+
+mod add;
+mod inspect;
+mod maintain;
+mod manage;
+
+use anyhow::{Context, Result};
+use imgcache_store::{Cache, Key};
+
+use crate::cli::Command;
+use crate::config::Settings;
+
+/// What every command gets.
+pub struct Ctx {
+    pub settings: Settings,
+    pub json: bool,
+}
+
+impl Ctx {
+    /// Opens the cache directory with the configured driver (the seed's `configure`).
+    pub fn open(&self) -> Result<Cache> {
+        Ok(Cache::open(&self.settings.cache_dir, self.settings.driver)?)
+    }
+}
+
+/// Validates a key from the command line before any path is built from it.
+pub fn parse_key(raw: &str) -> Result<Key> {
+    Key::new(raw).with_context(|| format!("{raw:?}"))
+}
+
+pub fn run(ctx: &Ctx, command: Command) -> Result<()> {
+    match command {
+        Command::List { queued } => inspect::list(ctx, queued),
+        Command::Stats => inspect::stats(ctx),
+        Command::Add(args) => add::add(ctx, args),
+        Command::Queue { key } => manage::queue(ctx, &key),
+        Command::Delete { key } => manage::delete(ctx, &key),
+        Command::Clear { target } => manage::clear(ctx, target),
+        Command::Prune { .. } => maintain::prune(ctx),
+        Command::Clean { .. } => maintain::clean(ctx),
+    }
+}

@@ -1,0 +1,479 @@
+//! Configuration: a TOML file, overridden by `IMGCACHE_*` environment variables, overridden by
+//! command-line flags. Each source is a [`Layer`] of optional values; [`Settings::resolve`]
+//! stacks them over the defaults.
+//!
+//! Sizes are human sizes with binary units (`10G` = 10 GiB, see [`parse_size`]); durations are
+//! humantime durations (`24h`, `7d`, `90s`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use imgcache_store::DriverKind;
+use serde::Deserialize;
+
+/// Glance's `image_cache_max_size` default: 10 GiB.
+pub const DEFAULT_MAX_SIZE: u64 = 10 * GIB;
+/// Glance's `image_cache_stall_time` default: one day.
+pub const DEFAULT_STALL_TIME: Duration = Duration::from_secs(24 * 3600);
+/// Cache directory when running as root.
+pub const ROOT_CACHE_DIR: &str = "/var/cache/imgcache";
+
+const KIB: u64 = 1024;
+const MIB: u64 = KIB * 1024;
+const GIB: u64 = MIB * 1024;
+
+/// Environment variable names, one per configuration key.
+pub const ENV_CONFIG: &str = "IMGCACHE_CONFIG";
+pub const ENV_CACHE_DIR: &str = "IMGCACHE_CACHE_DIR";
+pub const ENV_DRIVER: &str = "IMGCACHE_DRIVER";
+pub const ENV_MAX_SIZE: &str = "IMGCACHE_MAX_SIZE";
+pub const ENV_STALL_TIME: &str = "IMGCACHE_STALL_TIME";
+
+/// One source of configuration; `None` means "this source does not say".
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Layer {
+    pub cache_dir: Option<PathBuf>,
+    pub driver: Option<DriverKind>,
+    pub max_size: Option<u64>,
+    pub stall_time: Option<Duration>,
+}
+
+impl Layer {
+    /// `upper`'s values win where it has them.
+    fn overlay(self, upper: Layer) -> Layer {
+        Layer {
+            cache_dir: upper.cache_dir.or(self.cache_dir),
+            driver: upper.driver.or(self.driver),
+            max_size: upper.max_size.or(self.max_size),
+            stall_time: upper.stall_time.or(self.stall_time),
+        }
+    }
+
+    /// Parses a TOML configuration file's text. Unknown keys are an error naming the key.
+    pub fn from_toml(text: &str) -> Result<Layer> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            cache_dir: Option<PathBuf>,
+            driver: Option<String>,
+            max_size: Option<SizeValue>,
+            stall_time: Option<String>,
+        }
+        /// `max_size = 1073741824` and `max_size = "1G"` both work.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum SizeValue {
+            Bytes(u64),
+            Human(String),
+        }
+        let f: File = toml::from_str(text).map_err(|e| anyhow!(one_line(&e.to_string())))?;
+        Ok(Layer {
+            cache_dir: f.cache_dir,
+            driver: f
+                .driver
+                .map(|d| parse_driver(&d).context("driver"))
+                .transpose()?,
+            max_size: f
+                .max_size
+                .map(|v| match v {
+                    SizeValue::Bytes(b) => Ok(b),
+                    SizeValue::Human(s) => parse_size(&s),
+                })
+                .transpose()
+                .context("max_size")?,
+            stall_time: f
+                .stall_time
+                .map(|s| parse_duration(&s))
+                .transpose()
+                .context("stall_time")?,
+        })
+    }
+
+    /// Reads a configuration file.
+    pub fn from_file(path: &Path) -> Result<Layer> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("config file {}", path.display()))?;
+        Layer::from_toml(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    /// The `IMGCACHE_*` variables, read through `get` (so tests need not touch the process env).
+    /// Empty values count as unset.
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Layer> {
+        let var = |name: &str| get(name).filter(|v| !v.is_empty());
+        Ok(Layer {
+            cache_dir: var(ENV_CACHE_DIR).map(PathBuf::from),
+            driver: var(ENV_DRIVER)
+                .map(|d| parse_driver(&d).context(ENV_DRIVER))
+                .transpose()?,
+            max_size: var(ENV_MAX_SIZE)
+                .map(|s| parse_size(&s).context(ENV_MAX_SIZE))
+                .transpose()?,
+            stall_time: var(ENV_STALL_TIME)
+                .map(|s| parse_duration(&s).context(ENV_STALL_TIME))
+                .transpose()?,
+        })
+    }
+}
+
+/// What the process runs with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub cache_dir: PathBuf,
+    pub driver: DriverKind,
+    pub max_size: u64,
+    pub stall_time: Duration,
+}
+
+/// Facts about the user the defaults depend on.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub is_root: bool,
+    pub xdg_cache_home: Option<PathBuf>,
+    pub home: Option<PathBuf>,
+}
+
+impl Host {
+    pub fn current() -> Host {
+        let env_path = |name| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        Host {
+            is_root: rustix::process::geteuid().is_root(),
+            xdg_cache_home: env_path("XDG_CACHE_HOME").filter(|p| p.is_absolute()),
+            home: env_path("HOME").or_else(std::env::home_dir),
+        }
+    }
+
+    /// `/var/cache/imgcache` for root, else `$XDG_CACHE_HOME/imgcache` or `~/.cache/imgcache`.
+    pub fn default_cache_dir(&self) -> Result<PathBuf> {
+        if self.is_root {
+            return Ok(PathBuf::from(ROOT_CACHE_DIR));
+        }
+        if let Some(x) = &self.xdg_cache_home {
+            return Ok(x.join("imgcache"));
+        }
+        match &self.home {
+            Some(h) => Ok(h.join(".cache").join("imgcache")),
+            None => bail!(
+                "no cache directory: HOME is not set; pass --cache-dir or set {ENV_CACHE_DIR}"
+            ),
+        }
+    }
+}
+
+impl Settings {
+    /// defaults < file < env < flags.
+    pub fn resolve(file: Layer, env: Layer, flags: Layer, host: &Host) -> Result<Settings> {
+        let l = file.overlay(env).overlay(flags);
+        Ok(Settings {
+            cache_dir: match l.cache_dir {
+                Some(d) => d,
+                None => host.default_cache_dir()?,
+            },
+            driver: l.driver.unwrap_or_default(),
+            max_size: l.max_size.unwrap_or(DEFAULT_MAX_SIZE),
+            stall_time: l.stall_time.unwrap_or(DEFAULT_STALL_TIME),
+        })
+    }
+}
+
+fn parse_driver(s: &str) -> Result<DriverKind> {
+    s.parse::<DriverKind>().map_err(|e| anyhow!(e))
+}
+
+/// Parses a human size. Units are binary whatever their spelling: `K`, `KB`, `KiB` are all
+/// 1024 bytes, `G`/`GB`/`GiB` 1024³ (as Glance and `df -h` mean them). Case does not matter,
+/// fractions are allowed (`1.5G`), a bare number is bytes (`B` may be written).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let err = || {
+        anyhow!(
+            "invalid size {s:?}: expected a number of bytes or a number with a unit \
+             K, M, G, T, P (binary: 10G = 10 GiB), e.g. 512M, 1.5GiB"
+        )
+    };
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim().to_ascii_lowercase();
+    let mult: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => KIB,
+        "m" | "mb" | "mib" => MIB,
+        "g" | "gb" | "gib" => GIB,
+        "t" | "tb" | "tib" => GIB * KIB,
+        "p" | "pb" | "pib" => GIB * MIB,
+        _ => return Err(err()),
+    };
+    if num.is_empty() || num.matches('.').count() > 1 || num.starts_with('.') || num.ends_with('.')
+    {
+        return Err(err());
+    }
+    if let Ok(n) = num.parse::<u64>() {
+        return n
+            .checked_mul(mult)
+            .ok_or_else(|| anyhow!("invalid size {s:?}: too large"));
+    }
+    let f: f64 = num.parse().map_err(|_| err())?;
+    let bytes = (f * mult as f64).round();
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        bail!("invalid size {s:?}: too large");
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses a humantime duration (`24h`, `7d`, `90s`, `1h 30m`).
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| anyhow!("invalid duration {s:?}: {e} (expected e.g. 90s, 30m, 24h, 7d)"))
+}
+
+/// Formats bytes for people: `64.0 MiB`, `512 B`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < KIB {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", UNITS[i])
+}
+
+/// Bytes for people with the exact count when it is not obvious: `64.0 MiB (67108864 bytes)`.
+pub fn format_size_exact(bytes: u64) -> String {
+    if bytes < KIB {
+        format_size(bytes)
+    } else {
+        format!("{} ({bytes} bytes)", format_size(bytes))
+    }
+}
+
+/// toml's errors span several lines (a source excerpt with a caret); keep the message only.
+fn one_line(msg: &str) -> String {
+    let lines: Vec<&str> = msg.lines().map(str::trim).collect();
+    // toml: "TOML parse error at line 2, column 1\n  |\n2 | foo = 1\n  | ^^^\nunknown field `foo`, ..."
+    let position = lines.first().copied().unwrap_or_default();
+    let detail = lines
+        .iter()
+        .rev()
+        .find(|l| !l.is_empty() && !l.contains('|'))
+        .copied()
+        .unwrap_or_default();
+    if detail.is_empty() || detail == position {
+        position.to_string()
+    } else {
+        format!(
+            "{}: {detail}",
+            position.trim_start_matches("TOML parse error at ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Host {
+        Host {
+            is_root: false,
+            xdg_cache_home: None,
+            home: Some("/home/u".into()),
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0").unwrap(), 0);
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert_eq!(parse_size("123B").unwrap(), 123);
+        assert_eq!(parse_size("10G").unwrap(), 10 * GIB);
+        assert_eq!(parse_size("10g").unwrap(), 10 * GIB);
+        assert_eq!(parse_size("10GB").unwrap(), 10 * GIB);
+        assert_eq!(parse_size("10GiB").unwrap(), 10 * GIB);
+        assert_eq!(parse_size("512M").unwrap(), 512 * MIB);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 * GIB / 2);
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size(" 2 T ").unwrap(), 2 * GIB * KIB);
+        assert_eq!(parse_size("1P").unwrap(), GIB * MIB);
+        for bad in [
+            "", "10Q", "G", "-1", "1.2.3", ".5G", "5.G", "ten", "1e3", "10 GBs",
+        ] {
+            let e = parse_size(bad).unwrap_err().to_string();
+            assert!(e.contains("invalid size"), "{bad}: {e}");
+        }
+        assert!(parse_size("99999999999P").is_err());
+        assert!(parse_size("18446744073709551615").is_ok());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        let e = parse_duration("soon").unwrap_err().to_string();
+        assert!(e.contains("invalid duration \"soon\""), "{e}");
+        assert!(parse_duration("24").is_err());
+    }
+
+    #[test]
+    fn formats_sizes() {
+        assert_eq!(format_size(0), "0 B");
+        assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(64 * MIB), "64.0 MiB");
+        assert_eq!(format_size(10 * GIB), "10.0 GiB");
+    }
+
+    #[test]
+    fn toml_file() {
+        let l = Layer::from_toml(
+            r#"
+            cache_dir = "/srv/cache"
+            driver = "xattr"
+            max_size = "20G"
+            stall_time = "7d"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            l,
+            Layer {
+                cache_dir: Some("/srv/cache".into()),
+                driver: Some(DriverKind::Xattr),
+                max_size: Some(20 * GIB),
+                stall_time: Some(Duration::from_secs(7 * 86400)),
+            }
+        );
+        assert_eq!(
+            Layer::from_toml("max_size = 4096").unwrap().max_size,
+            Some(4096)
+        );
+        assert_eq!(Layer::from_toml("").unwrap(), Layer::default());
+    }
+
+    #[test]
+    fn toml_errors_name_the_key() {
+        let e = format!(
+            "{:#}",
+            Layer::from_toml("cache_dir = \"/x\"\nmax_sise = \"1G\"\n").unwrap_err()
+        );
+        assert!(e.contains("max_sise"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = format!("{:#}", Layer::from_toml("max_size = \"10Q\"").unwrap_err());
+        assert!(e.starts_with("max_size: invalid size \"10Q\""), "{e}");
+        let e = format!(
+            "{:#}",
+            Layer::from_toml("driver = \"postgres\"").unwrap_err()
+        );
+        assert!(e.starts_with("driver: unknown driver"), "{e}");
+        let e = format!(
+            "{:#}",
+            Layer::from_toml("stall_time = \"later\"").unwrap_err()
+        );
+        assert!(e.starts_with("stall_time: invalid duration"), "{e}");
+        let e = format!("{:#}", Layer::from_toml("cache_dir = ").unwrap_err());
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn env_layer() {
+        let env = |k: &str| match k {
+            ENV_CACHE_DIR => Some("/env/cache".to_string()),
+            ENV_DRIVER => Some("xattr".to_string()),
+            ENV_MAX_SIZE => Some("1G".to_string()),
+            ENV_STALL_TIME => Some("".to_string()),
+            _ => None,
+        };
+        let l = Layer::from_env(env).unwrap();
+        assert_eq!(l.cache_dir, Some("/env/cache".into()));
+        assert_eq!(l.driver, Some(DriverKind::Xattr));
+        assert_eq!(l.max_size, Some(GIB));
+        assert_eq!(l.stall_time, None, "empty counts as unset");
+        let e = format!(
+            "{:#}",
+            Layer::from_env(|k| (k == ENV_MAX_SIZE).then(|| "lots".into())).unwrap_err()
+        );
+        assert!(e.starts_with("IMGCACHE_MAX_SIZE: invalid size"), "{e}");
+    }
+
+    #[test]
+    fn precedence_flags_over_env_over_file_over_defaults() {
+        let file = Layer {
+            cache_dir: Some("/file".into()),
+            driver: Some(DriverKind::Xattr),
+            max_size: Some(1),
+            stall_time: Some(Duration::from_secs(1)),
+        };
+        let env = Layer {
+            cache_dir: Some("/env".into()),
+            max_size: Some(2),
+            ..Layer::default()
+        };
+        let flags = Layer {
+            cache_dir: Some("/flag".into()),
+            ..Layer::default()
+        };
+        let s = Settings::resolve(file.clone(), env.clone(), flags, &host()).unwrap();
+        assert_eq!(s.cache_dir, PathBuf::from("/flag"));
+        assert_eq!(s.max_size, 2, "env beats file");
+        assert_eq!(s.driver, DriverKind::Xattr, "file beats default");
+        assert_eq!(s.stall_time, Duration::from_secs(1));
+
+        let s = Settings::resolve(file, env, Layer::default(), &host()).unwrap();
+        assert_eq!(s.cache_dir, PathBuf::from("/env"));
+
+        let s = Settings::resolve(
+            Layer::default(),
+            Layer::default(),
+            Layer::default(),
+            &host(),
+        )
+        .unwrap();
+        assert_eq!(
+            s,
+            Settings {
+                cache_dir: "/home/u/.cache/imgcache".into(),
+                driver: DriverKind::Sqlite,
+                max_size: 10 * GIB,
+                stall_time: Duration::from_secs(86400),
+            }
+        );
+    }
+
+    #[test]
+    fn default_cache_dir() {
+        let mut h = host();
+        assert_eq!(
+            h.default_cache_dir().unwrap(),
+            PathBuf::from("/home/u/.cache/imgcache")
+        );
+        h.xdg_cache_home = Some("/xdg".into());
+        assert_eq!(
+            h.default_cache_dir().unwrap(),
+            PathBuf::from("/xdg/imgcache")
+        );
+        h.is_root = true;
+        assert_eq!(
+            h.default_cache_dir().unwrap(),
+            PathBuf::from(ROOT_CACHE_DIR)
+        );
+        let nobody = Host {
+            is_root: false,
+            xdg_cache_home: None,
+            home: None,
+        };
+        assert!(nobody.default_cache_dir().is_err());
+    }
+}
