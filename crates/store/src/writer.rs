@@ -54,6 +54,8 @@ pub struct CacheWriter {
     written: u64,
     opts: WriteOptions,
     disk_full: bool,
+    /// The entry is a hard link to a source file: on failure, unlink it, never keep it.
+    linked: bool,
     // Held until commit or abort: one writer per key across threads and processes.
     _lock: FileLock,
 }
@@ -92,6 +94,7 @@ impl CacheWriter {
             written: 0,
             opts,
             disk_full: false,
+            linked: false,
             _lock: lock,
         };
         if let Some(size) = w.opts.expected_size {
@@ -127,6 +130,44 @@ impl CacheWriter {
 
     pub fn bytes_written(&self) -> u64 {
         self.written
+    }
+
+    /// Fills the entry with a hard link to `src` instead of a copy of its bytes, then hashes it
+    /// (the checksum is still verified at commit). `Ok(false)` when `src` is on another
+    /// filesystem, so the caller copies instead. Only valid before anything was written.
+    pub fn fill_by_link(&mut self, src: &Path) -> Result<bool> {
+        assert_eq!(self.written, 0, "fill_by_link on a writer that already has bytes");
+        // Dot-named: never mistaken for a key's incomplete file.
+        let tmp = self
+            .cache
+            .layout()
+            .incomplete_dir()
+            .join(format!(".link-{}-{}", std::process::id(), self.key));
+        let _ = fs::remove_file(&tmp);
+        if let Err(e) = fs::hard_link(src, &tmp) {
+            if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) {
+                return Ok(false);
+            }
+            return Err(StoreError::io("hard link", src, e));
+        }
+        if let Err(e) = fs::rename(&tmp, &self.path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::io("rename", &self.path, e));
+        }
+        let mut file = File::open(&self.path).ctx("open", &self.path)?;
+        let hasher = self.hasher.as_mut().expect("hasher until commit");
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = io::Read::read(&mut file, &mut buf).ctx("read", &self.path)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            self.written += n as u64;
+        }
+        self.file = Some(file);
+        self.linked = true;
+        Ok(true)
     }
 
     /// fsyncs, checks size and checksum, records the image and renames it into place.
@@ -197,7 +238,7 @@ impl CacheWriter {
     fn discard(&mut self) {
         let Some(file) = self.file.take() else { return };
         drop(file);
-        let result = if self.disk_full || self.written == 0 {
+        let result = if self.disk_full || self.written == 0 || self.linked {
             fs::remove_file(&self.path)
         } else {
             let to = self.cache.get_image_filepath(&self.key, Status::Invalid);

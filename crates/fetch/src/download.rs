@@ -1,0 +1,86 @@
+//! Streaming a body into a cache writer with bounded memory.
+//!
+//! The network side runs on the async runtime; writing and hashing run on a blocking thread
+//! (sha256 at ~1.8 GB/s would stall the runtime's I/O otherwise). Between them is a channel
+//! of at most `DEPTH` chunks, so memory stays bounded whatever the image size.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use imgcache_store::CacheWriter;
+use std::io::Write;
+
+use crate::error::{FetchError, Result};
+use crate::progress::Progress;
+use crate::source::BodyStream;
+
+const DEPTH: usize = 16;
+
+/// Writes `body` into `writer`, checking it against `expected_len` as it goes. On success the
+/// writer comes back for the caller to commit; on failure it has been dropped (its partial file
+/// moved to `invalid/`).
+pub async fn stream_into(
+    mut writer: CacheWriter,
+    mut body: BodyStream,
+    expected_len: Option<u64>,
+    origin: &str,
+    progress: &dyn Progress,
+) -> Result<CacheWriter> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(DEPTH);
+    let sink = tokio::task::spawn_blocking(move || -> (CacheWriter, Option<FetchError>) {
+        while let Some(chunk) = rx.blocking_recv() {
+            if let Err(e) = writer.write_all(&chunk) {
+                let path = writer.path().to_path_buf();
+                return (writer, Some(FetchError::io("write", path, e)));
+            }
+        }
+        (writer, None)
+    });
+
+    let mut got: u64 = 0;
+    let mut failure = None;
+    progress.start(expected_len);
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        got += chunk.len() as u64;
+        if let Some(expected) = expected_len
+            && got > expected
+        {
+            failure = Some(FetchError::Length {
+                url: origin.to_string(),
+                expected,
+                got,
+            });
+            break;
+        }
+        progress.advance(chunk.len() as u64);
+        // A send error means the writer thread stopped on an error: it reports it below.
+        if tx.send(chunk).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let (writer, write_err) = sink
+        .await
+        .map_err(|e| FetchError::Config(format!("writer thread: {e}")))?;
+    progress.finish();
+    if let Some(e) = write_err.or(failure) {
+        drop(writer); // moves the partial file to invalid/ (or removes it when the disk is full)
+        return Err(e);
+    }
+    if let Some(expected) = expected_len
+        && got < expected
+    {
+        return Err(FetchError::Length {
+            url: origin.to_string(),
+            expected,
+            got,
+        });
+    }
+    Ok(writer)
+}

@@ -1,0 +1,93 @@
+//! Fetch errors, each saying what failed and where, so an operator can act on it.
+
+use std::path::PathBuf;
+
+use imgcache_store::{Integrity, StoreError};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum FetchError {
+    #[error("invalid href {href:?}: {reason}")]
+    BadHref { href: String, reason: String },
+
+    #[error(
+        "unsupported href scheme {scheme:?} in {href:?} (use http, https, file or a Glance image id)"
+    )]
+    UnsupportedScheme { href: String, scheme: String },
+
+    #[error("{path}: not under an allowed file directory (allow one with --allow-file-dir)")]
+    FileNotAllowed { path: PathBuf },
+
+    #[error("origin {url} answered {status}")]
+    Status { url: String, status: u16 },
+
+    #[error("origin {url}: {reason}")]
+    Origin { url: String, reason: String },
+
+    #[error("origin {url} sent {got} bytes, expected {expected}: truncated or overlong body")]
+    Length {
+        url: String,
+        expected: u64,
+        got: u64,
+    },
+
+    #[error(
+        "checksum mismatch for {href}: expected {expected}, got {actual}; the download was moved to invalid/"
+    )]
+    Checksum {
+        href: String,
+        expected: Integrity,
+        actual: Integrity,
+    },
+
+    #[error("checksum file {url} has no entry for {name:?}")]
+    ChecksumNotListed { url: String, name: String },
+
+    #[error("Glance image {id} is {status:?}, not active")]
+    GlanceNotActive { id: String, status: String },
+
+    #[error(
+        "no Glance endpoint configured for image {id} (set --glance-url or IMGCACHE_GLANCE_URL)"
+    )]
+    NoGlance { id: String },
+
+    #[error("converting {href} to raw is not supported yet: it is {format}, not raw")]
+    ConversionNotSupported { href: String, format: String },
+
+    #[error("destination {path}: {reason}")]
+    Dest { path: PathBuf, reason: String },
+
+    #[error("configuration: {0}")]
+    Config(String),
+
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl FetchError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        match StoreError::io(op, path, source) {
+            StoreError::Io { op, path, source } => FetchError::Io { op, path, source },
+            other => FetchError::Store(other),
+        }
+    }
+
+    /// Whether retrying the same request might succeed (connection trouble, 5xx).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Status { status, .. } => *status >= 500,
+            FetchError::Origin { .. } | FetchError::Length { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = FetchError> = std::result::Result<T, E>;

@@ -1,0 +1,20 @@
+//! imgcache's fetch layer: sources (http, file, Glance), checksums, and Ironic-style
+//! provisioning (`fetch_image` by hard link, clean-up) on top of the store.
+
+pub mod checksum;
+pub mod download;
+pub mod error;
+pub mod href;
+pub mod place;
+pub mod progress;
+pub mod provision;
+pub mod raw;
+pub mod source;
+
+pub use checksum::ChecksumSpec;
+pub use error::{FetchError, Result};
+pub use href::{Href, cache_key};
+pub use place::Placement;
+pub use progress::{Progress, Quiet};
+pub use provision::{FetchOptions, FetchReport, ImageCache, Outcome, SourceConfig};
+pub use source::http::HttpOptions;

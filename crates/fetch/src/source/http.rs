@@ -1,0 +1,194 @@
+//! `http://` and `https://` origins (reqwest on rustls with the ring provider).
+//!
+//! A revalidation is one conditional GET (`If-None-Match` / `If-Modified-Since`): a 304 costs
+//! one round trip, and a changed image starts streaming in the same response, where Ironic
+//! does a HEAD and then a GET. Connection errors and 5xx answers are retried with exponential
+//! backoff; 4xx answers never are.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use reqwest::header::{
+    CONTENT_LENGTH, ETAG, HeaderMap, HeaderName, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH,
+    LAST_MODIFIED,
+};
+use url::Url;
+
+use super::{OriginMeta, Response, Validators};
+use crate::error::{FetchError, Result};
+
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of a response: a stalled origin fails after this.
+    pub read_timeout: Duration,
+    /// Retries after the first attempt, for connection errors and 5xx.
+    pub retries: u32,
+    /// First backoff; doubles on each retry.
+    pub backoff: Duration,
+    /// Extra CA certificates (PEM bundle) to trust, e.g. a lab's private CA.
+    pub ca_bundle: Option<PathBuf>,
+    /// Accept any certificate. For labs only.
+    pub insecure: bool,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+            retries: 3,
+            backoff: Duration::from_millis(500),
+            ca_bundle: None,
+            insecure: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpSource {
+    client: reqwest::Client,
+    opts: HttpOptions,
+}
+
+impl HttpSource {
+    pub fn new(opts: HttpOptions) -> Result<Self> {
+        // reqwest is built without a default crypto provider: install ring once per process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.read_timeout)
+            .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
+            .tls_danger_accept_invalid_certs(opts.insecure);
+        if let Some(path) = &opts.ca_bundle {
+            let pem = std::fs::read(path).map_err(|e| FetchError::io("read CA bundle", path, e))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| FetchError::Config(format!("CA bundle {}: {e}", path.display())))?;
+            b = b.tls_certs_merge(certs);
+        }
+        let client = b
+            .build()
+            .map_err(|e| FetchError::Config(format!("HTTP client: {e}")))?;
+        Ok(HttpSource { client, opts })
+    }
+
+    /// GETs `url`; with `held`, conditionally, answering `NotModified` on a 304.
+    pub async fn get(
+        &self,
+        url: &Url,
+        held: Option<&Validators>,
+        extra: &HeaderMap,
+    ) -> Result<Response> {
+        let mut headers = extra.clone();
+        if let Some(v) = held {
+            if let Some(etag) = v
+                .etag
+                .as_deref()
+                .and_then(|e| HeaderValue::from_str(e).ok())
+            {
+                headers.insert(IF_NONE_MATCH, etag);
+            }
+            if let Some(lm) = v
+                .last_modified
+                .as_deref()
+                .and_then(|e| HeaderValue::from_str(e).ok())
+            {
+                headers.insert(IF_MODIFIED_SINCE, lm);
+            }
+        }
+        let resp = self.send(url, headers).await?;
+        if resp.status() == StatusCode::NOT_MODIFIED {
+            return Ok(Response::NotModified);
+        }
+        let meta = OriginMeta {
+            size: header(resp.headers(), &CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+            validators: Validators {
+                etag: header(resp.headers(), &ETAG),
+                last_modified: header(resp.headers(), &LAST_MODIFIED),
+                mtime_ns: None,
+            },
+            ..OriginMeta::default()
+        };
+        Ok(Response::Body {
+            meta,
+            body: body_stream(url.clone(), resp),
+        })
+    }
+
+    /// GETs a small document (JSON, a checksum file) into memory, refusing more than `limit`.
+    pub async fn get_small(&self, url: &Url, extra: &HeaderMap, limit: usize) -> Result<Bytes> {
+        let resp = self.send(url, extra.clone()).await?;
+        let mut body = body_stream(url.clone(), resp);
+        let mut buf = Vec::new();
+        while let Some(chunk) = body.next().await {
+            buf.extend_from_slice(&chunk?);
+            if buf.len() > limit {
+                return Err(FetchError::Origin {
+                    url: url.to_string(),
+                    reason: format!("document larger than {limit} bytes"),
+                });
+            }
+        }
+        Ok(buf.into())
+    }
+
+    async fn send(&self, url: &Url, headers: HeaderMap) -> Result<reqwest::Response> {
+        let mut attempt = 0;
+        loop {
+            let res = self
+                .client
+                .get(url.clone())
+                .headers(headers.clone())
+                .send()
+                .await;
+            let err = match res {
+                Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_MODIFIED => {
+                    return Ok(r);
+                }
+                Ok(r) => FetchError::Status {
+                    url: url.to_string(),
+                    status: r.status().as_u16(),
+                },
+                Err(e) => FetchError::Origin {
+                    url: url.to_string(),
+                    reason: error_chain(&e),
+                },
+            };
+            if !err.is_transient() || attempt >= self.opts.retries {
+                return Err(err);
+            }
+            let wait = self.opts.backoff * 2u32.saturating_pow(attempt);
+            tracing::warn!(%url, error = %err, attempt, ?wait, "origin request failed; retrying");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+}
+
+fn header(h: &HeaderMap, name: &HeaderName) -> Option<String> {
+    h.get(name)?.to_str().ok().map(str::to_owned)
+}
+
+/// reqwest's Display hides the cause ("error decoding response body"); show the chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+fn body_stream(url: Url, resp: reqwest::Response) -> super::BodyStream {
+    Box::pin(resp.bytes_stream().map(move |r| {
+        r.map_err(|e| FetchError::Origin {
+            url: url.to_string(),
+            reason: error_chain(&e),
+        })
+    }))
+}

@@ -1,0 +1,85 @@
+//! Where images come from. Each source answers one request: "give me this image, unless the
+//! copy I hold (described by its validators) is still current".
+
+pub mod file;
+pub mod glance;
+pub mod http;
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use imgcache_store::Integrity;
+
+use crate::error::FetchError;
+
+/// A body arriving in chunks; memory is bounded by the chunk size and the channel depth.
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, FetchError>> + Send>>;
+
+/// What the cached copy was fetched as, kept in its record's props to revalidate it later.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Validators {
+    pub etag: Option<String>,
+    /// HTTP `Last-Modified`, verbatim (sent back as `If-Modified-Since`).
+    pub last_modified: Option<String>,
+    /// A local source's mtime, in nanoseconds since the epoch.
+    pub mtime_ns: Option<i128>,
+}
+
+/// What the origin said about the image it is sending.
+#[derive(Clone, Debug, Default)]
+pub struct OriginMeta {
+    pub size: Option<u64>,
+    pub validators: Validators,
+    /// A checksum the origin vouches for (Glance's os_hash_value or md5 checksum).
+    pub checksum: Option<Integrity>,
+    /// The format the origin declares (Glance's disk_format).
+    pub disk_format: Option<String>,
+}
+
+pub enum Response {
+    /// The held copy is current (HTTP 304, unchanged mtime).
+    NotModified,
+    Body {
+        meta: OriginMeta,
+        body: BodyStream,
+    },
+    /// A local file that can be hard-linked into the cache instead of copied.
+    LocalFile {
+        meta: OriginMeta,
+        path: std::path::PathBuf,
+    },
+}
+
+pub(crate) const PROP_HREF: &str = "href";
+pub(crate) const PROP_ETAG: &str = "etag";
+pub(crate) const PROP_LAST_MODIFIED: &str = "origin_last_modified";
+pub(crate) const PROP_MTIME_NS: &str = "origin_mtime_ns";
+pub(crate) const PROP_VALIDATED_AT: &str = "validated_at";
+pub(crate) const PROP_DISK_FORMAT: &str = "disk_format";
+
+impl Validators {
+    pub(crate) fn from_props(props: &std::collections::BTreeMap<String, String>) -> Self {
+        Validators {
+            etag: props.get(PROP_ETAG).cloned(),
+            last_modified: props.get(PROP_LAST_MODIFIED).cloned(),
+            mtime_ns: props.get(PROP_MTIME_NS).and_then(|v| v.parse().ok()),
+        }
+    }
+
+    pub(crate) fn to_props(&self, props: &mut std::collections::BTreeMap<String, String>) {
+        if let Some(v) = &self.etag {
+            props.insert(PROP_ETAG.into(), v.clone());
+        }
+        if let Some(v) = &self.last_modified {
+            props.insert(PROP_LAST_MODIFIED.into(), v.clone());
+        }
+        if let Some(v) = self.mtime_ns {
+            props.insert(PROP_MTIME_NS.into(), v.to_string());
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.etag.is_none() && self.last_modified.is_none() && self.mtime_ns.is_none()
+    }
+}
