@@ -247,6 +247,20 @@ pub fn format_size(bytes: u64) -> String {
     format!("{v:.1} {}", UNITS[i])
 }
 
+/// A duration for people, in the unit it was most likely given in: `24h`, `7d`, `90s`.
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if d.subsec_nanos() != 0 || s == 0 {
+        return humantime::format_duration(d).to_string();
+    }
+    match s {
+        s if s % 86_400 == 0 && s / 86_400 != 1 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// Bytes for people with the exact count when it is not obvious: `64.0 MiB (67108864 bytes)`.
 pub fn format_size_exact(bytes: u64) -> String {
     if bytes < KIB {
@@ -326,6 +340,15 @@ mod tests {
         let e = parse_duration("soon").unwrap_err().to_string();
         assert!(e.contains("invalid duration \"soon\""), "{e}");
         assert!(parse_duration("24").is_err());
+    }
+
+    #[test]
+    fn formats_durations() {
+        assert_eq!(format_duration(Duration::from_secs(86_400)), "24h");
+        assert_eq!(format_duration(Duration::from_secs(7 * 86_400)), "7d");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_secs(1800)), "30m");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::Ctx;
-use crate::config::format_size_exact;
+use crate::config::{format_duration, format_size_exact};
 use crate::output::{self, RecordJson};
 
 pub fn list(ctx: &Ctx, queued: bool) -> Result<()> {
@@ -77,9 +77,6 @@ pub fn stats(ctx: &Ctx) -> Result<()> {
         ("incomplete", s.incomplete.to_string()),
         ("invalid", s.invalid.to_string()),
         ("max size", format_size_exact(s.max_size)),
-        (
-            "stall time",
-            humantime::format_duration(ctx.settings.stall_time).to_string(),
-        ),
+        ("stall time", format_duration(ctx.settings.stall_time)),
     ]))
 }

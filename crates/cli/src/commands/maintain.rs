@@ -4,7 +4,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::Ctx;
-use crate::config::format_size;
+use crate::config::{format_duration, format_size};
 use crate::output;
 
 #[derive(Serialize)]
@@ -86,7 +86,7 @@ pub fn clean(ctx: &Ctx) -> Result<()> {
     if ctx.json {
         return output::json(&r);
     }
-    let stall = humantime::format_duration(ctx.settings.stall_time).to_string();
+    let stall = format_duration(ctx.settings.stall_time);
     output::text(output::pairs(&[
         (
             "stalled writes removed",
