@@ -453,4 +453,3 @@ fn tokio_util_stream(
         }
     })
 }
-

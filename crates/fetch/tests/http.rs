@@ -1,0 +1,187 @@
+//! http(s) happy paths: download, hit, revalidation by conditional GET, replacement of a stale
+//! master, and origins without validators.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use imgcache_fetch::{FetchOptions, ImageCache, Outcome, Placement, SourceConfig};
+use imgcache_store::{Algorithm, Integrity};
+
+fn opts() -> FetchOptions {
+    FetchOptions::default()
+}
+
+fn revalidate_always() -> SourceConfig {
+    SourceConfig {
+        revalidate_interval: Duration::ZERO,
+        ..sources()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miss_downloads_and_hard_links_then_hit_asks_nothing() {
+    let origin = Origin::start().await;
+    let body = image_bytes(3 * MIB + 17, 1);
+    origin.set("/img/a.raw", Route::new(body.clone()).etag("v1"));
+    let env = Env::new();
+    let href = origin.url("/img/a.raw");
+    let key = key_of(&href, false);
+
+    let d1 = env.dest("d1");
+    let r = env.ic.fetch_image(&href, &d1, &opts()).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Downloaded);
+    assert_eq!(r.placement, Placement::HardLinked);
+    assert_eq!(r.key, key.as_str());
+    assert_eq!(r.size, body.len() as u64);
+    assert_eq!(r.checksum, Some(Integrity::of(Algorithm::Sha256, &body)));
+    assert_eq!(r.master, env.master(&key));
+    assert_linked(&env.master(&key), &d1, &body);
+    assert_eq!(inode(&d1).2, 2, "master + one dest");
+    assert_eq!(
+        origin.counts("/img/a.raw"),
+        Counts {
+            get: 1,
+            conditional: 0,
+            not_modified: 0
+        }
+    );
+    assert!(env.cache().is_cached(&key).unwrap());
+    assert!(!env.cache().is_being_cached(&key).unwrap());
+
+    // Inside the revalidation interval: no request at all, just another link.
+    let d2 = env.dest("d2");
+    let r = env.ic.fetch_image(&href, &d2, &opts()).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Hit);
+    assert_eq!(r.placement, Placement::HardLinked);
+    assert_linked(&env.master(&key), &d2, &body);
+    assert_eq!(inode(&d2).2, 3);
+
+    // dest already is the master: nothing to do.
+    let r = env.ic.fetch_image(&href, &d1, &opts()).await.unwrap();
+    assert_eq!(
+        (r.outcome, r.placement),
+        (Outcome::Hit, Placement::AlreadyInPlace)
+    );
+    assert_eq!(origin.total_requests(), 1, "hits must not reach the origin");
+    assert_eq!(env.cache().get_hit_count(&key).unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_interval_one_conditional_get_and_304_revalidates() {
+    let origin = Origin::start().await;
+    let a = image_bytes(2 * MIB, 2);
+    let b = image_bytes(2 * MIB, 3);
+    origin.set("/etag.img", Route::new(a.clone()).etag("e1"));
+    origin.set(
+        "/lm.img",
+        Route::new(b.clone()).last_modified("Wed, 01 May 2024 10:00:00 GMT"),
+    );
+    let env = Env::with(revalidate_always());
+    for (path, body) in [("/etag.img", &a), ("/lm.img", &b)] {
+        let href = origin.url(path);
+        let key = key_of(&href, false);
+        let d1 = env.dest(&format!("{}-1", &path[1..]));
+        let r = env.ic.fetch_image(&href, &d1, &opts()).await.unwrap();
+        assert_eq!(r.outcome, Outcome::Downloaded);
+        let master_ino = inode(&env.master(&key)).1;
+
+        let d2 = env.dest(&format!("{}-2", &path[1..]));
+        let r = env.ic.fetch_image(&href, &d2, &opts()).await.unwrap();
+        assert_eq!(r.outcome, Outcome::Revalidated, "{path}");
+        assert_eq!(
+            origin.counts(path),
+            Counts {
+                get: 1,
+                conditional: 1,
+                not_modified: 1
+            },
+            "{path}"
+        );
+        assert_eq!(inode(&env.master(&key)).1, master_ino, "not re-downloaded");
+        assert_linked(&env.master(&key), &d2, body);
+        assert_linked(&env.master(&key), &d1, body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_origin_replaces_master_and_dest() {
+    let origin = Origin::start().await;
+    let v1 = image_bytes(2 * MIB, 4);
+    let v2 = image_bytes(3 * MIB, 5);
+    origin.set("/x.img", Route::new(v1.clone()).etag("v1"));
+    let env = Env::with(revalidate_always());
+    let href = origin.url("/x.img");
+    let key = key_of(&href, false);
+    let dest = env.dest("node-1");
+    let other = env.dest("node-2");
+    env.ic.fetch_image(&href, &dest, &opts()).await.unwrap();
+    env.ic.fetch_image(&href, &other, &opts()).await.unwrap();
+    let old_ino = inode(&env.master(&key)).1;
+
+    origin.set("/x.img", Route::new(v2.clone()).etag("v2"));
+    let r = env.ic.fetch_image(&href, &dest, &opts()).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Downloaded);
+    assert_eq!(r.size, v2.len() as u64);
+    let c = origin.counts("/x.img");
+    assert_eq!((c.get, c.conditional, c.not_modified), (1, 2, 1));
+    assert_ne!(inode(&env.master(&key)).1, old_ino, "master replaced");
+    assert_linked(&env.master(&key), &dest, &v2);
+    assert_eq!(inode(&dest).2, 2, "new master linked only into dest");
+    // A deploy still using the old master keeps its bytes intact (replaced by rename, not
+    // rewritten in place).
+    assert_eq!(std::fs::read(&other).unwrap(), v1);
+    assert_eq!(inode(&other).1, old_ino);
+    let rec = env.cache().get_record(&key).unwrap().unwrap();
+    assert_eq!(rec.props.get("etag").map(String::as_str), Some("\"v2\""));
+    assert_eq!(rec.checksum, Some(Integrity::of(Algorithm::Sha256, &v2)));
+
+    // And the new master now revalidates against the new ETag.
+    let r = env.ic.fetch_image(&href, &dest, &opts()).await.unwrap();
+    assert_eq!(
+        (r.outcome, r.placement),
+        (Outcome::Revalidated, Placement::AlreadyInPlace)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_without_validators_is_not_redownloaded_within_the_interval() {
+    let origin = Origin::start().await;
+    let body = image_bytes(MIB, 6);
+    origin.set("/plain.img", Route::new(body.clone()));
+    let env = Env::new(); // interval: one hour
+    let href = origin.url("/plain.img");
+    let key = key_of(&href, false);
+    for i in 0..4 {
+        let r = env
+            .ic
+            .fetch_image(&href, &env.dest(&format!("d{i}")), &opts())
+            .await
+            .unwrap();
+        let want = if i == 0 {
+            Outcome::Downloaded
+        } else {
+            Outcome::Hit
+        };
+        assert_eq!(r.outcome, want);
+    }
+    assert_eq!(origin.counts("/plain.img").total(), 1);
+
+    // Past the interval there is nothing to revalidate with: one plain GET, a new master.
+    let stale = ImageCache::new(env.spec.clone(), &revalidate_always()).unwrap();
+    let r = stale
+        .fetch_image(&href, &env.dest("late"), &opts())
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Downloaded);
+    assert_eq!(
+        origin.counts("/plain.img"),
+        Counts {
+            get: 2,
+            conditional: 0,
+            not_modified: 0
+        }
+    );
+    assert_linked(&env.master(&key), &env.dest("late"), &body);
+}
