@@ -106,32 +106,29 @@ pub fn place(master: &Path, dest: &Path) -> Result<Placement> {
     Ok(how)
 }
 
-/// Copies across filesystems: reflink (FICLONE) first, then `copy_file_range`, which the
-/// kernel does without bringing bytes into user space.
+/// Copies across filesystems: reflink (FICLONE) first, then `std::io::copy`, which uses
+/// `copy_file_range` (no bytes through user space) where the kernel allows it and falls back
+/// to `sendfile`/read-write where it does not: since Linux 5.19 `copy_file_range` between two
+/// different filesystem types fails with EXDEV, the very case this copy exists for.
 fn copy(src: &Path, to: &Path) -> Result<()> {
-    let from = File::open(src).map_err(|e| FetchError::io("open", src, e))?;
-    let out = File::create(to).map_err(|e| FetchError::io("create", to, e))?;
+    let mut from = File::open(src).map_err(|e| FetchError::io("open", src, e))?;
+    let mut out = File::create(to).map_err(|e| FetchError::io("create", to, e))?;
     if rustix::fs::ioctl_ficlone(&out, &from).is_err() {
         let len = from
             .metadata()
             .map_err(|e| FetchError::io("stat", src, e))?
             .len();
-        let mut left = len;
-        while left > 0 {
-            let chunk = left.min(1 << 30) as usize;
-            let n = rustix::fs::copy_file_range(&from, None, &out, None, chunk)
-                .map_err(|e| FetchError::io("copy", to, e.into()))?;
-            if n == 0 {
-                return Err(FetchError::io(
-                    "copy",
-                    to,
-                    std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "source shrank while copying",
-                    ),
-                ));
-            }
-            left -= n as u64;
+        let copied =
+            std::io::copy(&mut from, &mut out).map_err(|e| FetchError::io("copy", to, e))?;
+        if copied != len {
+            return Err(FetchError::io(
+                "copy",
+                to,
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("copied {copied} of {len} bytes: the source changed while copying"),
+                ),
+            ));
         }
     }
     out.sync_all().map_err(|e| FetchError::io("fsync", to, e))

@@ -185,3 +185,43 @@ async fn origin_without_validators_is_not_redownloaded_within_the_interval() {
     );
     assert_linked(&env.master(&key), &env.dest("late"), &body);
 }
+
+/// The cache on one filesystem (a tmpfs), `dest` on another: a copy, never a failure, and the
+/// master stays unlinked (nlink 1) because the deploy holds a copy, not a link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dest_on_another_filesystem_is_copied() {
+    let fs = Tmpfs::mount("32m");
+    let origin = Origin::start().await;
+    let body = image_bytes(3 * MIB, 9);
+    origin.set("/far.img", Route::new(body.clone()).etag("f"));
+    let env = Env::at(Some(fs.path.join("cache")), sources());
+    let href = origin.url("/far.img");
+    let key = key_of(&href, false);
+    let dest = env.dest("far");
+    let r = env.ic.fetch_image(&href, &dest, &opts()).await.unwrap();
+    assert_eq!(
+        (r.outcome, r.placement),
+        (Outcome::Downloaded, Placement::Copied)
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), body);
+    let (mdev, mino, mlinks) = inode(&env.master(&key));
+    let (ddev, dino, dlinks) = inode(&dest);
+    assert_ne!((mdev, mino), (ddev, dino));
+    assert_eq!((mlinks, dlinks), (1, 1));
+    let leftovers: Vec<_> = std::fs::read_dir(&env.dests)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "only dest itself: {leftovers:?}");
+
+    // A hit copies again into a fresh dest, without asking the origin.
+    let r = env
+        .ic
+        .fetch_image(&href, &env.dest("far2"), &opts())
+        .await
+        .unwrap();
+    assert_eq!((r.outcome, r.placement), (Outcome::Hit, Placement::Copied));
+    assert_eq!(std::fs::read(env.dest("far2")).unwrap(), body);
+    assert_eq!(origin.total_requests(), 1);
+    drop(env);
+}

@@ -450,7 +450,7 @@ async fn serve_raw(st: Arc<State>, mut sock: tokio::net::TcpStream) -> std::io::
         Behave::Reset { after } => {
             sock.write_all(&body[..after]).await?;
             sock.flush().await?;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
             // SO_LINGER 0: close sends RST instead of FIN.
             #[allow(deprecated)]
             sock.set_linger(Some(Duration::ZERO))?;
@@ -519,8 +519,13 @@ impl Env {
     }
 
     pub fn with(src: SourceConfig) -> Env {
+        Env::at(None, src)
+    }
+
+    /// With the cache in `cache_dir` (e.g. on a tmpfs) instead of beside the dests.
+    pub fn at(cache_dir: Option<PathBuf>, src: SourceConfig) -> Env {
         let tmp = tempfile::tempdir().unwrap();
-        let cache_dir = tmp.path().join("cache");
+        let cache_dir = cache_dir.unwrap_or_else(|| tmp.path().join("cache"));
         let dests = tmp.path().join("dests");
         std::fs::create_dir_all(&dests).unwrap();
         let spec = spec_at(&cache_dir, "instance", 50);
