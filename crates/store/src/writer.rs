@@ -54,6 +54,8 @@ pub struct CacheWriter {
     written: u64,
     opts: WriteOptions,
     disk_full: bool,
+    /// The first failed write: bytes were lost, so this writer must never publish.
+    write_error: Option<io::Error>,
     /// The entry is a hard link to a source file: on failure, unlink it, never keep it.
     linked: bool,
     // Held until commit or abort: one writer per key across threads and processes.
@@ -94,6 +96,7 @@ impl CacheWriter {
             written: 0,
             opts,
             disk_full: false,
+            write_error: None,
             linked: false,
             _lock: lock,
         };
@@ -136,13 +139,16 @@ impl CacheWriter {
     /// (the checksum is still verified at commit). `Ok(false)` when `src` is on another
     /// filesystem, so the caller copies instead. Only valid before anything was written.
     pub fn fill_by_link(&mut self, src: &Path) -> Result<bool> {
-        assert_eq!(self.written, 0, "fill_by_link on a writer that already has bytes");
+        assert_eq!(
+            self.written, 0,
+            "fill_by_link on a writer that already has bytes"
+        );
         // Dot-named: never mistaken for a key's incomplete file.
-        let tmp = self
-            .cache
-            .layout()
-            .incomplete_dir()
-            .join(format!(".link-{}-{}", std::process::id(), self.key));
+        let tmp = self.cache.layout().incomplete_dir().join(format!(
+            ".link-{}-{}",
+            std::process::id(),
+            self.key
+        ));
         let _ = fs::remove_file(&tmp);
         if let Err(e) = fs::hard_link(src, &tmp) {
             if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) {
@@ -185,6 +191,11 @@ impl CacheWriter {
     }
 
     fn try_commit(&mut self) -> Result<Record> {
+        // A failed write (ENOSPC, EIO, ...) left a short file or a hole: publishing it would
+        // record the checksum of the wrong bytes. ENOSPC/EDQUOT come back as `DiskFull`.
+        if let Some(e) = self.write_error.take() {
+            return Err(StoreError::io("write", &self.path, e));
+        }
         let file = self.file.as_ref().expect("open until commit");
         let actual = self.hasher.take().expect("hasher until commit").finish();
         if let Some(expected) = self.opts.expected_size
@@ -261,9 +272,17 @@ impl Write for CacheWriter {
         let n = match file.write(buf) {
             Ok(n) => n,
             Err(e) => {
-                if matches!(e.raw_os_error(), Some(c) if c == rustix::io::Errno::NOSPC.raw_os_error())
-                {
+                let full =
+                    [rustix::io::Errno::NOSPC, rustix::io::Errno::DQUOT].map(|c| c.raw_os_error());
+                if matches!(e.raw_os_error(), Some(c) if full.contains(&c)) {
                     self.disk_full = true;
+                }
+                // EINTR loses nothing (the caller retries); anything else lost bytes.
+                if self.write_error.is_none() && e.kind() != io::ErrorKind::Interrupted {
+                    self.write_error = Some(match e.raw_os_error() {
+                        Some(code) => io::Error::from_raw_os_error(code),
+                        None => io::Error::new(e.kind(), e.to_string()),
+                    });
                 }
                 return Err(e);
             }
