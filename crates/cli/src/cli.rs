@@ -10,9 +10,10 @@ use crate::config::{self, Layer};
 
 /// imgcache: a crash-safe disk cache for VM images.
 ///
-/// Configuration comes from a TOML file (--config), then IMGCACHE_* environment variables,
-/// then flags, each overriding the one before. Sizes take binary units (10G = 10 GiB);
-/// durations take humantime units (90s, 24h, 7d).
+/// Configuration comes from a TOML file (--config), then the environment (IMGCACHE_CACHE_DIR,
+/// IMGCACHE_DRIVER, IMGCACHE_MAX_SIZE, IMGCACHE_STALL_TIME; empty means unset), then flags,
+/// each overriding the one before. Sizes take binary units (10G = 10 GiB); durations take
+/// humantime units (90s, 24h, 7d).
 #[derive(Debug, Parser)]
 #[command(name = "imgcache", version, propagate_version = true)]
 pub struct Cli {
@@ -25,16 +26,16 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// Cache directory [default: /var/cache/imgcache as root, else $XDG_CACHE_HOME/imgcache or ~/.cache/imgcache]
-    #[arg(long, global = true, value_name = "DIR", env = config::ENV_CACHE_DIR)]
+    /// Cache directory [env: IMGCACHE_CACHE_DIR] [default: /var/cache/imgcache as root, else $XDG_CACHE_HOME/imgcache or ~/.cache/imgcache]
+    #[arg(long, global = true, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// TOML configuration file (keys: cache_dir, driver, max_size, stall_time)
-    #[arg(long, global = true, value_name = "FILE", env = config::ENV_CONFIG)]
+    /// TOML configuration file (keys: cache_dir, driver, max_size, stall_time) [env: IMGCACHE_CONFIG]
+    #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Metadata driver [default: sqlite]
-    #[arg(long, global = true, value_enum, env = config::ENV_DRIVER)]
+    /// Metadata driver [env: IMGCACHE_DRIVER] [default: sqlite]
+    #[arg(long, global = true, value_enum)]
     pub driver: Option<DriverArg>,
 
     /// Print machine-readable JSON instead of text

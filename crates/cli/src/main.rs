@@ -32,11 +32,17 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let file = match &cli.global.config {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let config_file = cli
+        .global
+        .config
+        .clone()
+        .or_else(|| var(config::ENV_CONFIG).map(Into::into));
+    let file = match &config_file {
         Some(path) => Layer::from_file(path)?,
         None => Layer::default(),
     };
-    let env = Layer::from_env(|name| std::env::var(name).ok())?;
+    let env = Layer::from_env(|name| var(name).map(|v| v.to_string_lossy().into_owned()))?;
     let settings = Settings::resolve(file, env, cli.flag_layer(), &Host::current())?;
     tracing::debug!(?settings, "configuration");
     let ctx = Ctx {
