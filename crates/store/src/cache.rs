@@ -134,7 +134,7 @@ impl Cache {
         Ok(self.get_record(key)?.is_some())
     }
 
-    /// True when nobody is writing the image now (another thread or process holds its lock).
+    /// True while somebody is writing the image (a thread or process holds its key lock).
     pub fn is_being_cached(&self, key: &Key) -> Result<bool> {
         Ok(self.key_lock(key, false)?.is_none())
     }
