@@ -237,6 +237,14 @@ impl CacheWriter {
             return Err(StoreError::io("publish (rename)", &dest, e));
         }
         self.file = None;
+        if self.linked
+            && let Err(e) = fs::remove_file(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            // Re-publishing a source linked in before (same inode as the master): rename(2)
+            // between two links of one inode does nothing and leaves the incomplete name.
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove the staged link");
+        }
         sync_dir(self.cache.root())?;
         Ok(record)
     }
