@@ -223,7 +223,18 @@ impl Cache {
         if std::os::unix::fs::MetadataExt::nlink(&meta) == 0 {
             return Ok(None);
         }
-        let Some(record) = self.driver().record_hit(key, &file, now())? else {
+        // Counting the hit is a write; a database held locked by another process for longer
+        // than the busy timeout must not turn a cached image into an error, so serve it
+        // uncounted (reads still work in WAL mode) and say so in the log.
+        let record = match self.driver().record_hit(key, &file, now()) {
+            Ok(r) => r,
+            Err(e @ StoreError::Database { .. }) => {
+                tracing::warn!(%key, error = %e, "hit not counted");
+                self.driver().get(key)?
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(record) = record else {
             return Ok(None); // a file with no record is not the store's
         };
         Ok(Some(CacheReader::new(file, record, path)))
