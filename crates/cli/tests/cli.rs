@@ -490,6 +490,27 @@ fn usage_errors_exit_2_and_help_exits_0() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // From the environment, a bad driver is a configuration error; an empty one is unset.
+    let env = Env::new("sqlite");
+    let cache = env.cache();
+    let out = bare()
+        .args(["--cache-dir", cache.to_str().unwrap(), "stats"])
+        .env("IMGCACHE_DRIVER", "postgres")
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, 1, "IMGCACHE_DRIVER: unknown driver \"postgres\"");
+    let out = bare()
+        .args(["--cache-dir", cache.to_str().unwrap(), "stats"])
+        .env("IMGCACHE_DRIVER", "")
+        .env("IMGCACHE_CONFIG", "")
+        .env("IMGCACHE_MAX_SIZE", "")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = bare().args(["--help"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let help = String::from_utf8_lossy(&out.stdout);
