@@ -78,9 +78,13 @@ impl Layout {
     }
 
     fn check_writable(&self) -> Result<()> {
+        // Unique per call, not just per process: threads opening the same cache at once
+        // would otherwise remove each other's probe.
+        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let probe = self
             .incomplete_dir()
-            .join(format!(".probe-{}", std::process::id()));
+            .join(format!(".probe-{}-{n}", std::process::id()));
         match fs::File::create(&probe) {
             Ok(_) => fs::remove_file(&probe).ctx("remove", &probe),
             Err(e) => Err(StoreError::CacheDir {

@@ -397,6 +397,10 @@ async fn serve(st: Arc<State>, req: axum::extract::Request) -> Response {
             if off < stall_at && end > stall_at {
                 end = stall_at;
             }
+            if end == len {
+                // hyper stops polling once Content-Length bytes are out: mark it here.
+                st.done(&path);
+            }
             Some((
                 Ok::<_, std::io::Error>(body.slice(off..end)),
                 (end, stalled),
