@@ -153,6 +153,9 @@ impl ImageCache {
             drop(lock);
             return self.link(&key, rec, dest, Outcome::Hit).await;
         }
+        // A checksum file is read before the image request: a name it does not list fails
+        // without having started a multi-GiB transfer.
+        let given = self.given_checksum(&href, opts).await?;
         let held = self.held_validators(&key).await?;
         let response = match &href {
             Href::Http(url) => {
@@ -184,6 +187,10 @@ impl ImageCache {
             }
             Response::Body { meta, body } => (meta, Some(body)),
             Response::LocalFile { meta, path } => {
+                let meta = OriginMeta {
+                    checksum: given.or(meta.checksum),
+                    ..meta
+                };
                 let rec = self
                     .publish_local(&key, lock, &href, href_raw, &meta, &path, opts)
                     .await?;
@@ -191,12 +198,8 @@ impl ImageCache {
             }
         };
         let body = body.expect("body");
-        let expected = self.expected_checksum(&href, &meta, opts).await?;
-        if let (Some(registry), Some(size)) = (&self.registry, meta.size) {
-            let registry = registry.clone();
-            let root = self.spec.cache.root().to_path_buf();
-            blocking(move || registry.clean_up_caches(&root, size)).await?;
-        }
+        let expected = given.or_else(|| meta.checksum.clone());
+        self.make_room(meta.size).await?;
         let wopts = WriteOptions {
             expected: expected.clone(),
             expected_size: meta.size,
@@ -230,9 +233,8 @@ impl ImageCache {
         path: &Path,
         opts: &FetchOptions,
     ) -> Result<Record> {
-        let expected = self.expected_checksum(href, meta, opts).await?;
         let wopts = WriteOptions {
-            expected,
+            expected: meta.checksum.clone(),
             expected_size: None,
             replace: true,
             props: self.props(href_raw, meta),
@@ -248,6 +250,7 @@ impl ImageCache {
         let writer = if linked {
             writer
         } else {
+            self.make_room(meta.size).await?;
             let file = tokio::fs::File::open(path)
                 .await
                 .map_err(|e| FetchError::io("open", path, e))?;
@@ -387,12 +390,19 @@ impl ImageCache {
         Ok(fresh.then_some(rec))
     }
 
-    async fn expected_checksum(
-        &self,
-        href: &Href,
-        meta: &OriginMeta,
-        opts: &FetchOptions,
-    ) -> Result<Option<Integrity>> {
+    /// With a registry, frees `size` bytes on the cache's filesystem (cleaning every cache
+    /// there, by priority) or fails with InsufficientDiskSpace before the transfer starts.
+    async fn make_room(&self, size: Option<u64>) -> Result<()> {
+        if let (Some(registry), Some(size)) = (&self.registry, size) {
+            let registry = registry.clone();
+            let root = self.spec.cache.root().to_path_buf();
+            blocking(move || registry.clean_up_caches(&root, size)).await?;
+        }
+        Ok(())
+    }
+
+    /// The checksum the caller gave (inline, or looked up in a checksum file).
+    async fn given_checksum(&self, href: &Href, opts: &FetchOptions) -> Result<Option<Integrity>> {
         if let Some(spec) = &opts.checksum {
             let name = match href {
                 Href::Http(u) => u
@@ -408,7 +418,7 @@ impl ImageCache {
             };
             return spec.resolve(&self.http, &name).await.map(Some);
         }
-        Ok(meta.checksum.clone())
+        Ok(None)
     }
 
     fn props(&self, href_raw: &str, meta: &OriginMeta) -> BTreeMap<String, String> {
