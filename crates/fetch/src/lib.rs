@@ -4,6 +4,7 @@
 pub mod checksum;
 pub mod download;
 pub mod error;
+pub mod formats;
 pub mod href;
 pub mod place;
 pub mod progress;
