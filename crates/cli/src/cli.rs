@@ -100,6 +100,56 @@ pub enum Command {
     },
     /// Show the cache's driver, location, size and counts
     Stats,
+    /// Fetch an image (http(s) URL, file:// path or Glance id) into DEST through the cache:
+    /// downloaded once, verified, then hard-linked (copied across filesystems)
+    Fetch(FetchArgs),
+    /// Clean up provisioning caches: leftovers, masters past their TTL, then least recently
+    /// used ones until each fits its size (all caches unless --cache is given)
+    Cleanup {
+        /// Only this named cache ([caches.NAME] in the config; "default" is --cache-dir)
+        #[arg(long)]
+        cache: Option<String>,
+        /// Stop once this many bytes are reclaimed (e.g. 5G)
+        #[arg(long, value_parser = size_parser)]
+        amount: Option<u64>,
+    },
+    /// List the provisioning caches: directory, priority, limits, size and free space
+    Caches,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Image href: http(s)://..., file:///path, a Glance image UUID or glance://UUID
+    pub href: String,
+    /// Destination file (its directory must exist); replaced atomically
+    pub dest: PathBuf,
+    /// Fetch as raw (keyed KEY.converted, as Ironic's force_raw)
+    #[arg(long)]
+    pub raw: bool,
+    /// Expected checksum ALGO:HEX (md5, sha256, sha512) or the URL of a SHA256SUMS-style file
+    #[arg(long, value_name = "ALGO:HEX|URL")]
+    pub checksum: Option<String>,
+    /// Named cache to fetch through ([caches.NAME]); default: --cache-dir
+    #[arg(long)]
+    pub cache: Option<String>,
+    /// Glance endpoint for image ids (also IMGCACHE_GLANCE_URL, config glance_url)
+    #[arg(long, value_name = "URL")]
+    pub glance_url: Option<String>,
+    /// Directory file:// hrefs may read from (repeatable; none by default)
+    #[arg(long, value_name = "DIR")]
+    pub allow_file_dir: Vec<PathBuf>,
+    /// Use an http(s) master without asking the origin within this time of its last check
+    #[arg(long, value_parser = duration_parser)]
+    pub revalidate_interval: Option<Duration>,
+    /// Extra CA certificates (PEM) to trust
+    #[arg(long, value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Accept any TLS certificate (labs only)
+    #[arg(long)]
+    pub insecure: bool,
+    /// No progress bar (it is only shown when stderr is a terminal anyway)
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -143,12 +193,23 @@ impl Cli {
             Command::Clean { stall_time } => (None, *stall_time),
             _ => (None, None),
         };
-        Layer {
+        let mut layer = Layer {
             cache_dir: self.global.cache_dir.clone(),
             driver: self.global.driver.map(Into::into),
             max_size,
             stall_time,
+            ..Layer::default()
+        };
+        if let Command::Fetch(f) = &self.command {
+            layer.glance_url = f.glance_url.clone();
+            if !f.allow_file_dir.is_empty() {
+                layer.allow_file_dirs = Some(f.allow_file_dir.clone());
+            }
+            layer.revalidate_interval = f.revalidate_interval;
+            layer.ca_bundle = f.ca_bundle.clone();
+            layer.insecure = f.insecure.then_some(true);
         }
+        layer
     }
 }
 

@@ -5,6 +5,7 @@
 //! Sizes are human sizes with binary units (`10G` = 10 GiB, see [`parse_size`]); durations are
 //! humantime durations (`24h`, `7d`, `90s`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,6 +30,60 @@ pub const ENV_CACHE_DIR: &str = "IMGCACHE_CACHE_DIR";
 pub const ENV_DRIVER: &str = "IMGCACHE_DRIVER";
 pub const ENV_MAX_SIZE: &str = "IMGCACHE_MAX_SIZE";
 pub const ENV_STALL_TIME: &str = "IMGCACHE_STALL_TIME";
+pub const ENV_TTL: &str = "IMGCACHE_TTL";
+pub const ENV_GLANCE_URL: &str = "IMGCACHE_GLANCE_URL";
+pub const ENV_GLANCE_TOKEN: &str = "IMGCACHE_GLANCE_TOKEN";
+/// Keystone's usual variable, read when IMGCACHE_GLANCE_TOKEN is not set.
+pub const ENV_OS_AUTH_TOKEN: &str = "OS_AUTH_TOKEN";
+/// Colon-separated, like PATH.
+pub const ENV_ALLOW_FILE_DIRS: &str = "IMGCACHE_ALLOW_FILE_DIRS";
+pub const ENV_REVALIDATE_INTERVAL: &str = "IMGCACHE_REVALIDATE_INTERVAL";
+pub const ENV_CA_BUNDLE: &str = "IMGCACHE_CA_BUNDLE";
+pub const ENV_INSECURE: &str = "IMGCACHE_INSECURE";
+
+/// Ironic's master-image cache TTL default: 7 days.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Within this time of its last validation an http(s) master is used without asking the origin.
+pub const DEFAULT_REVALIDATE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A `[caches.NAME]` table: one named provisioning cache (Ironic's master dirs).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheTable {
+    pub dir: PathBuf,
+    pub max_size: Option<SizeValue>,
+    pub ttl: Option<String>,
+    pub priority: Option<u32>,
+    pub driver: Option<String>,
+}
+
+/// A named cache as resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedCache {
+    pub name: String,
+    pub dir: PathBuf,
+    pub max_size: u64,
+    pub ttl: Duration,
+    pub priority: u32,
+    pub driver: DriverKind,
+}
+
+/// `max_size = 1073741824` and `max_size = "1G"` both work.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Human(String),
+}
+
+impl SizeValue {
+    fn bytes(&self) -> Result<u64> {
+        match self {
+            SizeValue::Bytes(b) => Ok(*b),
+            SizeValue::Human(s) => parse_size(s),
+        }
+    }
+}
 
 /// One source of configuration; `None` means "this source does not say".
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -37,6 +92,15 @@ pub struct Layer {
     pub driver: Option<DriverKind>,
     pub max_size: Option<u64>,
     pub stall_time: Option<Duration>,
+    pub ttl: Option<Duration>,
+    pub glance_url: Option<String>,
+    pub glance_token: Option<String>,
+    pub allow_file_dirs: Option<Vec<PathBuf>>,
+    pub revalidate_interval: Option<Duration>,
+    pub ca_bundle: Option<PathBuf>,
+    pub insecure: Option<bool>,
+    /// `[caches.NAME]` tables (file only).
+    pub caches: Option<BTreeMap<String, CacheTable>>,
 }
 
 impl Layer {
@@ -47,6 +111,14 @@ impl Layer {
             driver: upper.driver.or(self.driver),
             max_size: upper.max_size.or(self.max_size),
             stall_time: upper.stall_time.or(self.stall_time),
+            ttl: upper.ttl.or(self.ttl),
+            glance_url: upper.glance_url.or(self.glance_url),
+            glance_token: upper.glance_token.or(self.glance_token),
+            allow_file_dirs: upper.allow_file_dirs.or(self.allow_file_dirs),
+            revalidate_interval: upper.revalidate_interval.or(self.revalidate_interval),
+            ca_bundle: upper.ca_bundle.or(self.ca_bundle),
+            insecure: upper.insecure.or(self.insecure),
+            caches: upper.caches.or(self.caches),
         }
     }
 
@@ -59,13 +131,14 @@ impl Layer {
             driver: Option<String>,
             max_size: Option<SizeValue>,
             stall_time: Option<String>,
-        }
-        /// `max_size = 1073741824` and `max_size = "1G"` both work.
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum SizeValue {
-            Bytes(u64),
-            Human(String),
+            ttl: Option<String>,
+            glance_url: Option<String>,
+            glance_token: Option<String>,
+            allow_file_dirs: Option<Vec<PathBuf>>,
+            revalidate_interval: Option<String>,
+            ca_bundle: Option<PathBuf>,
+            insecure: Option<bool>,
+            caches: Option<BTreeMap<String, CacheTable>>,
         }
         let f: File = toml::from_str(text).map_err(|e| anyhow!(one_line(&e.to_string())))?;
         Ok(Layer {
@@ -76,10 +149,7 @@ impl Layer {
                 .transpose()?,
             max_size: f
                 .max_size
-                .map(|v| match v {
-                    SizeValue::Bytes(b) => Ok(b),
-                    SizeValue::Human(s) => parse_size(&s),
-                })
+                .map(|v| v.bytes())
                 .transpose()
                 .context("max_size")?,
             stall_time: f
@@ -87,6 +157,22 @@ impl Layer {
                 .map(|s| parse_duration(&s))
                 .transpose()
                 .context("stall_time")?,
+            ttl: f
+                .ttl
+                .map(|s| parse_duration(&s))
+                .transpose()
+                .context("ttl")?,
+            glance_url: f.glance_url,
+            glance_token: f.glance_token,
+            allow_file_dirs: f.allow_file_dirs,
+            revalidate_interval: f
+                .revalidate_interval
+                .map(|s| parse_duration(&s))
+                .transpose()
+                .context("revalidate_interval")?,
+            ca_bundle: f.ca_bundle,
+            insecure: f.insecure,
+            caches: f.caches,
         })
     }
 
@@ -112,6 +198,25 @@ impl Layer {
             stall_time: var(ENV_STALL_TIME)
                 .map(|s| parse_duration(&s).context(ENV_STALL_TIME))
                 .transpose()?,
+            ttl: var(ENV_TTL)
+                .map(|s| parse_duration(&s).context(ENV_TTL))
+                .transpose()?,
+            glance_url: var(ENV_GLANCE_URL),
+            glance_token: var(ENV_GLANCE_TOKEN).or_else(|| var(ENV_OS_AUTH_TOKEN)),
+            allow_file_dirs: var(ENV_ALLOW_FILE_DIRS).map(|v| {
+                v.split(':')
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            }),
+            revalidate_interval: var(ENV_REVALIDATE_INTERVAL)
+                .map(|s| parse_duration(&s).context(ENV_REVALIDATE_INTERVAL))
+                .transpose()?,
+            ca_bundle: var(ENV_CA_BUNDLE).map(PathBuf::from),
+            insecure: var(ENV_INSECURE)
+                .map(|v| parse_bool(&v).context(ENV_INSECURE))
+                .transpose()?,
+            caches: None,
         })
     }
 }
@@ -123,6 +228,16 @@ pub struct Settings {
     pub driver: DriverKind,
     pub max_size: u64,
     pub stall_time: Duration,
+    /// Provisioning (fetch): masters unused for this long are cleaned up.
+    pub ttl: Duration,
+    pub glance_url: Option<String>,
+    pub glance_token: Option<String>,
+    pub allow_file_dirs: Vec<PathBuf>,
+    pub revalidate_interval: Duration,
+    pub ca_bundle: Option<PathBuf>,
+    pub insecure: bool,
+    /// Named provisioning caches, highest priority first.
+    pub caches: Vec<NamedCache>,
 }
 
 /// Facts about the user the defaults depend on.
@@ -176,7 +291,62 @@ impl Settings {
             driver: l.driver.unwrap_or_default(),
             max_size: l.max_size.unwrap_or(DEFAULT_MAX_SIZE),
             stall_time: l.stall_time.unwrap_or(DEFAULT_STALL_TIME),
+            ttl: l.ttl.unwrap_or(DEFAULT_TTL),
+            glance_url: l.glance_url,
+            glance_token: l.glance_token,
+            allow_file_dirs: l.allow_file_dirs.unwrap_or_default(),
+            revalidate_interval: l.revalidate_interval.unwrap_or(DEFAULT_REVALIDATE_INTERVAL),
+            ca_bundle: l.ca_bundle,
+            insecure: l.insecure.unwrap_or(false),
+            caches: resolve_caches(l.caches.unwrap_or_default())?,
         })
+    }
+}
+
+/// Named caches from `[caches.NAME]` tables, with Ironic's defaults (20 GiB, 7 days,
+/// priority 50), highest priority first.
+fn resolve_caches(tables: BTreeMap<String, CacheTable>) -> Result<Vec<NamedCache>> {
+    let mut out = Vec::new();
+    for (name, t) in tables {
+        let ctx = || format!("caches.{name}");
+        out.push(NamedCache {
+            dir: t.dir.clone(),
+            max_size: t
+                .max_size
+                .as_ref()
+                .map(SizeValue::bytes)
+                .transpose()
+                .with_context(|| format!("{}.max_size", ctx()))?
+                .unwrap_or(imgcache_store::registry::DEFAULT_MAX_SIZE),
+            ttl: t
+                .ttl
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .with_context(|| format!("{}.ttl", ctx()))?
+                .unwrap_or(imgcache_store::registry::DEFAULT_TTL),
+            priority: t
+                .priority
+                .unwrap_or(imgcache_store::registry::PRIORITY_INSTANCE),
+            driver: t
+                .driver
+                .as_deref()
+                .map(parse_driver)
+                .transpose()
+                .with_context(|| format!("{}.driver", ctx()))?
+                .unwrap_or_default(),
+            name,
+        });
+    }
+    out.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+    Ok(out)
+}
+
+fn parse_bool(s: &str) -> Result<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => bail!("invalid boolean {s:?}: expected true or false"),
     }
 }
 
@@ -377,6 +547,7 @@ mod tests {
                 driver: Some(DriverKind::Xattr),
                 max_size: Some(20 * GIB),
                 stall_time: Some(Duration::from_secs(7 * 86400)),
+                ..Layer::default()
             }
         );
         assert_eq!(
@@ -384,6 +555,59 @@ mod tests {
             Some(4096)
         );
         assert_eq!(Layer::from_toml("").unwrap(), Layer::default());
+    }
+
+    #[test]
+    fn provisioning_keys_and_named_caches() {
+        let l = Layer::from_toml(
+            r#"
+            ttl = "3d"
+            glance_url = "http://glance:9292"
+            allow_file_dirs = ["/srv/images"]
+            revalidate_interval = "5m"
+            [caches.iso]
+            dir = "/var/lib/ironic/iso"
+            priority = 75
+            [caches.instance]
+            dir = "/var/lib/ironic/master"
+            max_size = "40G"
+            ttl = "1d"
+            "#,
+        )
+        .unwrap();
+        let s = Settings::resolve(l, Layer::default(), Layer::default(), &host()).unwrap();
+        assert_eq!(s.ttl, Duration::from_secs(3 * 86400));
+        assert_eq!(s.glance_url.as_deref(), Some("http://glance:9292"));
+        assert_eq!(s.allow_file_dirs, vec![PathBuf::from("/srv/images")]);
+        assert_eq!(s.revalidate_interval, Duration::from_secs(300));
+        let names: Vec<_> = s.caches.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["iso", "instance"], "highest priority first");
+        assert_eq!(s.caches[0].max_size, 20 * GIB, "Ironic's default size");
+        assert_eq!(s.caches[0].ttl, Duration::from_secs(7 * 86400));
+        assert_eq!(s.caches[1].max_size, 40 * GIB);
+        assert_eq!(s.caches[1].priority, 50);
+        let e = format!(
+            "{:#}",
+            Layer::from_toml("[caches.x]\ndir = \"/x\"\nttl = \"soon\"")
+                .and_then(|l| Settings::resolve(l, Layer::default(), Layer::default(), &host()))
+                .unwrap_err()
+        );
+        assert!(e.starts_with("caches.x.ttl: invalid duration"), "{e}");
+        let e = format!(
+            "{:#}",
+            Layer::from_toml("[caches.x]\ndri = \"/x\"").unwrap_err()
+        );
+        assert!(e.contains("dri"), "{e}");
+        let env = Layer::from_env(|k| match k {
+            ENV_ALLOW_FILE_DIRS => Some("/a:/b".into()),
+            ENV_OS_AUTH_TOKEN => Some("tok".into()),
+            ENV_INSECURE => Some("yes".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(env.allow_file_dirs, Some(vec!["/a".into(), "/b".into()]));
+        assert_eq!(env.glance_token.as_deref(), Some("tok"));
+        assert_eq!(env.insecure, Some(true));
     }
 
     #[test]
@@ -438,6 +662,7 @@ mod tests {
             driver: Some(DriverKind::Xattr),
             max_size: Some(1),
             stall_time: Some(Duration::from_secs(1)),
+            ..Layer::default()
         };
         let env = Layer {
             cache_dir: Some("/env".into()),
@@ -471,6 +696,14 @@ mod tests {
                 driver: DriverKind::Sqlite,
                 max_size: 10 * GIB,
                 stall_time: Duration::from_secs(86400),
+                ttl: DEFAULT_TTL,
+                glance_url: None,
+                glance_token: None,
+                allow_file_dirs: vec![],
+                revalidate_interval: DEFAULT_REVALIDATE_INTERVAL,
+                ca_bundle: None,
+                insecure: false,
+                caches: vec![],
             }
         );
     }

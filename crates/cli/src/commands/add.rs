@@ -1,11 +1,10 @@
 //! `add KEY FILE`: stream a local file into the cache through `open_for_write` and commit.
 
 use std::fs::File;
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, Read, Write};
 
 use anyhow::{Context, Result, bail};
 use imgcache_store::{Integrity, Record, WriteOptions};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use super::{Ctx, parse_key};
@@ -46,7 +45,7 @@ pub fn add(ctx: &Ctx, args: AddArgs) -> Result<()> {
     let record = match cache.open_for_write_with(&key, opts)? {
         None => None,
         Some(mut writer) => {
-            let bar = progress_bar(args.quiet, meta.is_file().then_some(meta.len()));
+            let bar = output::progress_bar(args.quiet, meta.is_file().then_some(meta.len()));
             let mut buf = vec![0u8; CHUNK];
             loop {
                 let n = match src.read(&mut buf) {
@@ -117,21 +116,4 @@ fn report(ctx: &Ctx, status: &'static str, rec: &Record) -> Result<()> {
             ("last modified", output::time(rec.last_modified)),
         ])
     ))
-}
-
-/// A progress bar on stderr when it is a terminal and not `--quiet`; hidden otherwise.
-fn progress_bar(quiet: bool, len: Option<u64>) -> ProgressBar {
-    if quiet || !io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr());
-    let template = if len.is_some() {
-        "{bar:40.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
-    } else {
-        "{spinner} {bytes} {bytes_per_sec}"
-    };
-    if let Ok(style) = ProgressStyle::with_template(template) {
-        bar.set_style(style);
-    }
-    bar
 }

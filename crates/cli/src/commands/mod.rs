@@ -5,6 +5,7 @@ mod add;
 mod inspect;
 mod maintain;
 mod manage;
+mod provision;
 
 use anyhow::{Context, Result};
 use imgcache_store::{Cache, Key};
@@ -40,5 +41,8 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Clear { target } => manage::clear(ctx, target),
         Command::Prune { .. } => maintain::prune(ctx),
         Command::Clean { .. } => maintain::clean(ctx),
+        Command::Fetch(args) => provision::fetch(ctx, args),
+        Command::Cleanup { cache, amount } => provision::cleanup(ctx, cache.as_deref(), amount),
+        Command::Caches => provision::caches(ctx),
     }
 }

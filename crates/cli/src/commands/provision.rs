@@ -1,0 +1,259 @@
+//! Provisioning (Ironic's side): `fetch`, `cleanup`, `caches`.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use imgcache_fetch::{ChecksumSpec, FetchOptions, HttpOptions, ImageCache, Progress, SourceConfig};
+use imgcache_store::registry::{PRIORITY_INSTANCE, free_space};
+use imgcache_store::{Cache, CacheSpec, Registry};
+use serde::Serialize;
+
+use super::Ctx;
+use crate::cli::FetchArgs;
+use crate::config::{format_duration, format_size};
+use crate::output;
+
+/// The cache `--cache-dir` names, as a provisioning cache.
+const DEFAULT_NAME: &str = "default";
+
+/// Every provisioning cache: the `[caches.NAME]` tables and the `--cache-dir` one.
+fn registry(ctx: &Ctx) -> Result<Registry> {
+    let s = &ctx.settings;
+    let mut reg = Registry::new();
+    reg.register(CacheSpec {
+        name: DEFAULT_NAME.into(),
+        cache: ctx.open()?,
+        max_size: s.max_size,
+        ttl: s.ttl,
+        priority: PRIORITY_INSTANCE,
+    });
+    for c in &s.caches {
+        let cache = Cache::open(&c.dir, c.driver).with_context(|| format!("cache {:?}", c.name))?;
+        reg.register(CacheSpec {
+            name: c.name.clone(),
+            cache,
+            max_size: c.max_size,
+            ttl: c.ttl,
+            priority: c.priority,
+        });
+    }
+    Ok(reg)
+}
+
+fn pick<'a>(reg: &'a Registry, name: Option<&str>) -> Result<&'a CacheSpec> {
+    let name = name.unwrap_or(DEFAULT_NAME);
+    match reg.get(name) {
+        Some(c) => Ok(c),
+        None => {
+            let known: Vec<_> = reg.caches().iter().map(|c| c.name.as_str()).collect();
+            bail!("no cache named {name:?} (configured: {})", known.join(", "))
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Draws the transfer on the CLI's progress bar.
+struct Bar(indicatif::ProgressBar);
+
+impl Progress for Bar {
+    fn start(&self, total: Option<u64>) {
+        if let Some(t) = total {
+            self.0.set_length(t);
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
+    let s = &ctx.settings;
+    let reg = Arc::new(registry(ctx)?);
+    let spec = pick(&reg, args.cache.as_deref())?.clone();
+    let glance_url = s
+        .glance_url
+        .as_deref()
+        .map(url::Url::parse)
+        .transpose()
+        .context("glance url")?;
+    let sources = SourceConfig {
+        http: HttpOptions {
+            ca_bundle: s.ca_bundle.clone(),
+            insecure: s.insecure,
+            ..HttpOptions::default()
+        },
+        allowed_file_dirs: s.allow_file_dirs.clone(),
+        glance_url,
+        glance_token: s.glance_token.clone(),
+        revalidate_interval: s.revalidate_interval,
+    };
+    let checksum = args
+        .checksum
+        .as_deref()
+        .map(str::parse::<ChecksumSpec>)
+        .transpose()?;
+    let bar = output::progress_bar(args.quiet || ctx.json, None);
+    let opts = FetchOptions {
+        force_raw: args.raw,
+        checksum,
+        progress: Some(Arc::new(Bar(bar))),
+    };
+    let images = ImageCache::new(spec, &sources)?.with_registry(reg);
+    let report = runtime()?.block_on(images.fetch_image(&args.href, &args.dest, &opts))?;
+    if ctx.json {
+        return output::json(&report);
+    }
+    output::text(format!(
+        "{} {} -> {} ({})\n{}",
+        match report.outcome {
+            imgcache_fetch::Outcome::Hit => "hit",
+            imgcache_fetch::Outcome::Revalidated => "revalidated",
+            imgcache_fetch::Outcome::Downloaded => "downloaded",
+        },
+        args.href,
+        report.dest.display(),
+        match report.placement {
+            imgcache_fetch::Placement::AlreadyInPlace => "already in place",
+            imgcache_fetch::Placement::HardLinked => "hard link",
+            imgcache_fetch::Placement::Copied => "copy",
+        },
+        output::pairs(&[
+            ("key", report.key.clone()),
+            ("master", report.master.display().to_string()),
+            ("size", format_size(report.size)),
+            (
+                "checksum",
+                report
+                    .checksum
+                    .as_ref()
+                    .map_or("-".into(), ToString::to_string),
+            ),
+        ])
+    ))
+}
+
+#[derive(Serialize)]
+struct CleanedUp {
+    cache: String,
+    evicted: Vec<(String, u64)>,
+    bytes_freed: u64,
+    skipped_in_use: Vec<String>,
+    leftovers: Vec<String>,
+    size_after: u64,
+    still_needed: u64,
+}
+
+pub fn cleanup(ctx: &Ctx, name: Option<&str>, amount: Option<u64>) -> Result<()> {
+    let reg = registry(ctx)?;
+    let specs: Vec<&CacheSpec> = match name {
+        Some(n) => vec![pick(&reg, Some(n))?],
+        None => reg.caches().iter().collect(),
+    };
+    let mut out = Vec::new();
+    for spec in specs {
+        let r = spec.clean_up(amount)?;
+        out.push(CleanedUp {
+            cache: spec.name.clone(),
+            evicted: r.evicted.evicted,
+            bytes_freed: r.evicted.bytes_freed,
+            skipped_in_use: r.evicted.skipped_in_use,
+            leftovers: r.leftovers,
+            size_after: r.evicted.size_after,
+            still_needed: r.evicted.still_needed,
+        });
+    }
+    if ctx.json {
+        return output::json(&out);
+    }
+    let mut text = String::new();
+    for c in &out {
+        for (k, size) in &c.evicted {
+            text += &format!("{}: evicted {k} ({})\n", c.cache, format_size(*size));
+        }
+        for k in &c.skipped_in_use {
+            text += &format!("{}: kept {k}: in use (open or hard-linked)\n", c.cache);
+        }
+        for k in &c.leftovers {
+            text += &format!("{}: removed leftover {k}\n", c.cache);
+        }
+        text += &format!(
+            "{}: {} evicted, {} freed, now {}{}\n",
+            c.cache,
+            output::count(c.evicted.len(), "image", "images"),
+            format_size(c.bytes_freed),
+            format_size(c.size_after),
+            if c.still_needed > 0 {
+                format!(
+                    ", {} of the amount could not be reclaimed",
+                    format_size(c.still_needed)
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    output::text(text)
+}
+
+#[derive(Serialize)]
+struct CacheRow {
+    name: String,
+    dir: String,
+    driver: String,
+    priority: u32,
+    max_size: u64,
+    ttl_seconds: u64,
+    size: u64,
+    entries: usize,
+    free: u64,
+}
+
+pub fn caches(ctx: &Ctx) -> Result<()> {
+    let reg = registry(ctx)?;
+    let mut rows = Vec::new();
+    for c in reg.caches() {
+        rows.push(CacheRow {
+            name: c.name.clone(),
+            dir: c.cache.root().display().to_string(),
+            driver: c.cache.driver_kind().to_string(),
+            priority: c.priority,
+            max_size: c.max_size,
+            ttl_seconds: c.ttl.as_secs(),
+            size: c.cache.get_cache_size()?,
+            entries: c.cache.get_cached_images()?.len(),
+            free: free_space(c.cache.root())?,
+        });
+    }
+    if ctx.json {
+        return output::json(&rows);
+    }
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED.with_rounded_corners());
+    t.set_header([
+        "Name", "Priority", "Dir", "Driver", "Size", "Max", "TTL", "Images", "Free",
+    ]);
+    for r in &rows {
+        t.add_row([
+            r.name.clone(),
+            r.priority.to_string(),
+            r.dir.clone(),
+            r.driver.clone(),
+            format_size(r.size),
+            format_size(r.max_size),
+            format_duration(std::time::Duration::from_secs(r.ttl_seconds)),
+            r.entries.to_string(),
+            format_size(r.free),
+        ]);
+    }
+    output::text(format!("{t}\n"))
+}
