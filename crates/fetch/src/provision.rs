@@ -86,27 +86,45 @@ pub struct FetchReport {
 pub struct ImageCache {
     spec: CacheSpec,
     registry: Option<Arc<Registry>>,
-    http: HttpSource,
+    sources: SourceConfig,
+    /// Built on first use: loading the system's CA roots costs ~10 ms, which a hit (a stat,
+    /// a database read and a link) must not pay.
+    http: std::sync::OnceLock<HttpSource>,
     files: FileSource,
-    glance: Option<GlanceSource>,
     revalidate_interval: Duration,
 }
 
 impl ImageCache {
     pub fn new(spec: CacheSpec, sources: &SourceConfig) -> Result<Self> {
-        let http = HttpSource::new(sources.http.clone())?;
-        let glance = sources
-            .glance_url
-            .clone()
-            .map(|u| GlanceSource::new(u, sources.glance_token.clone(), http.clone()));
         Ok(ImageCache {
             spec,
             registry: None,
             files: FileSource::new(&sources.allowed_file_dirs),
-            http,
-            glance,
+            sources: sources.clone(),
+            http: std::sync::OnceLock::new(),
             revalidate_interval: sources.revalidate_interval,
         })
+    }
+
+    fn http(&self) -> Result<&HttpSource> {
+        if let Some(h) = self.http.get() {
+            return Ok(h);
+        }
+        let built = HttpSource::new(self.sources.http.clone())?;
+        Ok(self.http.get_or_init(|| built))
+    }
+
+    fn glance(&self, id: &uuid::Uuid) -> Result<GlanceSource> {
+        let url = self
+            .sources
+            .glance_url
+            .clone()
+            .ok_or_else(|| FetchError::NoGlance { id: id.to_string() })?;
+        Ok(GlanceSource::new(
+            url,
+            self.sources.glance_token.clone(),
+            self.http()?.clone(),
+        ))
     }
 
     /// With a registry, a download first makes room with `clean_up_caches` across every
@@ -159,18 +177,12 @@ impl ImageCache {
         let held = self.held_validators(&key).await?;
         let response = match &href {
             Href::Http(url) => {
-                self.http
+                self.http()?
                     .get(url, held.as_ref(), &Default::default())
                     .await?
             }
             Href::File(path) => self.files.get(path, held.as_ref())?,
-            Href::Glance(id) => {
-                let glance = self
-                    .glance
-                    .as_ref()
-                    .ok_or_else(|| FetchError::NoGlance { id: id.to_string() })?;
-                glance.get(id).await?
-            }
+            Href::Glance(id) => self.glance(id)?.get(id).await?,
         };
 
         let (meta, body) = match response {
@@ -416,7 +428,7 @@ impl ImageCache {
                     .unwrap_or_default(),
                 Href::Glance(id) => id.to_string(),
             };
-            return spec.resolve(&self.http, &name).await.map(Some);
+            return spec.resolve(self.http()?, &name).await.map(Some);
         }
         Ok(None)
     }

@@ -1,10 +1,10 @@
-//! SQLite driver: records in `<root>/.imgcache.sqlite` (WAL, `synchronous=NORMAL`).
+//! SQLite driver: records in `<root>/.imgcache.sqlite` (WAL).
 //!
-//! WAL with NORMAL sync keeps a publish or a hit to one small transaction without an fsync of
-//! its own (the image file itself is fsynced before publish); a crash can lose the last few hit
-//! counts but never a record of a published file, because the record is written before the
-//! rename that publishes it. The running total of bytes is kept by triggers, so `total_size`
-//! is one row read instead of a SUM over the table.
+//! Hits (the hot path) commit with `synchronous=NORMAL`: no fsync, so a power loss can lose the
+//! last few hit counts and access times, nothing else. A publish's record commits with
+//! `synchronous=FULL` before the rename that publishes the file, so a published file always has
+//! a durable record. The running total of bytes is kept by triggers, so `total_size` is one row
+//! read instead of a SUM over the table.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -95,6 +95,14 @@ impl SqliteDriver {
         }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| bad(e.to_string()))?;
+        // Short-lived CLI processes (one per deploy) would otherwise checkpoint and delete the
+        // WAL on every exit, and the next one recreate it: four fsyncs for one hit. The WAL is
+        // checkpointed by size (wal_autocheckpoint) instead.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(|e| bad(e.to_string()))?;
         migrate(&mut conn, path)?;
         // A cheap integrity probe: a damaged page in the table or index fails here, not later.
         let check: String = conn
@@ -172,8 +180,11 @@ impl Driver for SqliteDriver {
 
     fn insert(&self, rec: &Record, _staged: &File) -> Result<()> {
         let props = serde_json::to_string(&rec.props).expect("string map serialises");
+        let conn = self.conn();
+        // This commit must be durable before the file is renamed into place (see module docs).
+        self.db(conn.pragma_update(None, "synchronous", "FULL"))?;
         // An upsert, not INSERT OR REPLACE: REPLACE would skip the delete trigger and skew totals.
-        let r = self.conn().execute(
+        let r = conn.execute(
             &format!(
                 "INSERT INTO images ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (image_id) DO UPDATE SET size = excluded.size,
@@ -191,7 +202,9 @@ impl Driver for SqliteDriver {
                 props
             ],
         );
-        self.db(r).map(|_| ())
+        let restored = conn.pragma_update(None, "synchronous", "NORMAL");
+        self.db(r)?;
+        self.db(restored)
     }
 
     fn get(&self, key: &Key) -> Result<Option<Record>> {
