@@ -1,0 +1,395 @@
+//! Store benchmarks (criterion), for both metadata drivers. See `bench/README.md` at the
+//! repository root for how to run them and what each figure means.
+//!
+//! Groups (each with a `sqlite` and an `xattr` function):
+//! - `publish_10k_4KiB`: 10,000 × (open_for_write + write 4 KiB + commit) into a fresh, empty
+//!   cache per iteration (fresh keys, so every publish is a real one). The figure is for all
+//!   10,000; divide by 10,000 for one publish (criterion's throughput line gives it as elem/s).
+//! - `get_cached_images_100k`: `get_cached_images()` over 100,000 records.
+//! - `get_least_recently_accessed_100k`: `get_least_recently_accessed()` over 100,000 records.
+//! - `prune_10k_of_100k`: `prune()` evicting the 10,000 least recently accessed of 100,000
+//!   1-byte images. The xattr driver has no LRU index (every LRU page is a scan of the whole
+//!   directory), which makes one such prune take about a minute; criterion needs at least 10
+//!   samples, so xattr is measured here at 1,000 of 10,000 (`prune_1k_of_10k/xattr`), and the
+//!   100k figure is a single timed run, printed at the end, when
+//!   `IMGCACHE_BENCH_XATTR_PRUNE_100K=1` is set.
+//! - `open_for_read_hit_4KiB`: open_for_read (counts the hit, updates last_accessed) + read the
+//!   record's hit count + read 4 KiB + close, single thread, cycling over 1,000 cached images.
+//!
+//! The 100k-record fixtures are populated once per driver through the public `Driver::insert`
+//! on 1-byte files written straight into the cache directory (a full publish costs ~3 fsyncs,
+//! which would make 100k of them take minutes), then reused: the read-only benches share the
+//! directory, and each prune iteration restores only what the previous one evicted (the evicted
+//! files are copied back from a spare copy with `cp -a`, which keeps xattrs; SQLite's database
+//! file is copied back from a pristine copy).
+
+use std::fs::{self, File};
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group};
+use imgcache_store::{Algorithm, Cache, DriverKind, Integrity, Key, Record};
+use tempfile::TempDir;
+
+const DRIVERS: [DriverKind; 2] = [DriverKind::Sqlite, DriverKind::Xattr];
+
+const PUBLISH_COUNT: usize = 10_000;
+const PUBLISH_SIZE: usize = 4096;
+const BIG: usize = 100_000;
+const BIG_EVICT: usize = 10_000;
+/// xattr's prune is measured at this scale in criterion (see the module docs).
+const XATTR_PRUNE: usize = 10_000;
+const XATTR_PRUNE_EVICT: usize = 1_000;
+const READ_KEYS: usize = 1_000;
+
+/// Where every directory of this run lives: under `target/` (ext4 with user xattrs here), not
+/// necessarily `/tmp`, which may be a tmpfs without them.
+fn run_root() -> &'static Path {
+    static ROOT: OnceLock<TempDir> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let base = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target")))
+            .join("bench-tmp");
+        fs::create_dir_all(&base).expect("create bench-tmp");
+        tempfile::Builder::new()
+            .prefix("store-")
+            .tempdir_in(&base)
+            .expect("create run dir")
+    })
+    .path()
+}
+
+fn fresh_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(tag)
+        .tempdir_in(run_root())
+        .expect("create temp dir")
+}
+
+/// Glance-like image ids (36 chars, uuid-shaped); sorted order is index order.
+fn key(prefix: u32, i: usize) -> Key {
+    Key::new(format!("{prefix:08x}-0000-4000-8000-{i:012}")).expect("valid key")
+}
+
+// ---- publish ------------------------------------------------------------------------------
+
+fn publish(c: &mut Criterion) {
+    let mut g = c.benchmark_group("publish_10k_4KiB");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(40))
+        .throughput(Throughput::Elements(PUBLISH_COUNT as u64));
+    let data = vec![0x5au8; PUBLISH_SIZE];
+    let keys: Vec<Key> = (0..PUBLISH_COUNT).map(|i| key(1, i)).collect();
+    for kind in DRIVERS {
+        g.bench_function(kind.name(), |b| {
+            b.iter_batched(
+                // A fresh, empty cache each iteration: every publish is a real one.
+                || {
+                    let dir = fresh_dir("publish-");
+                    let cache = Cache::open(dir.path(), kind).expect("open cache");
+                    (dir, cache)
+                },
+                |(dir, cache)| {
+                    for k in &keys {
+                        let mut w = cache
+                            .open_for_write(k)
+                            .expect("open_for_write")
+                            .expect("not cached yet");
+                        w.write_all(&data).expect("write");
+                        black_box(w.commit().expect("commit"));
+                    }
+                    (dir, cache) // removed after the timing stops
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+// ---- 100k-record fixtures -----------------------------------------------------------------
+
+struct Fixture {
+    kind: DriverKind,
+    /// The cache directory the benches use.
+    work: PathBuf,
+    /// Copies (with xattrs) of the `evict` least recently accessed files, to restore after a prune.
+    spare: PathBuf,
+    /// A copy of the pristine SQLite database (sqlite driver only).
+    master_db: Option<PathBuf>,
+    n: usize,
+    evict: usize,
+    _dir: TempDir,
+}
+
+fn big_fixture(kind: DriverKind) -> &'static Fixture {
+    static F: [OnceLock<Fixture>; 2] = [OnceLock::new(), OnceLock::new()];
+    F[kind as usize].get_or_init(|| Fixture::build(kind, BIG, BIG_EVICT))
+}
+
+impl Fixture {
+    /// `n` published 1-byte images whose LRU order is their index order.
+    fn build(kind: DriverKind, n: usize, evict: usize) -> Fixture {
+        let started = Instant::now();
+        let dir = fresh_dir(&format!("fixture-{}-{n}-", kind.name()));
+        let work = dir.path().join("cache");
+        let spare = dir.path().join("spare");
+        fs::create_dir_all(&spare).unwrap();
+        let cache = Cache::open(&work, kind).expect("open cache");
+        let checksum = Integrity::of(Algorithm::Sha256, b"x");
+        let base = 1_700_000_000.0;
+        // A few threads: the xattr driver fsyncs each record, so this is latency-bound.
+        let threads = 4;
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (cache, checksum, work) = (&cache, &checksum, &work);
+                s.spawn(move || {
+                    for i in (t..n).step_by(threads) {
+                        let k = key(2, i);
+                        let path = work.join(k.as_str());
+                        let mut f = File::create(&path).expect("create");
+                        f.write_all(b"x").expect("write");
+                        let at = base + i as f64 * 0.001;
+                        let rec = Record {
+                            image_id: k.to_string(),
+                            size: 1,
+                            checksum: Some(checksum.clone()),
+                            hits: 0,
+                            last_modified: at,
+                            last_accessed: at,
+                            props: Default::default(),
+                        };
+                        cache.driver().insert(&rec, &f).expect("insert");
+                    }
+                });
+            }
+        });
+        assert_eq!(cache.get_cache_size().unwrap(), n as u64);
+        drop(cache); // closes SQLite: WAL checkpointed and removed
+        let files: Vec<PathBuf> = (0..evict).map(|i| work.join(key(2, i).as_str())).collect();
+        cp_a(&files, &spare);
+        let master_db = (kind == DriverKind::Sqlite).then(|| {
+            let m = dir.path().join("master.sqlite");
+            fs::copy(work.join(".imgcache.sqlite"), &m).expect("copy db");
+            m
+        });
+        eprintln!(
+            "fixture: {} records for {} in {:.1?}",
+            n,
+            kind.name(),
+            started.elapsed()
+        );
+        Fixture {
+            kind,
+            work,
+            spare,
+            master_db,
+            n,
+            evict,
+            _dir: dir,
+        }
+    }
+
+    fn open(&self) -> Cache {
+        Cache::open(&self.work, self.kind).expect("open cache")
+    }
+
+    /// Brings the directory back to its pristine state after a prune (no Cache may be open).
+    fn restore(&self) {
+        let files: Vec<PathBuf> = fs::read_dir(&self.spare)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        cp_a(&files, &self.work);
+        if let Some(master) = &self.master_db {
+            for ext in ["-wal", "-shm"] {
+                let _ = fs::remove_file(self.work.join(format!(".imgcache.sqlite{ext}")));
+            }
+            fs::copy(master, self.work.join(".imgcache.sqlite")).expect("restore db");
+        }
+    }
+}
+
+/// `cp -a` (keeps xattrs and times) of `files` into `dest`, in chunks to stay under ARG_MAX.
+fn cp_a(files: &[PathBuf], dest: &Path) {
+    for chunk in files.chunks(2000) {
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg("--target-directory")
+            .arg(dest)
+            .args(chunk)
+            .status()
+            .expect("run cp");
+        assert!(st.success(), "cp -a failed");
+    }
+}
+
+// ---- reads over 100k records --------------------------------------------------------------
+
+fn list_and_lru(c: &mut Criterion) {
+    {
+        let mut g = c.benchmark_group("get_cached_images_100k");
+        g.sample_size(10).warm_up_time(Duration::from_secs(1));
+        for kind in DRIVERS {
+            g.measurement_time(Duration::from_secs(match kind {
+                DriverKind::Sqlite => 5,
+                DriverKind::Xattr => 20,
+            }));
+            // Fixtures are built inside the closure, so a filtered run skips them.
+            g.bench_function(kind.name(), |b| {
+                let fx = big_fixture(kind);
+                let cache = fx.open();
+                b.iter(|| {
+                    let v = cache.get_cached_images().expect("list");
+                    assert_eq!(v.len(), fx.n);
+                    v
+                })
+            });
+        }
+        g.finish();
+    }
+    {
+        let mut g = c.benchmark_group("get_least_recently_accessed_100k");
+        g.sample_size(10).warm_up_time(Duration::from_secs(1));
+        for kind in DRIVERS {
+            g.measurement_time(Duration::from_secs(match kind {
+                DriverKind::Sqlite => 3,
+                DriverKind::Xattr => 20,
+            }));
+            g.bench_function(kind.name(), |b| {
+                let fx = big_fixture(kind);
+                let cache = fx.open();
+                b.iter(|| {
+                    let (id, size) = cache
+                        .get_least_recently_accessed()
+                        .expect("lru")
+                        .expect("not empty");
+                    assert_eq!(size, 1);
+                    id
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+// ---- prune --------------------------------------------------------------------------------
+
+fn bench_prune(b: &mut criterion::Bencher<'_>, fx: &Fixture) {
+    let max = (fx.n - fx.evict) as u64; // 1-byte images: exactly `evict` of them must go
+    b.iter_batched(
+        || {
+            fx.restore();
+            fx.open()
+        },
+        |cache| {
+            let report = cache.prune(max).expect("prune");
+            assert_eq!(report.evicted.len(), fx.evict);
+            (cache, report) // closed after the timing stops
+        },
+        BatchSize::PerIteration,
+    );
+    // Leave the directory pristine for whatever runs next.
+    fx.restore();
+}
+
+fn prune(c: &mut Criterion) {
+    {
+        let mut g = c.benchmark_group("prune_10k_of_100k");
+        g.sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(10));
+        g.bench_function(DriverKind::Sqlite.name(), |b| {
+            bench_prune(b, big_fixture(DriverKind::Sqlite))
+        });
+        g.finish();
+    }
+    {
+        // xattr at a tenth of the scale: its LRU has no index, so a prune is quadratic-ish
+        // (one directory scan per 256 evictions); see the module docs.
+        let mut g = c.benchmark_group("prune_1k_of_10k");
+        g.sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(15));
+        static FX: OnceLock<Fixture> = OnceLock::new();
+        g.bench_function(DriverKind::Xattr.name(), |b| {
+            let fx = FX
+                .get_or_init(|| Fixture::build(DriverKind::Xattr, XATTR_PRUNE, XATTR_PRUNE_EVICT));
+            bench_prune(b, fx)
+        });
+        g.finish();
+    }
+}
+
+/// One timed xattr prune of 10k of 100k (too slow for criterion's 10 samples).
+fn xattr_prune_100k_once() {
+    let fx = big_fixture(DriverKind::Xattr);
+    let cache = fx.open();
+    let started = Instant::now();
+    let report = cache.prune((fx.n - fx.evict) as u64).expect("prune");
+    let took = started.elapsed();
+    assert_eq!(report.evicted.len(), fx.evict);
+    drop(cache);
+    fx.restore();
+    println!(
+        "prune_10k_of_100k/xattr (one run, not criterion): {:.2?} ({:.1} µs per eviction)",
+        took,
+        took.as_secs_f64() * 1e6 / fx.evict as f64
+    );
+}
+
+// ---- open_for_read hit path ---------------------------------------------------------------
+
+fn open_for_read(c: &mut Criterion) {
+    let mut g = c.benchmark_group("open_for_read_hit_4KiB");
+    g.sample_size(50)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    let data = vec![0xa5u8; PUBLISH_SIZE];
+    for kind in DRIVERS {
+        let keys: Vec<Key> = (0..READ_KEYS).map(|i| key(3, i)).collect();
+        let mut state: Option<(TempDir, Cache)> = None;
+        let mut buf = vec![0u8; PUBLISH_SIZE];
+        let mut next = 0;
+        g.bench_function(kind.name(), |b| {
+            let (_, cache) = state.get_or_insert_with(|| {
+                let dir = fresh_dir(&format!("read-{}-", kind.name()));
+                let cache = Cache::open(dir.path(), kind).expect("open cache");
+                for k in &keys {
+                    let mut w = cache.open_for_write(k).unwrap().unwrap();
+                    w.write_all(&data).unwrap();
+                    w.commit().unwrap();
+                }
+                (dir, cache)
+            });
+            b.iter(|| {
+                let k = &keys[next % READ_KEYS];
+                next += 1;
+                let mut r = cache.open_for_read(k).expect("open").expect("a hit");
+                black_box(r.record().hits);
+                r.read_exact(&mut buf).expect("read");
+                black_box(&buf);
+            })
+        });
+        drop(state);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, publish, list_and_lru, prune, open_for_read);
+
+fn main() {
+    benches();
+    if std::env::var_os("IMGCACHE_BENCH_XATTR_PRUNE_100K").is_some_and(|v| v == "1") {
+        xattr_prune_100k_once();
+    }
+    Criterion::default().configure_from_args().final_summary();
+    // The fixtures live in statics (never dropped): remove this run's directory ourselves.
+    let _ = fs::remove_dir_all(run_root());
+}
