@@ -21,7 +21,7 @@
 //! which would make 100k of them take minutes), then reused: the read-only benches share the
 //! directory, and each prune iteration restores only what the previous one evicted (the evicted
 //! files are copied back from a spare copy with `cp -a`, which keeps xattrs; SQLite's database
-//! file is copied back from a pristine copy).
+//! and WAL are copied back from a pristine copy).
 
 use std::fs::{self, File};
 use std::hint::black_box;
@@ -121,7 +121,7 @@ struct Fixture {
     work: PathBuf,
     /// Copies (with xattrs) of the `evict` least recently accessed files, to restore after a prune.
     spare: PathBuf,
-    /// A copy of the pristine SQLite database (sqlite driver only).
+    /// A directory holding a copy of the pristine SQLite database and WAL (sqlite driver only).
     master_db: Option<PathBuf>,
     n: usize,
     evict: usize,
@@ -171,12 +171,13 @@ impl Fixture {
             }
         });
         assert_eq!(cache.get_cache_size().unwrap(), n as u64);
-        drop(cache); // closes SQLite: WAL checkpointed and removed
+        drop(cache); // closes SQLite (it may keep its WAL: copied below with the database)
         let files: Vec<PathBuf> = (0..evict).map(|i| work.join(key(2, i).as_str())).collect();
         cp_a(&files, &spare);
         let master_db = (kind == DriverKind::Sqlite).then(|| {
-            let m = dir.path().join("master.sqlite");
-            fs::copy(work.join(".imgcache.sqlite"), &m).expect("copy db");
+            let m = dir.path().join("master");
+            fs::create_dir_all(&m).unwrap();
+            copy_db(&work, &m);
             m
         });
         eprintln!(
@@ -208,10 +209,19 @@ impl Fixture {
             .collect();
         cp_a(&files, &self.work);
         if let Some(master) = &self.master_db {
-            for ext in ["-wal", "-shm"] {
-                let _ = fs::remove_file(self.work.join(format!(".imgcache.sqlite{ext}")));
-            }
-            fs::copy(master, self.work.join(".imgcache.sqlite")).expect("restore db");
+            copy_db(master, &self.work);
+        }
+    }
+}
+
+/// Copies the SQLite database and its WAL, if any, from one directory to another, with no
+/// connection open on either. The wal-index (`-shm`) is not copied: SQLite rebuilds it.
+fn copy_db(from: &Path, to: &Path) {
+    for ext in ["", "-wal", "-shm"] {
+        let name = format!(".imgcache.sqlite{ext}");
+        let _ = fs::remove_file(to.join(&name));
+        if ext != "-shm" && from.join(&name).exists() {
+            fs::copy(from.join(&name), to.join(&name)).expect("copy database");
         }
     }
 }

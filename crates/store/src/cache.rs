@@ -44,6 +44,7 @@ impl Cache {
     /// [`StoreError::CacheDir`] when the store cannot work, not later on first use.
     pub fn open(root: impl Into<PathBuf>, kind: DriverKind) -> Result<Cache> {
         let layout = Layout::open(root)?;
+        driver_marker(&layout, kind, false)?;
         let driver: Box<dyn Driver> = match kind {
             DriverKind::Sqlite => Box::new(SqliteDriver::open(
                 &layout.sqlite_path(),
@@ -51,6 +52,8 @@ impl Cache {
             )?),
             DriverKind::Xattr => Box::new(XattrDriver::open(layout.clone())?),
         };
+        // Recorded only once the driver has shown it works here.
+        driver_marker(&layout, kind, true)?;
         Ok(Cache::with_driver(layout, driver, kind))
     }
 
@@ -257,7 +260,17 @@ impl Cache {
         if !opts.replace && self.is_cached(key)? {
             return Ok(None);
         }
+        self.check_not_foreign(key)?;
         CacheWriter::create(self.clone(), key.clone(), lock, opts).map(Some)
+    }
+
+    /// Fails when a file the store has no record of sits at the key's published path.
+    pub(crate) fn check_not_foreign(&self, key: &Key) -> Result<()> {
+        let path = self.get_image_filepath(key, Status::Active);
+        if path.symlink_metadata().is_ok() && self.driver().get(key)?.is_none() {
+            return Err(StoreError::ForeignFile { path });
+        }
+        Ok(())
     }
 
     /// Sets a free-form property on a published image (origin validators and the like).
@@ -288,6 +301,43 @@ impl Cache {
             }
             after = Some(last);
         }
+    }
+}
+
+/// A directory's records live in one driver; opened with the other it would look empty and
+/// every image foreign. The first open writes the driver's name to `.imgcache-driver`; later
+/// opens with another driver fail with a bad driver configuration.
+fn driver_marker(layout: &Layout, kind: DriverKind, create: bool) -> Result<()> {
+    let path = layout.root().join(".imgcache-driver");
+    match fs::read_to_string(&path) {
+        Ok(found) if found.trim() == kind.name() => Ok(()),
+        Ok(found) => Err(StoreError::BadDriverConfiguration {
+            driver: kind.name(),
+            reason: format!(
+                "{} holds a cache made with the {} driver; open it with --driver {}",
+                layout.root().display(),
+                found.trim(),
+                found.trim()
+            ),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // create_new: two first opens with different drivers cannot both win.
+            let mut f = match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return driver_marker(layout, kind, false);
+                }
+                Err(e) => return Err(StoreError::io("create", &path, e)),
+            };
+            std::io::Write::write_all(&mut f, format!("{}\n", kind.name()).as_bytes())
+                .ctx("write", &path)
+        }
+        Err(e) => Err(StoreError::io("read", &path, e)),
     }
 }
 

@@ -75,6 +75,11 @@ pub enum StoreError {
         available: u64,
     },
 
+    #[error(
+        "{path} is in the cache directory but the cache has no record of it; it is not the cache's to replace: move it away first"
+    )]
+    ForeignFile { path: PathBuf },
+
     #[error("image {0} is not cached")]
     NotCached(String),
 

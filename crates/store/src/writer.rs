@@ -229,6 +229,8 @@ impl CacheWriter {
         };
         let dest = self.cache.get_image_filepath(&self.key, Status::Active);
         let _g = self.cache.global_lock(Mode::Shared)?;
+        // Never rename over a file the store has no record of: it is not ours to replace.
+        self.cache.check_not_foreign(&self.key)?;
         // Record first, then rename: a crash between the two leaves a record with no file,
         // which `clean` drops; never a published file the store does not know it owns.
         self.cache.driver().insert(&record, file)?;

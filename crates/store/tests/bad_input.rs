@@ -483,3 +483,54 @@ both_drivers!(
     disk_full_during_a_write,
     writer_dropped_mid_write,
 );
+
+#[test]
+fn a_directory_opened_with_the_other_driver_is_refused() {
+    for (made, other) in [
+        (DriverKind::Sqlite, DriverKind::Xattr),
+        (DriverKind::Xattr, DriverKind::Sqlite),
+    ] {
+        let tmp = tempdir();
+        let dir = tmp.path().join("cache");
+        let cache = open(&dir, made);
+        publish(&cache, "img", b"made with one driver");
+        drop(cache);
+        match Cache::open(&dir, other) {
+            Err(e @ StoreError::BadDriverConfiguration { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(&format!("--driver {made}")), "{msg}");
+            }
+            other => panic!("expected BadDriverConfiguration, got {other:?}"),
+        }
+        // Nothing was lost: the right driver still sees the image.
+        assert_intact(&open(&dir, made), "img", b"made with one driver");
+    }
+}
+
+#[test]
+fn a_foreign_file_at_a_keys_path_is_never_replaced() {
+    for kind in [DriverKind::Sqlite, DriverKind::Xattr] {
+        let tmp = tempdir();
+        let dir = tmp.path().join("cache");
+        let cache = open(&dir, kind);
+        fs::write(dir.join("operators-file"), b"not the cache's").unwrap();
+        match cache.open_for_write(&key("operators-file")) {
+            Err(StoreError::ForeignFile { path }) => assert_eq!(path, dir.join("operators-file")),
+            other => panic!("{kind}: expected ForeignFile, got {other:?}"),
+        }
+        // A writer opened before the file appeared does not rename over it either.
+        let mut w = cache.open_for_write(&key("late")).unwrap().unwrap();
+        w.write_all(b"cache bytes").unwrap();
+        fs::write(dir.join("late"), b"appeared meanwhile").unwrap();
+        assert!(
+            matches!(w.commit(), Err(StoreError::ForeignFile { .. })),
+            "{kind}"
+        );
+        assert_eq!(
+            fs::read(dir.join("operators-file")).unwrap(),
+            b"not the cache's"
+        );
+        assert_eq!(fs::read(dir.join("late")).unwrap(), b"appeared meanwhile");
+        assert!(!cache.is_cached(&key("late")).unwrap());
+    }
+}
