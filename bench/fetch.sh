@@ -24,6 +24,7 @@ if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq "${n
 cargo build --release -q -p imgcache
 BIN=$PWD/target/release/imgcache
 
+chmod 755 "$WORK" # nginx's workers run unprivileged
 mkdir -p "$WORK/www" "$WORK/logs" "$WORK/dest"
 head -c "$((SIZE_MIB << 20))" /dev/urandom > "$WORK/www/image.raw"
 SUM=$(openssl dgst -sha256 -r "$WORK/www/image.raw" | cut -d' ' -f1)
@@ -55,7 +56,7 @@ cat "$WORK/www/image.raw" > /dev/null # warm the origin's page cache
 base=(); miss=(); peak=0
 for i in 1 2 3; do
   rm -f "$WORK/curl.img"
-  t0=$(now); curl -s -o "$WORK/curl.img" "$URL"; openssl dgst -sha256 "$WORK/curl.img" >/dev/null; t1=$(now)
+  t0=$(now); curl -sf -o "$WORK/curl.img" "$URL"; openssl dgst -sha256 "$WORK/curl.img" >/dev/null; t1=$(now)
   base+=("$(echo "$t1 - $t0" | bc)")
   rm -rf "$WORK/cache" "$WORK/dest/img.$i"
   t0=$(now)
@@ -71,9 +72,9 @@ printf 'miss   curl+openssl %.3fs   imgcache fetch %.3fs   ratio (baseline/imgca
 printf 'rss    peak %d MiB during a %d MiB miss\n' "$((peak / 1024))" "$SIZE_MIB"
 
 N=100
-t0=$(now); for i in $(seq $N); do "$BIN" --cache-dir "$WORK/cache" fetch --quiet "$URL" "$WORK/dest/hit.$i"; done; t1=$(now)
+t0=$(now); for i in $(seq $N); do "$BIN" --cache-dir "$WORK/cache" fetch --quiet "$URL" "$WORK/dest/hit.$i" >/dev/null; done; t1=$(now)
 HIT=$(echo "($t1 - $t0) / $N * 1000" | bc -l)
-t0=$(now); for i in $(seq $N); do IMGCACHE_REVALIDATE_INTERVAL=0s "$BIN" --cache-dir "$WORK/cache" fetch --quiet "$URL" "$WORK/dest/rev.$i"; done; t1=$(now)
+t0=$(now); for i in $(seq $N); do IMGCACHE_REVALIDATE_INTERVAL=0s "$BIN" --cache-dir "$WORK/cache" fetch --quiet "$URL" "$WORK/dest/rev.$i" >/dev/null; done; t1=$(now)
 REV=$(echo "($t1 - $t0) / $N * 1000" | bc -l)
 t0=$(now); for _ in $(seq $N); do curl -sI "$URL" >/dev/null; done; t1=$(now)
 HEAD=$(echo "($t1 - $t0) / $N * 1000" | bc -l)
