@@ -60,6 +60,8 @@ pub struct Inspector {
     pos: u64,
     slots: Vec<Slot>,
     stopped: Option<FormatError>,
+    /// No format wants any more bytes: feeding only counts them.
+    idle: bool,
 }
 
 impl Inspector {
@@ -86,6 +88,7 @@ impl Inspector {
                 .map(|probe| Slot { probe, error: None })
                 .collect(),
             stopped: None,
+            idle: false,
         }
     }
 
@@ -95,6 +98,10 @@ impl Inspector {
             return Err(e.clone());
         }
         let end = self.pos.saturating_add(chunk.len() as u64);
+        if self.idle {
+            self.pos = end;
+            return Ok(());
+        }
         for slot in &mut self.slots {
             if slot.error.is_some() || slot.probe.claim() == Claim::No {
                 continue;
@@ -105,6 +112,7 @@ impl Inspector {
             }
         }
         self.pos = end;
+        self.idle = self.wants().is_none() && self.tail() == 0;
         self.check_expected()
     }
 
