@@ -290,7 +290,9 @@ impl Cache {
     pub(crate) fn lru_walk(&self, mut f: impl FnMut(&LruEntry) -> Result<bool>) -> Result<()> {
         let mut after: Option<LruEntry> = None;
         loop {
-            let page = self.driver().lru_page(after.as_ref(), 256)?;
+            let page = self
+                .driver()
+                .lru_page(after.as_ref(), self.driver().lru_page_size())?;
             let Some(last) = page.last().cloned() else {
                 return Ok(());
             };

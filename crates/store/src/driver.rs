@@ -15,6 +15,12 @@ pub trait Driver: Send + Sync {
     /// Short name for messages and `stats` ("sqlite", "xattr").
     fn name(&self) -> &'static str;
 
+    /// Called before the staged file is fsynced, outside any lock: a driver that keeps records
+    /// on the file itself writes them here, so the one fsync covers data and record.
+    fn stage(&self, _record: &Record, _staged: &File) -> Result<()> {
+        Ok(())
+    }
+
     /// Records a new or replacing image. Called under the global lock, with the image's file
     /// still in `incomplete/` and already fsynced, just before the rename that publishes it.
     fn insert(&self, record: &Record, staged: &File) -> Result<()>;
@@ -27,6 +33,14 @@ pub trait Driver: Send + Sync {
     /// Forgets a record whose file the caller has removed. Returns whether there was one.
     fn remove(&self, key: &Key) -> Result<bool>;
 
+    /// Forgets several records at once (the evictor batches a walk's removals).
+    fn remove_many(&self, keys: &[Key]) -> Result<()> {
+        for k in keys {
+            self.remove(k)?;
+        }
+        Ok(())
+    }
+
     /// Counts a hit on `file` (the open published image) and moves it to the head of the LRU
     /// order. Returns the updated record, or `None` if there is no record for it.
     fn record_hit(&self, key: &Key, file: &File, at: Timestamp) -> Result<Option<Record>>;
@@ -34,6 +48,12 @@ pub trait Driver: Send + Sync {
     /// Up to `limit` entries in least-recently-accessed order, strictly after `after`
     /// (keyset pagination, so a caller skipping entries in use can walk the whole order).
     fn lru_page(&self, after: Option<&LruEntry>, limit: usize) -> Result<Vec<LruEntry>>;
+
+    /// The page size the evictor asks for. A driver without an index (xattr) scans everything
+    /// for any page, so it asks for the whole order at once.
+    fn lru_page_size(&self) -> usize {
+        256
+    }
 
     /// Total bytes of published images.
     fn total_size(&self) -> Result<u64>;

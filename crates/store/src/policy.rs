@@ -88,8 +88,12 @@ impl Cache {
                 || policy.amount.is_some_and(|a| freed < a)
                 || expired_before.is_some_and(|t| last_accessed < t)
         };
+        // Records of removed files are forgotten in one batch after the walk (one transaction,
+        // not one per image); if the walk fails midway they are still flushed before returning.
+        let mut removed: Vec<Key> = Vec::new();
+        let mut walked = Ok(());
         if policy.max_size.is_some() || policy.amount.is_some() || policy.ttl.is_some() {
-            self.lru_walk(|entry| {
+            walked = self.lru_walk(|entry| {
                 if !wants(size, report.bytes_freed, entry.last_accessed) {
                     // Size and amount are satisfied and, in LRU order, every later entry is
                     // newer than this unexpired one: nothing further is wanted.
@@ -101,16 +105,19 @@ impl Cache {
                         size = size.saturating_sub(bytes);
                         report.bytes_freed += bytes;
                         report.evicted.push((entry.image_id.clone(), bytes));
+                        removed.push(key);
                     }
                     Evict::InUse => report.skipped_in_use.push(entry.image_id.clone()),
                     Evict::Gone => {
-                        self.driver().remove(&key)?;
                         size = size.saturating_sub(entry.size);
+                        removed.push(key);
                     }
                 }
                 Ok(true)
-            })?;
+            });
         }
+        self.driver().remove_many(&removed)?;
+        walked?;
         report.size_after = self.get_cache_size()?;
         report.still_needed = policy
             .amount
@@ -134,7 +141,6 @@ impl Cache {
         // Holding the exclusive flock: no reader has it open (a reader that opens it now
         // blocks on its shared lock, then sees nlink == 0 and treats it as a miss).
         fs::remove_file(&path).ctx("remove", &path)?;
-        self.driver().remove(key)?;
         Ok(Evict::Done(meta.len()))
     }
 

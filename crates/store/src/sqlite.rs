@@ -230,6 +230,22 @@ impl Driver for SqliteDriver {
         self.db(r).map(|n| n > 0)
     }
 
+    fn remove_many(&self, keys: &[Key]) -> Result<()> {
+        // One transaction: one WAL commit for a whole eviction walk, not one per image.
+        let mut conn = self.conn();
+        let r = (|| {
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached("DELETE FROM images WHERE image_id = ?1")?;
+                for k in keys {
+                    stmt.execute([k.as_str()])?;
+                }
+            }
+            tx.commit()
+        })();
+        self.db(r)
+    }
+
     fn record_hit(&self, key: &Key, _file: &File, at: Timestamp) -> Result<Option<Record>> {
         let r = self
             .conn()

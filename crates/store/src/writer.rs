@@ -216,7 +216,6 @@ impl CacheWriter {
                 actual,
             });
         }
-        file.sync_all().ctx("fsync", &self.path)?;
         let at = now();
         let record = Record {
             image_id: self.key.to_string(),
@@ -227,6 +226,8 @@ impl CacheWriter {
             last_accessed: at,
             props: std::mem::take(&mut self.opts.props),
         };
+        self.cache.driver().stage(&record, file)?;
+        file.sync_all().ctx("fsync", &self.path)?;
         let dest = self.cache.get_image_filepath(&self.key, Status::Active);
         let _g = self.cache.global_lock(Mode::Shared)?;
         // Never rename over a file the store has no record of: it is not ours to replace.

@@ -138,7 +138,7 @@ impl Driver for XattrDriver {
         "xattr"
     }
 
-    fn insert(&self, rec: &Record, staged: &File) -> Result<()> {
+    fn stage(&self, rec: &Record, staged: &File) -> Result<()> {
         let path = self
             .layout
             .path(&Key::new(&rec.image_id)?, Status::Incomplete);
@@ -152,10 +152,13 @@ impl Driver for XattrDriver {
             set_attr(staged, LAST_ACCESSED, &rec.last_accessed.to_string())?;
             set_attr(staged, PROPS, &props)?;
             // Last: its presence is what makes the file a record of ours.
-            set_attr(staged, LAST_MODIFIED, &rec.last_modified.to_string())?;
-            staged.sync_all()
+            set_attr(staged, LAST_MODIFIED, &rec.last_modified.to_string())
         })()
         .ctx("write xattrs", path)
+    }
+
+    fn insert(&self, _rec: &Record, _staged: &File) -> Result<()> {
+        Ok(()) // written by `stage`, published by the rename
     }
 
     fn get(&self, key: &Key) -> Result<Option<Record>> {
@@ -189,6 +192,10 @@ impl Driver for XattrDriver {
         Ok(Some(rec))
     }
 
+    fn lru_page_size(&self) -> usize {
+        usize::MAX
+    }
+
     fn lru_page(&self, after: Option<&LruEntry>, limit: usize) -> Result<Vec<LruEntry>> {
         let mut all: Vec<LruEntry> = self
             .records()?
@@ -205,11 +212,16 @@ impl Driver for XattrDriver {
                 }
             })
             .collect();
-        all.sort_by(|a, b| {
+        let order = |a: &LruEntry, b: &LruEntry| {
             a.last_accessed
                 .total_cmp(&b.last_accessed)
                 .then_with(|| a.image_id.cmp(&b.image_id))
-        });
+        };
+        if limit == 1 {
+            // get_least_recently_accessed: a minimum, not a sort.
+            return Ok(all.into_iter().min_by(order).into_iter().collect());
+        }
+        all.sort_by(order);
         all.truncate(limit);
         Ok(all)
     }
