@@ -1,0 +1,56 @@
+//! What `imgcache serve` runs with (built by the CLI from file, env and flags).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use imgcache_fetch::SourceConfig;
+use imgcache_store::DriverKind;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub cache_dir: PathBuf,
+    pub driver: DriverKind,
+    /// Hard limit on the cache's size: downloads evict LRU images first; an image that cannot
+    /// fit is streamed to the client without being cached.
+    pub max_size: u64,
+    pub stall_time: Duration,
+    /// Sources (http options, allowed file dirs, the upstream Glance and its token).
+    pub sources: SourceConfig,
+    /// `X-Auth-Token` value that grants the cache-management API.
+    pub admin_token: Option<String>,
+    /// `/v1/fetch?href=` only serves hrefs starting with one of these (no open proxy).
+    pub allow_href_prefixes: Vec<String>,
+    /// How long an upstream "this token may see this image" answer is reused.
+    pub auth_cache_ttl: Duration,
+    pub prune_interval: Duration,
+    pub clean_interval: Duration,
+    /// How long in-flight responses may run after SIGTERM before they are cut.
+    pub shutdown_grace: Duration,
+    /// TLS certificate chain and key (PEM); plain HTTP when unset.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    /// Defaults for a cache at `cache_dir` (Glance's: 10 GiB, stall time 24 h).
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:9292".parse().expect("valid address"),
+            cache_dir: cache_dir.into(),
+            driver: DriverKind::Sqlite,
+            max_size: 10 << 30,
+            stall_time: Duration::from_secs(24 * 3600),
+            sources: SourceConfig::default(),
+            admin_token: None,
+            allow_href_prefixes: Vec::new(),
+            auth_cache_ttl: Duration::from_secs(60),
+            prune_interval: Duration::from_secs(60),
+            clean_interval: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(30),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Prometheus metrics (prometheus-client), rendered in the text exposition format on `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+pub struct Metrics {
+    registry: Registry,
+    pub hits: Counter,
+    pub misses: Counter,
+    pub bytes_from_cache: Counter,
+    pub bytes_from_origin: Counter,
+    pub origin_requests: Counter,
+    pub inflight_downloads: Gauge,
+    pub cache_bytes: Gauge,
+    pub cache_entries: Gauge,
+    pub evictions: Counter,
+    pub checksum_failures: Counter,
+    pub request_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("imgcache");
+        let m = Metrics {
+            hits: Counter::default(),
+            misses: Counter::default(),
+            bytes_from_cache: Counter::default(),
+            bytes_from_origin: Counter::default(),
+            origin_requests: Counter::default(),
+            inflight_downloads: Gauge::default(),
+            cache_bytes: Gauge::default(),
+            cache_entries: Gauge::default(),
+            evictions: Counter::default(),
+            checksum_failures: Counter::default(),
+            request_seconds: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "cache_hits",
+            "Image requests served from the cache",
+            m.hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Image requests that needed the origin",
+            m.misses.clone(),
+        );
+        registry.register(
+            "served_from_cache_bytes",
+            "Bytes sent from cached images",
+            m.bytes_from_cache.clone(),
+        );
+        registry.register(
+            "fetched_from_origin_bytes",
+            "Bytes received from origins",
+            m.bytes_from_origin.clone(),
+        );
+        registry.register(
+            "origin_requests",
+            "Requests sent to origins",
+            m.origin_requests.clone(),
+        );
+        registry.register(
+            "inflight_downloads",
+            "Origin downloads in progress",
+            m.inflight_downloads.clone(),
+        );
+        registry.register(
+            "cache_size_bytes",
+            "Bytes of published images",
+            m.cache_bytes.clone(),
+        );
+        registry.register("cache_entries", "Published images", m.cache_entries.clone());
+        registry.register(
+            "evictions",
+            "Images evicted by the pruner",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "checksum_failures",
+            "Downloads refused for a checksum mismatch",
+            m.checksum_failures.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "HTTP request latency",
+            m.request_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
