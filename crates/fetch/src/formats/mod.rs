@@ -7,8 +7,21 @@
 //! a stream fed in chunks of any size, with memory bounded by [`MAX_BUFFERED`], and refuses such
 //! images with a [`FormatError`] that names the reason. The rules are those of
 //! `shared/FORMAT-SAFETY.md` (OpenStack's format inspector, checked against qemu-img 10), with
-//! one deliberate difference: a file that carries a format's magic but whose header is then
-//! truncated or malformed is refused, not passed on as raw.
+//! a few deliberate differences from oslo.utils' inspector, each on the safe side or taken from
+//! Ironic's policy layer:
+//!
+//! - A file that carries a format's magic but whose header is then truncated, malformed or
+//!   points outside the file (qcow2 L1/refcount tables past EOF, a VHDX metadata region that
+//!   overlaps the headers, a VMDK descriptor not at sector 1) is refused, not read as raw.
+//! - iso + gpt (a bootable hybrid ISO) is an ISO, as Ironic decides; oslo's CLI alone calls it
+//!   ambiguous.
+//! - A region computed from another must lie after it, so the answer never depends on how the
+//!   stream is cut into chunks (the tests feed 1-, 7-, 4096-byte and whole-file chunks).
+//! - Glance's `ami` is accepted like `raw`; `gpt` is permitted whenever `raw` is.
+//!
+//! The checks that need the whole image (a stream-optimized VMDK's footer, LUKS's virtual size)
+//! are made in [`Inspector::finish`]; a declared format that the content rules out stops
+//! [`Inspector::feed`] at once, so a download can be abandoned early.
 //!
 //! ```no_run
 //! use imgcache_fetch::formats::{Format, Inspector, Policy};
