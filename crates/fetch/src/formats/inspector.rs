@@ -1,5 +1,6 @@
 //! The streaming core: every format's probe sees the stream side by side, in one pass.
 
+use super::region::{Region, magic};
 use super::{Check, Detected, DiskFormat, Facts, Format, FormatError};
 use super::{iso, luks, partition, qcow, vdi, vhd, vmdk};
 
@@ -43,6 +44,60 @@ pub(crate) trait Probe: Send {
     /// The stream ended after `size` bytes. `Ok(None)`: not this format.
     fn finish(&mut self, size: u64) -> Result<Option<Found>, FormatError>;
     fn buffered(&self) -> usize;
+}
+
+/// A format identified by a signature in one fixed header region, which is all it reads
+/// (qed, luks, vdi, vpc). These get their [`Probe`] from the blanket impl below, so each
+/// writes only what it knows: where the header and signature are, and what the header says.
+pub(crate) trait HeaderProbe: Send {
+    const FORMAT: Format;
+    /// Where the signature starts inside the header, and its bytes.
+    const SIGNATURE_AT: usize;
+    const SIGNATURE: &'static [u8];
+    fn header(&self) -> &Region;
+    fn header_mut(&mut self) -> &mut Region;
+    /// Called once the signature matched; `size` is the stream's length.
+    fn found(&self, size: u64) -> Result<Found, FormatError>;
+}
+
+impl<T: HeaderProbe> Probe for T {
+    fn format(&self) -> Format {
+        T::FORMAT
+    }
+
+    fn feed(&mut self, pos: u64, chunk: &[u8]) -> Result<(), FormatError> {
+        self.header_mut().capture(pos, chunk);
+        Ok(())
+    }
+
+    fn claim(&self) -> Claim {
+        let h = self.header().data();
+        if h.len() <= T::SIGNATURE_AT {
+            return Claim::Undecided;
+        }
+        match magic(&h[T::SIGNATURE_AT..], T::SIGNATURE) {
+            None => Claim::Undecided,
+            Some(false) => Claim::No,
+            Some(true) => Claim::Yes,
+        }
+    }
+
+    fn wants(&self) -> Option<u64> {
+        (self.claim() != Claim::No)
+            .then(|| self.header().wants())
+            .flatten()
+    }
+
+    fn finish(&mut self, size: u64) -> Result<Option<Found>, FormatError> {
+        if self.claim() != Claim::Yes {
+            return Ok(None);
+        }
+        self.found(size).map(Some)
+    }
+
+    fn buffered(&self) -> usize {
+        self.header().buffered()
+    }
 }
 
 struct Slot {

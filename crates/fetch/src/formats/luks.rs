@@ -5,8 +5,8 @@
 
 use serde::Serialize;
 
-use super::inspector::{Claim, Found, Probe};
-use super::region::{Region, ascii_field, be_u16, be_u32, magic};
+use super::inspector::{Found, HeaderProbe};
+use super::region::{Region, ascii_field, be_u16, be_u32};
 use super::{Check, Facts, Format, FormatError};
 
 const MAGIC: &[u8] = b"LUKS\xba\xbe";
@@ -35,34 +35,20 @@ impl Luks {
     }
 }
 
-impl Probe for Luks {
-    fn format(&self) -> Format {
-        Format::Luks
+impl HeaderProbe for Luks {
+    const FORMAT: Format = Format::Luks;
+    const SIGNATURE_AT: usize = 0;
+    const SIGNATURE: &'static [u8] = MAGIC;
+
+    fn header(&self) -> &Region {
+        &self.header
     }
 
-    fn feed(&mut self, pos: u64, chunk: &[u8]) -> Result<(), FormatError> {
-        self.header.capture(pos, chunk);
-        Ok(())
+    fn header_mut(&mut self) -> &mut Region {
+        &mut self.header
     }
 
-    fn claim(&self) -> Claim {
-        match magic(self.header.data(), MAGIC) {
-            None => Claim::Undecided,
-            Some(false) => Claim::No,
-            Some(true) => Claim::Yes,
-        }
-    }
-
-    fn wants(&self) -> Option<u64> {
-        (self.claim() != Claim::No)
-            .then(|| self.header.wants())
-            .flatten()
-    }
-
-    fn finish(&mut self, size: u64) -> Result<Option<Found>, FormatError> {
-        if self.claim() != Claim::Yes {
-            return Ok(None);
-        }
+    fn found(&self, size: u64) -> Result<Found, FormatError> {
         let h = self.header.data();
         let truncated = |needed: usize| FormatError::Truncated {
             format: Format::Luks,
@@ -75,7 +61,7 @@ impl Probe for Luks {
         let version = be_u16(h, 6);
         if version != 1 {
             // Another layout: nothing more to read from it.
-            return Ok(Some(Found {
+            return Ok(Found {
                 virtual_size: None,
                 facts: Facts::Luks(LuksFacts {
                     version,
@@ -89,7 +75,7 @@ impl Probe for Luks {
                     "version",
                     Err(FormatError::LuksVersion { version }),
                 )],
-            }));
+            });
         }
         if !self.header.is_complete() {
             return Err(truncated(HEADER));
@@ -104,7 +90,7 @@ impl Probe for Luks {
                 limit: size,
             });
         }
-        Ok(Some(Found {
+        Ok(Found {
             virtual_size: Some(size - payload_bytes),
             facts: Facts::Luks(LuksFacts {
                 version,
@@ -115,10 +101,6 @@ impl Probe for Luks {
                 key_bytes: Some(be_u32(h, 108)),
             }),
             checks: vec![Check::new("version", Ok(()))],
-        }))
-    }
-
-    fn buffered(&self) -> usize {
-        self.header.buffered()
+        })
     }
 }

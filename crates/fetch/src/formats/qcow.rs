@@ -9,7 +9,7 @@
 
 use serde::Serialize;
 
-use super::inspector::{Claim, Found, Probe};
+use super::inspector::{Claim, Found, HeaderProbe, Probe};
 use super::region::{Region, be_u32, be_u64, le_u32, le_u64, magic};
 use super::{Check, Facts, Format, FormatError};
 
@@ -267,38 +267,24 @@ impl Qed {
     }
 }
 
-impl Probe for Qed {
-    fn format(&self) -> Format {
-        Format::Qed
+impl HeaderProbe for Qed {
+    const FORMAT: Format = Format::Qed;
+    const SIGNATURE_AT: usize = 0;
+    const SIGNATURE: &'static [u8] = QED_MAGIC;
+
+    fn header(&self) -> &Region {
+        &self.header
     }
 
-    fn feed(&mut self, pos: u64, chunk: &[u8]) -> Result<(), FormatError> {
-        self.header.capture(pos, chunk);
-        Ok(())
+    fn header_mut(&mut self) -> &mut Region {
+        &mut self.header
     }
 
-    fn claim(&self) -> Claim {
-        match magic(self.header.data(), QED_MAGIC) {
-            None => Claim::Undecided,
-            Some(false) => Claim::No,
-            Some(true) => Claim::Yes,
-        }
-    }
-
-    fn wants(&self) -> Option<u64> {
-        (self.claim() != Claim::No)
-            .then(|| self.header.wants())
-            .flatten()
-    }
-
-    fn finish(&mut self, _size: u64) -> Result<Option<Found>, FormatError> {
-        if self.claim() != Claim::Yes {
-            return Ok(None);
-        }
+    fn found(&self, _size: u64) -> Result<Found, FormatError> {
         // Refused whatever follows the magic; read what is there for the report.
         let h = self.header.data();
         let at = |end: usize| h.len() >= end;
-        Ok(Some(Found {
+        Ok(Found {
             virtual_size: at(56).then(|| le_u64(h, 48)),
             facts: Facts::Qed(QedFacts {
                 cluster_size: at(8).then(|| le_u32(h, 4)),
@@ -306,10 +292,6 @@ impl Probe for Qed {
                 backing_file_offset: at(60).then(|| le_u32(h, 56)),
             }),
             checks: vec![Check::new("banned", Err(FormatError::QedRefused))],
-        }))
-    }
-
-    fn buffered(&self) -> usize {
-        self.header.buffered()
+        })
     }
 }

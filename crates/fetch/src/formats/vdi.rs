@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-use super::inspector::{Claim, Found, Probe};
-use super::region::{Region, le_u32, le_u64, magic};
+use super::inspector::{Found, HeaderProbe};
+use super::region::{Region, le_u32, le_u64};
 use super::{Check, Facts, Format, FormatError};
 
 const SIGNATURE_AT: usize = 0x40;
@@ -32,38 +32,20 @@ impl Vdi {
     }
 }
 
-impl Probe for Vdi {
-    fn format(&self) -> Format {
-        Format::Vdi
+impl HeaderProbe for Vdi {
+    const FORMAT: Format = Format::Vdi;
+    const SIGNATURE_AT: usize = SIGNATURE_AT;
+    const SIGNATURE: &'static [u8] = &SIGNATURE;
+
+    fn header(&self) -> &Region {
+        &self.header
     }
 
-    fn feed(&mut self, pos: u64, chunk: &[u8]) -> Result<(), FormatError> {
-        self.header.capture(pos, chunk);
-        Ok(())
+    fn header_mut(&mut self) -> &mut Region {
+        &mut self.header
     }
 
-    fn claim(&self) -> Claim {
-        let h = self.header.data();
-        if h.len() <= SIGNATURE_AT {
-            return Claim::Undecided;
-        }
-        match magic(&h[SIGNATURE_AT..], &SIGNATURE) {
-            None => Claim::Undecided,
-            Some(false) => Claim::No,
-            Some(true) => Claim::Yes,
-        }
-    }
-
-    fn wants(&self) -> Option<u64> {
-        (self.claim() != Claim::No)
-            .then(|| self.header.wants())
-            .flatten()
-    }
-
-    fn finish(&mut self, size: u64) -> Result<Option<Found>, FormatError> {
-        if self.claim() != Claim::Yes {
-            return Ok(None);
-        }
+    fn found(&self, size: u64) -> Result<Found, FormatError> {
         let h = self.header.data();
         if !self.header.is_complete() {
             return Err(FormatError::Truncated {
@@ -72,7 +54,7 @@ impl Probe for Vdi {
                 size,
             });
         }
-        Ok(Some(Found {
+        Ok(Found {
             virtual_size: Some(le_u64(h, 0x170)),
             facts: Facts::Vdi(VdiFacts {
                 version: le_u32(h, 0x44),
@@ -80,10 +62,6 @@ impl Probe for Vdi {
                 header_size: le_u32(h, 0x48),
             }),
             checks: vec![Check::new("null", Ok(()))],
-        }))
-    }
-
-    fn buffered(&self) -> usize {
-        self.header.buffered()
+        })
     }
 }

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::inspector::{Claim, Found, Probe};
+use super::inspector::{Claim, Found, HeaderProbe, Probe};
 use super::region::{Region, ascii_field, be_u32, be_u64, le_u16, le_u32, le_u64, magic};
 use super::{Check, Facts, Format, FormatError};
 
@@ -33,34 +33,20 @@ impl Vpc {
     }
 }
 
-impl Probe for Vpc {
-    fn format(&self) -> Format {
-        Format::Vpc
+impl HeaderProbe for Vpc {
+    const FORMAT: Format = Format::Vpc;
+    const SIGNATURE_AT: usize = 0;
+    const SIGNATURE: &'static [u8] = VPC_MAGIC;
+
+    fn header(&self) -> &Region {
+        &self.footer
     }
 
-    fn feed(&mut self, pos: u64, chunk: &[u8]) -> Result<(), FormatError> {
-        self.footer.capture(pos, chunk);
-        Ok(())
+    fn header_mut(&mut self) -> &mut Region {
+        &mut self.footer
     }
 
-    fn claim(&self) -> Claim {
-        match magic(self.footer.data(), VPC_MAGIC) {
-            None => Claim::Undecided,
-            Some(false) => Claim::No,
-            Some(true) => Claim::Yes,
-        }
-    }
-
-    fn wants(&self) -> Option<u64> {
-        (self.claim() != Claim::No)
-            .then(|| self.footer.wants())
-            .flatten()
-    }
-
-    fn finish(&mut self, size: u64) -> Result<Option<Found>, FormatError> {
-        if self.claim() != Claim::Yes {
-            return Ok(None);
-        }
+    fn found(&self, size: u64) -> Result<Found, FormatError> {
         let f = self.footer.data();
         if f.len() < VPC_NEEDED {
             return Err(FormatError::Truncated {
@@ -69,7 +55,7 @@ impl Probe for Vpc {
                 size,
             });
         }
-        Ok(Some(Found {
+        Ok(Found {
             virtual_size: Some(be_u64(f, 40)),
             facts: Facts::Vpc(VpcFacts {
                 disk_type: be_u32(f, 60),
@@ -77,11 +63,7 @@ impl Probe for Vpc {
                 data_offset: be_u64(f, 16),
             }),
             checks: vec![Check::new("null", Ok(()))],
-        }))
-    }
-
-    fn buffered(&self) -> usize {
-        self.footer.buffered()
+        })
     }
 }
 
