@@ -54,18 +54,21 @@ echo "image: ${SIZE_MIB} MiB, origin nginx on loopback"
 cat "$WORK/www/image.raw" > /dev/null # warm the origin's page cache
 
 base=(); miss=(); peak=0
+# Deleting a 1 GiB file makes ext4 (mounted with discard here) free and discard its blocks in
+# the background, slowing whatever runs next: every deletion is followed by a sync and a pause.
+settle() { rm -rf "$@"; sync; sleep 1; }
 for i in 1 2 3; do
-  rm -f "$WORK/curl.img"
+  settle "$WORK/curl.img" "$WORK/cache" "$WORK/dest/img.$((i - 1))"
   t0=$(now); curl -sf -o "$WORK/curl.img" "$URL"; openssl dgst -sha256 "$WORK/curl.img" >/dev/null; t1=$(now)
   base+=("$(echo "$t1 - $t0" | bc)")
-  rm -rf "$WORK/cache" "$WORK/dest/img.$i"
+  settle "$WORK/curl.img"
   t0=$(now)
   kb=$(rss "$BIN" --cache-dir "$WORK/cache" fetch --quiet --checksum "sha256:$SUM" "$URL" "$WORK/dest/img.$i")
   t1=$(now)
   miss+=("$(echo "$t1 - $t0" | bc)")
   [ "$kb" -gt "$peak" ] && peak=$kb
 done
-rm -f "$WORK/curl.img"
+settle "$WORK/curl.img"
 B=$(printf '%s\n' "${base[@]}" | median); M=$(printf '%s\n' "${miss[@]}" | median)
 printf 'miss   curl+openssl %.3fs   imgcache fetch %.3fs   ratio (baseline/imgcache) %.2f   imgcache %.2f GB/s\n' \
   "$B" "$M" "$(echo "$B / $M" | bc -l)" "$(echo "$SIZE_MIB * 1048576 / $M / 1000000000" | bc -l)"
