@@ -54,6 +54,21 @@ pub enum FetchError {
     #[error("converting {href} to raw is not supported yet: it is {format}, not raw")]
     ConversionNotSupported { href: String, format: String },
 
+    /// The image's content was refused: an unsafe or ambiguous format, a format other than
+    /// the declared one, or one outside the permitted list.
+    #[error("{href}: {source}")]
+    Image {
+        href: String,
+        #[source]
+        source: crate::formats::FormatError,
+    },
+
+    #[error("{href}: zstd decompression failed: {reason}")]
+    Decompress { href: String, reason: String },
+
+    #[error(transparent)]
+    Convert(#[from] crate::convert::ConvertError),
+
     #[error("destination {path}: {reason}")]
     Dest { path: PathBuf, reason: String },
 

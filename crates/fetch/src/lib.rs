@@ -2,15 +2,19 @@
 //! provisioning (`fetch_image` by hard link, clean-up) on top of the store.
 
 pub mod checksum;
+pub mod convert;
 pub mod download;
 pub mod error;
 pub mod formats;
 pub mod href;
+pub mod inspect_stream;
+pub mod pipeline;
 pub mod place;
 pub mod progress;
 pub mod provision;
 pub mod raw;
 pub mod source;
+pub mod zstd;
 
 pub use checksum::ChecksumSpec;
 pub use error::{FetchError, Result};

@@ -176,6 +176,96 @@ impl CacheWriter {
         Ok(true)
     }
 
+    /// Records a property with the image (set before [`CacheWriter::commit`]).
+    pub fn set_prop(&mut self, name: &str, value: &str) {
+        self.opts.props.insert(name.to_string(), value.to_string());
+    }
+
+    /// A scratch file beside the entry in `incomplete/`, for a tool that writes a new version of
+    /// the bytes (a format conversion) before [`CacheWriter::replace_with`]. It is named like a
+    /// key (`<key>.part`), so the cleaner reclaims it as a stalled write if the process dies.
+    pub fn scratch_path(&self) -> PathBuf {
+        let name = format!("{}.part", self.key);
+        let dir = self.cache.layout().incomplete_dir();
+        if Key::new(&name).is_ok() {
+            dir.join(name)
+        } else {
+            dir.join(format!(".part-{}-{}", std::process::id(), self.key))
+        }
+    }
+
+    /// Checks the bytes written so far against the expected size and checksum (as
+    /// [`CacheWriter::commit`] would), then replaces them with the file at `path`, which is
+    /// moved into place and hashed anew: the entry will publish `path`'s bytes, with their own
+    /// checksum and no expectation left. Returns the checksum of the bytes replaced (what the
+    /// source vouched for). On error nothing is replaced; dropping the writer then discards the
+    /// entry as usual. `path` must be on the cache's filesystem (see
+    /// [`CacheWriter::scratch_path`]).
+    pub fn replace_with(&mut self, path: &Path) -> Result<Integrity> {
+        let result = self.try_replace_with(path);
+        if result.is_err() && self.write_error.is_none() {
+            // The entry's bytes are unverified or half replaced: it must never publish.
+            self.write_error = Some(io::Error::other("replacing the entry's bytes failed"));
+        }
+        result
+    }
+
+    fn try_replace_with(&mut self, path: &Path) -> Result<Integrity> {
+        if let Some(e) = self.write_error.take() {
+            return Err(StoreError::io("write", &self.path, e));
+        }
+        let algorithm = self
+            .opts
+            .expected
+            .as_ref()
+            .map_or(self.opts.algorithm, |e| e.algorithm);
+        let input = self.hasher.take().expect("hasher until commit").finish();
+        if let Some(expected) = self.opts.expected_size
+            && expected != self.written
+        {
+            return Err(StoreError::SizeMismatch {
+                key: self.key.to_string(),
+                expected,
+                actual: self.written,
+            });
+        }
+        if let Some(expected) = &self.opts.expected
+            && *expected != input
+        {
+            return Err(StoreError::ChecksumMismatch {
+                key: self.key.to_string(),
+                expected: expected.clone(),
+                actual: input,
+            });
+        }
+        // The old bytes are verified: from here the entry is `path`'s. A rename over a name
+        // linked to a source file only drops that name; the source is untouched.
+        fs::rename(path, &self.path).ctx("rename", path)?;
+        self.linked = false;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .ctx("open", &self.path)?;
+        let mut hasher = Hasher::new(algorithm);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut written = 0u64;
+        loop {
+            let n = io::Read::read(&mut file, &mut buf).ctx("read", &self.path)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            written += n as u64;
+        }
+        self.file = Some(file);
+        self.hasher = Some(hasher);
+        self.written = written;
+        self.opts.expected = None;
+        self.opts.expected_size = None;
+        Ok(input)
+    }
+
     /// fsyncs, checks size and checksum, records the image and renames it into place.
     /// On any failure the partial file goes to `invalid/` (or is removed if the disk is full)
     /// and nothing is published.
