@@ -100,6 +100,16 @@ pub enum Command {
     },
     /// Show the cache's driver, location, size and counts
     Stats,
+    /// Inspect a disk image file: its format (read from its bytes, never its name), virtual
+    /// size, header facts and every safety verdict; exits 1 when the image would be refused
+    Inspect {
+        /// The image file
+        file: PathBuf,
+        /// The format the image is declared as (raw, qcow2, vmdk, vhd, vhdx, vdi, iso, luks,
+        /// ami, aki, ari); the content must match it
+        #[arg(long, value_name = "FMT")]
+        format: Option<String>,
+    },
     /// Fetch an image (http(s) URL, file:// path or Glance id) into DEST through the cache:
     /// downloaded once, verified, then hard-linked (copied across filesystems)
     Fetch(FetchArgs),

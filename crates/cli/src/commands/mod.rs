@@ -3,6 +3,7 @@
 
 mod add;
 mod inspect;
+mod inspect_image;
 mod maintain;
 mod manage;
 mod provision;
@@ -36,6 +37,9 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<()> {
         Command::List { queued } => inspect::list(ctx, queued),
         Command::Stats => inspect::stats(ctx),
         Command::Add(args) => add::add(ctx, args),
+        Command::Inspect { file, format } => {
+            inspect_image::inspect(ctx, &file, format.as_deref())
+        }
         Command::Queue { key } => manage::queue(ctx, &key),
         Command::Delete { key } => manage::delete(ctx, &key),
         Command::Clear { target } => manage::clear(ctx, target),
