@@ -1,9 +1,366 @@
-//! (to be written)
+//! Glance's cache-management API (Image API v2.14–v2.18), so that python-glanceclient's
+//! `cache-*` commands and openstacksdk work against imgcache unchanged.
+//!
+//! | call | answer |
+//! | --- | --- |
+//! | `GET /versions` | 200, the versions list (`GET /`: the same with 300, as Glance) |
+//! | `GET /v2/cache` | 200 `{"cached_images": [...], "queued_images": [...]}` |
+//! | `PUT /v2/cache/{id}` | 202: queued (not when already cached) and the prefetcher woken |
+//! | `DELETE /v2/cache/{id}` | 204: cached file and queue entry removed |
+//! | `DELETE /v2/cache` | 204; `x-image-cache-clear-target`: `cache`, `queue`, empty/absent = both |
+//! | `POST /v2/cache/clean` | 200: stalled and invalid files removed |
+//! | `POST /v2/cache/prune` | 200 `{"total_files_pruned": N, "total_bytes_pruned": N}` |
+//! | `GET /v2/cache/nodes/{id}` | 200, the nodes holding the image: this one, or none |
+//!
+//! Every `/v2/cache` call needs an admin token ([`crate::auth`]). Differences from Glance:
+//! `PUT` does not ask upstream whether the image exists (the prefetcher does, and drops an id
+//! upstream does not know), and `DELETE /v2/cache/{id}` is idempotent (204 for an id that is
+//! neither cached nor queued, where Glance may answer 404).
 
-use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use imgcache_store::{Key, StoreError};
+use serde::Serialize;
 
+use crate::auth::Admin;
+use crate::error::ApiError;
 use crate::state::AppState;
+
+/// An error of the management API in OpenStack's JSON shape,
+/// `{"error": {"code": N, "title": "...", "message": "..."}}` (keystonemiddleware's): clients
+/// read the `message` of each object in the body, and python-glanceclient fails on a flat
+/// body (`'int' object has no attribute 'get'`) instead of reporting the error.
+#[derive(Debug)]
+pub struct OpenStackError(pub ApiError);
+
+impl From<ApiError> for OpenStackError {
+    fn from(e: ApiError) -> Self {
+        OpenStackError(e)
+    }
+}
+
+impl IntoResponse for OpenStackError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let body = serde_json::json!({
+            "error": {
+                "code": e.status.as_u16(),
+                "title": e.status.canonical_reason().unwrap_or(""),
+                "message": e.message,
+            }
+        });
+        (e.status, Json(body)).into_response()
+    }
+}
+
+/// Image API versions served, newest first; the first is CURRENT.
+pub const VERSIONS: [&str; 5] = ["2.18", "2.17", "2.16", "2.15", "2.14"];
+
+pub const CLEAR_TARGET_HEADER: &str = "x-image-cache-clear-target";
 
 pub fn routes() -> Router<AppState> {
     Router::new()
+        .route("/", get(versions_root))
+        .route("/versions", get(versions))
+        .route("/v2/cache", get(list).delete(clear))
+        .route("/v2/cache/{image_id}", put(queue).delete(delete_entry))
+        .route("/v2/cache/nodes/{image_id}", get(nodes))
+        .route("/v2/cache/clean", post(clean))
+        .route("/v2/cache/prune", post(prune))
+        .route("/v2/schemas/{*name}", get(schema))
+}
+
+/// `GET /v2/schemas/...`, relayed from the upstream Glance with the client's token.
+/// python-glanceclient run without `--os-image-api-version` reads `/versions`, then fetches
+/// these schemas to confirm v2 works, and falls back to the removed v1 API when none answers.
+async fn schema(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, OpenStackError> {
+    let Some(base) = &state.config.sources.glance_url else {
+        return Err(ApiError::not_found("no upstream Glance to take schemas from").into());
+    };
+    if !name.split('/').all(|seg| Key::new(seg).is_ok()) {
+        return Err(ApiError::bad_request("invalid schema name").into());
+    }
+    let url = url::Url::parse(&format!(
+        "{}/v2/schemas/{name}",
+        base.as_str().trim_end_matches('/')
+    ))
+    .map_err(|e| ApiError::internal(format!("glance url: {e}")))?;
+    let mut upstream = HeaderMap::new();
+    if let Some(t) = headers.get(crate::auth::TOKEN_HEADER) {
+        upstream.insert(crate::auth::TOKEN_HEADER, t.clone());
+    }
+    let http = state.admin_auth.http(&state)?;
+    match http.get_small(&url, &upstream, 1 << 20).await {
+        Ok(body) => Ok((
+            [(header::CONTENT_TYPE, "application/json; charset=UTF-8")],
+            body,
+        )
+            .into_response()),
+        Err(imgcache_fetch::FetchError::Status { status, .. }) => Err(ApiError::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            "the upstream Glance refused the schema request",
+        )
+        .into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot fetch a schema upstream");
+            Err(ApiError::new(StatusCode::BAD_GATEWAY, "cannot reach the upstream Glance").into())
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Version {
+    id: String,
+    status: &'static str,
+    links: [Link; 1],
+}
+
+#[derive(Serialize)]
+struct Link {
+    rel: &'static str,
+    href: String,
+}
+
+/// This server's base URL as the client reached it (Glance's `req.application_url`).
+fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+    let scheme = if state.config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| state.config.listen.to_string());
+    format!("{scheme}://{host}")
+}
+
+fn versions_body(state: &AppState, headers: &HeaderMap) -> serde_json::Value {
+    let href = format!("{}/v2/", base_url(state, headers));
+    let versions: Vec<Version> = VERSIONS
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Version {
+            id: format!("v{v}"),
+            status: if i == 0 { "CURRENT" } else { "SUPPORTED" },
+            links: [Link {
+                rel: "self",
+                href: href.clone(),
+            }],
+        })
+        .collect();
+    serde_json::json!({ "versions": versions })
+}
+
+async fn versions(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    Json(versions_body(&state, &headers)).into_response()
+}
+
+/// Glance answers the unversioned root with the same list and 300 Multiple Choices
+/// (keystoneauth's version discovery reads it from there).
+async fn versions_root(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    (
+        StatusCode::MULTIPLE_CHOICES,
+        Json(versions_body(&state, &headers)),
+    )
+        .into_response()
+}
+
+/// Runs blocking store work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("store task failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+fn key(raw: &str) -> Result<Key, ApiError> {
+    Key::new(raw).map_err(|e| ApiError::bad_request(format!("invalid image id: {e}")))
+}
+
+/// Updates the cache gauges after a call changed the cache.
+async fn refresh_gauges(state: &AppState) {
+    let s = state.clone();
+    let res = blocking(move || s.metrics.refresh_cache_gauges(&s.cache)).await;
+    if let Err(e) = res {
+        tracing::warn!(error = %e.message, "cannot refresh cache gauges");
+    }
+}
+
+#[derive(Serialize)]
+struct CachedImage {
+    image_id: String,
+    hits: u64,
+    last_accessed: f64,
+    last_modified: f64,
+    size: u64,
+}
+
+#[derive(Serialize)]
+struct CacheState {
+    cached_images: Vec<CachedImage>,
+    queued_images: Vec<String>,
+}
+
+async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<CacheState>, OpenStackError> {
+    let cache = state.cache.clone();
+    let (records, queued) =
+        blocking(move || Ok((cache.get_cached_images()?, cache.get_queued_images()?))).await?;
+    let cached_images = records
+        .into_iter()
+        .map(|r| CachedImage {
+            image_id: r.image_id,
+            hits: r.hits,
+            last_accessed: r.last_accessed,
+            last_modified: r.last_modified,
+            size: r.size,
+        })
+        .collect();
+    Ok(Json(CacheState {
+        cached_images,
+        queued_images: queued,
+    }))
+}
+
+async fn queue(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(image_id): Path<String>,
+) -> Result<StatusCode, OpenStackError> {
+    let k = key(&image_id)?;
+    let cache = state.cache.clone();
+    // false when already cached, being cached or queued: nothing to do.
+    let queued = blocking(move || cache.queue_image(&k)).await?;
+    if queued {
+        tracing::info!(image_id, "queued for prefetching");
+    }
+    // Also wakes a prefetcher backing off this id: an operator's PUT asks for a retry now.
+    state.prefetch_wake.notify_one();
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn delete_entry(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(image_id): Path<String>,
+) -> Result<StatusCode, OpenStackError> {
+    let k = key(&image_id)?;
+    let cache = state.cache.clone();
+    blocking(move || {
+        cache.delete_cached_image(&k)?;
+        cache.delete_queued_image(&k)
+    })
+    .await?;
+    refresh_gauges(&state).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Clone, Copy)]
+enum ClearTarget {
+    Cache,
+    Queue,
+    Both,
+}
+
+async fn clear(
+    _: Admin,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<StatusCode, OpenStackError> {
+    let raw = match headers.get(CLEAR_TARGET_HEADER) {
+        None => String::new(),
+        Some(v) => v
+            .to_str()
+            .map_err(|_| bad_target())?
+            .trim()
+            .to_ascii_lowercase(),
+    };
+    let target = match raw.as_str() {
+        "" => ClearTarget::Both,
+        "cache" => ClearTarget::Cache,
+        "queue" => ClearTarget::Queue,
+        _ => return Err(bad_target().into()),
+    };
+    let cache = state.cache.clone();
+    let (cached, queued) = blocking(move || {
+        let cached = match target {
+            ClearTarget::Cache | ClearTarget::Both => cache.delete_all_cached_images()?,
+            ClearTarget::Queue => 0,
+        };
+        let queued = match target {
+            ClearTarget::Queue | ClearTarget::Both => cache.delete_all_queued_images()?,
+            ClearTarget::Cache => 0,
+        };
+        Ok((cached, queued))
+    })
+    .await?;
+    tracing::info!(cached, queued, "cache cleared");
+    refresh_gauges(&state).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn bad_target() -> ApiError {
+    ApiError::bad_request(
+        "If provided 'x-image-cache-clear-target' must be 'cache', 'queue' or empty string.",
+    )
+}
+
+/// Glance answers 200 with an empty body.
+async fn clean(_: Admin, State(state): State<AppState>) -> Result<StatusCode, OpenStackError> {
+    let cache = state.cache.clone();
+    let stall = state.config.stall_time;
+    let report = blocking(move || cache.clean(stall)).await?;
+    tracing::info!(
+        stalled = report.stalled.len(),
+        invalid = report.invalid.len(),
+        dangling = report.dangling_records.len(),
+        "cache cleaned"
+    );
+    refresh_gauges(&state).await;
+    Ok(StatusCode::OK)
+}
+
+#[derive(Serialize)]
+struct PruneResult {
+    total_files_pruned: u64,
+    total_bytes_pruned: u64,
+}
+
+async fn prune(
+    _: Admin,
+    State(state): State<AppState>,
+) -> Result<Json<PruneResult>, OpenStackError> {
+    let report = crate::workers::prune_now(&state).await?;
+    Ok(Json(PruneResult {
+        total_files_pruned: report.evicted.len() as u64,
+        total_bytes_pruned: report.bytes_freed,
+    }))
+}
+
+/// The nodes holding the image: this one when it is cached here (fleet mode extends this).
+async fn nodes(
+    _: Admin,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(image_id): Path<String>,
+) -> Result<Json<Vec<String>>, OpenStackError> {
+    let k = key(&image_id)?;
+    let cache = state.cache.clone();
+    let here = blocking(move || cache.is_cached(&k)).await?;
+    let mut nodes = Vec::new();
+    if here {
+        nodes.push(base_url(&state, &headers));
+    }
+    Ok(Json(nodes))
 }

@@ -2,6 +2,7 @@
 //! waiting client streamed while it runs), Glance's `/v2/cache` management API, background
 //! prefetch/prune/clean, and Prometheus metrics.
 
+pub mod auth;
 pub mod cache_api;
 pub mod config;
 pub mod error;

@@ -100,6 +100,38 @@ impl Metrics {
     }
 }
 
+/// Axum middleware feeding `request_seconds`: time from the request to its response head (for a
+/// streamed image, its time to first byte).
+pub async fn track_latency(
+    axum::extract::State(state): axum::extract::State<crate::state::AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let start = std::time::Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .request_seconds
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+impl Metrics {
+    /// Sets the cache gauges from the store (blocking: the entry count lists every record).
+    pub fn refresh_cache_gauges(
+        &self,
+        cache: &imgcache_store::Cache,
+    ) -> imgcache_store::Result<()> {
+        let size = cache.get_cache_size()?;
+        let entries = cache.get_cached_images()?.len();
+        self.cache_bytes
+            .set(i64::try_from(size).unwrap_or(i64::MAX));
+        self.cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        Ok(())
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()

@@ -12,5 +12,9 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::cache_api::routes())
         .merge(crate::health::routes())
         .fallback(|| async { ApiError::not_found("no such resource") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track_latency,
+        ))
         .with_state(state)
 }

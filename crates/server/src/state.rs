@@ -15,6 +15,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Wakes the prefetcher when `PUT /v2/cache/{id}` queues an image.
     pub prefetch_wake: Arc<Notify>,
+    /// Wakes the pruner early (after a download grew the cache).
+    pub prune_wake: Arc<Notify>,
+    /// Remembers which tokens upstream Glance granted the admin role.
+    pub admin_auth: Arc<crate::auth::AdminAuth>,
 }
 
 impl AppState {
@@ -25,6 +29,8 @@ impl AppState {
             cache,
             metrics: Arc::new(Metrics::new()),
             prefetch_wake: Arc::new(Notify::new()),
+            prune_wake: Arc::new(Notify::new()),
+            admin_auth: Arc::default(),
         })
     }
 }

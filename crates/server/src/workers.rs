@@ -1,13 +1,469 @@
-//! Background work (to be written): prefetcher, pruner, cleaner.
+//! Background work: the prefetcher, the pruner and the cleaner.
+//!
+//! Each runs supervised: a step that fails (an error or a panic) is logged, the worker waits
+//! with exponential backoff and goes on, where Glance's cache worker thread dies on its first
+//! error. [`Workers::stop`] ends them for graceful shutdown: an interrupted prefetch drops its
+//! writer, so its partial file goes to `invalid/` and nothing is published.
+//!
+//! - **Prefetcher**: drains the queue (`queue/`, files, so a restart resumes it), oldest first.
+//!   Per image: download from the upstream Glance, then `delete_queued_image`. A failed image
+//!   stays queued and is retried with its own exponential backoff (never a spin), so one bad
+//!   image does not hold up the others; an id upstream does not know (404), or that is no
+//!   Glance image id at all, is dropped from the queue with a warning. Woken by
+//!   `PUT /v2/cache/{id}` (which also makes images in backoff retry now), and rescans the queue
+//!   every 30 s for images queued by other processes (`imgcache queue`).
+//! - **Pruner**: every `prune_interval`, and when woken (`prune_wake`, after downloads), evicts
+//!   least recently used images until the cache is at most `max_size`.
+//! - **Cleaner**: every `clean_interval`, `clean(stall_time)`: stalled incomplete files, invalid
+//!   files, records whose file vanished.
 
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use imgcache_fetch::download::stream_into;
+use imgcache_fetch::source::glance::GlanceSource;
+use imgcache_fetch::source::http::HttpSource;
+use imgcache_fetch::source::{BodyStream, Response};
+use imgcache_fetch::{FetchError, Quiet};
+use imgcache_store::{Key, PruneReport, StoreError, WriteOptions};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::error::ApiError;
 use crate::state::AppState;
 
-pub struct Workers;
+/// A worker step that failed is retried after this, doubling up to [`STEP_BACKOFF_MAX`].
+const STEP_BACKOFF: Duration = Duration::from_secs(1);
+const STEP_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A queued image whose download failed is retried after this, doubling up to the max.
+const ITEM_BACKOFF: Duration = Duration::from_secs(1);
+const ITEM_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// The prefetcher looks at `queue/` at least this often, for images other processes queued.
+const PREFETCH_RESCAN: Duration = Duration::from_secs(30);
 
-pub fn spawn(_state: AppState) -> Workers {
-    Workers
+/// The running background tasks.
+pub struct Workers {
+    stop: watch::Sender<bool>,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+pub fn spawn(state: AppState) -> Workers {
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let s = state.clone();
+    tasks.push(("prefetcher", tokio::spawn(prefetcher(s, stopped.clone()))));
+
+    let s = state.clone();
+    let interval = state.config.prune_interval;
+    tasks.push((
+        "pruner",
+        tokio::spawn(periodic(
+            "pruner",
+            stopped.clone(),
+            interval,
+            Some(state.prune_wake.clone()),
+            move || {
+                let s = s.clone();
+                async move {
+                    let report = prune_now(&s)
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e.message))?;
+                    if !report.evicted.is_empty() {
+                        tracing::info!(
+                            files = report.evicted.len(),
+                            bytes = report.bytes_freed,
+                            size_after = report.size_after,
+                            "pruned"
+                        );
+                    }
+                    Ok(())
+                }
+            },
+        )),
+    ));
+
+    let s = state.clone();
+    let interval = state.config.clean_interval;
+    tasks.push((
+        "cleaner",
+        tokio::spawn(periodic("cleaner", stopped, interval, None, move || {
+            let s = s.clone();
+            async move {
+                let stall = s.config.stall_time;
+                let cache = s.cache.clone();
+                let report = blocking(move || cache.clean(stall)).await?;
+                if !(report.stalled.is_empty()
+                    && report.invalid.is_empty()
+                    && report.dangling_records.is_empty())
+                {
+                    tracing::info!(
+                        stalled = report.stalled.len(),
+                        invalid = report.invalid.len(),
+                        dangling = report.dangling_records.len(),
+                        "cleaned"
+                    );
+                }
+                refresh_gauges(&s).await;
+                Ok(())
+            }
+        })),
+    ));
+    Workers { stop, tasks }
 }
 
 impl Workers {
-    pub async fn stop(self) {}
+    /// Stops every worker and waits for them (an interrupted download is discarded).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for (name, task) in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(worker = name, error = %e, "worker ended abnormally");
+            }
+        }
+    }
+}
+
+/// Evicts least recently used images until the cache is at most `max_size`; counts the
+/// evictions and refreshes the gauges. Used by the pruner and `POST /v2/cache/prune`.
+pub async fn prune_now(state: &AppState) -> Result<PruneReport, ApiError> {
+    let cache = state.cache.clone();
+    let max = state.config.max_size;
+    let report = tokio::task::spawn_blocking(move || cache.prune(max))
+        .await
+        .map_err(|e| ApiError::internal(format!("prune task failed: {e}")))??;
+    state.metrics.evictions.inc_by(report.evicted.len() as u64);
+    refresh_gauges(state).await;
+    Ok(report)
+}
+
+async fn refresh_gauges(state: &AppState) {
+    let s = state.clone();
+    let res = tokio::task::spawn_blocking(move || s.metrics.refresh_cache_gauges(&s.cache)).await;
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh cache gauges"),
+        Err(e) => tracing::warn!(error = %e, "cannot refresh cache gauges"),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> anyhow::Result<T> {
+    Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+/// Exponential backoff: `base`, doubling, at most `max`.
+#[derive(Clone, Debug)]
+struct Backoff {
+    base: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            base,
+            max,
+            failures: 0,
+        }
+    }
+    /// The wait after one more failure.
+    fn fail(&mut self) -> Duration {
+        let wait = self
+            .base
+            .saturating_mul(2u32.saturating_pow(self.failures.min(30)))
+            .min(self.max);
+        self.failures = self.failures.saturating_add(1);
+        wait
+    }
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// Resolves once `stop` says so (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Runs `step` in its own task so a panic is caught like an error.
+async fn guarded<Fut>(fut: Fut) -> anyhow::Result<()>
+where
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    match tokio::spawn(fut).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => Err(anyhow::anyhow!("panicked: {e}")),
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    }
+}
+
+/// Runs `step` every `interval` (first after one interval) and whenever `wake` is notified;
+/// after a failed step, retries with exponential backoff instead.
+async fn periodic<F, Fut>(
+    name: &'static str,
+    mut stop: watch::Receiver<bool>,
+    interval: Duration,
+    wake: Option<Arc<Notify>>,
+    mut step: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut backoff = Backoff::new(STEP_BACKOFF, STEP_BACKOFF_MAX);
+    let mut wait = interval;
+    loop {
+        let woken = async {
+            match &wake {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = woken => {}
+        }
+        let res = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            r = guarded(step()) => r,
+        };
+        match res {
+            Ok(()) => {
+                backoff.reset();
+                wait = interval;
+            }
+            Err(e) => {
+                wait = backoff.fail();
+                tracing::error!(worker = name, error = format!("{e:#}"), retry_in = ?wait, "worker step failed");
+            }
+        }
+    }
+}
+
+/// What became of one queued image.
+enum Prefetched {
+    /// Cached (now or already); dequeued.
+    Done,
+    /// Cannot ever be fetched; dequeued.
+    Dropped,
+}
+
+/// One queued image's failures.
+struct Retry {
+    backoff: Backoff,
+    next_at: Instant,
+}
+
+async fn prefetcher(state: AppState, mut stop: watch::Receiver<bool>) {
+    let mut step_backoff = Backoff::new(STEP_BACKOFF, STEP_BACKOFF_MAX);
+    let mut retries: HashMap<String, Retry> = HashMap::new();
+    let mut http: Option<HttpSource> = None;
+    loop {
+        let wait = match prefetch_pass(&state, &mut stop, &mut retries, &mut http).await {
+            Ok(None) => return, // stopped
+            Ok(Some(next_due)) => {
+                step_backoff.reset();
+                next_due.map_or(PREFETCH_RESCAN, |at| {
+                    at.saturating_duration_since(Instant::now())
+                        .min(PREFETCH_RESCAN)
+                })
+            }
+            Err(e) => {
+                let wait = step_backoff.fail();
+                tracing::error!(worker = "prefetcher", error = format!("{e:#}"), retry_in = ?wait, "worker step failed");
+                wait
+            }
+        };
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = state.prefetch_wake.notified() => {
+                // An operator queued (or re-queued) an image: retry everything now.
+                let now = Instant::now();
+                for r in retries.values_mut() {
+                    r.next_at = now;
+                }
+            }
+        }
+    }
+}
+
+/// One pass over the queue. `Ok(None)` when stopped; else when the next image in backoff is due.
+async fn prefetch_pass(
+    state: &AppState,
+    stop: &mut watch::Receiver<bool>,
+    retries: &mut HashMap<String, Retry>,
+    http: &mut Option<HttpSource>,
+) -> anyhow::Result<Option<Option<Instant>>> {
+    let cache = state.cache.clone();
+    let queued = blocking(move || cache.get_queued_images()).await?;
+    retries.retain(|id, _| queued.contains(id));
+    let mut next_due: Option<Instant> = None;
+    for id in queued {
+        if *stop.borrow() {
+            return Ok(None);
+        }
+        if let Some(r) = retries.get(&id)
+            && r.next_at > Instant::now()
+        {
+            next_due = Some(next_due.map_or(r.next_at, |d| d.min(r.next_at)));
+            continue;
+        }
+        // Built on first use: loading the CA roots is not free, and most servers never prefetch.
+        let client = match http {
+            Some(c) => c.clone(),
+            None => http
+                .insert(HttpSource::new(state.config.sources.http.clone())?)
+                .clone(),
+        };
+        let res = tokio::select! {
+            _ = stopped(stop) => return Ok(None),
+            r = guarded_item(prefetch_one(state.clone(), client, id.clone())) => r,
+        };
+        match res {
+            Ok(outcome) => {
+                retries.remove(&id);
+                let key = Key::new(&id)?;
+                let cache = state.cache.clone();
+                blocking(move || cache.delete_queued_image(&key)).await?;
+                if let Prefetched::Done = outcome {
+                    state.prune_wake.notify_one();
+                }
+            }
+            Err(e) => {
+                let r = retries.entry(id.clone()).or_insert_with(|| Retry {
+                    backoff: Backoff::new(ITEM_BACKOFF, ITEM_BACKOFF_MAX),
+                    next_at: Instant::now(),
+                });
+                let wait = r.backoff.fail();
+                r.next_at = Instant::now() + wait;
+                next_due = Some(next_due.map_or(r.next_at, |d| d.min(r.next_at)));
+                tracing::warn!(image_id = %id, error = format!("{e:#}"), retry_in = ?wait, "prefetch failed; the image stays queued");
+            }
+        }
+    }
+    Ok(Some(next_due))
+}
+
+async fn guarded_item<Fut>(fut: Fut) -> anyhow::Result<Prefetched>
+where
+    Fut: Future<Output = anyhow::Result<Prefetched>> + Send + 'static,
+{
+    match tokio::spawn(fut).await {
+        Ok(r) => r,
+        Err(e) => Err(anyhow::anyhow!("prefetch task: {e}")),
+    }
+}
+
+/// Decrements the in-flight gauge however the download ends.
+struct InFlight(Arc<crate::metrics::Metrics>);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.inflight_downloads.dec();
+    }
+}
+
+/// Downloads one queued image from the upstream Glance into the cache: under the image's key
+/// lock (so a concurrent client fill or another process's download is never duplicated), with
+/// the size and checksum upstream declares enforced at commit.
+async fn prefetch_one(state: AppState, http: HttpSource, id: String) -> anyhow::Result<Prefetched> {
+    let key = Key::new(&id)?;
+    let Ok(uuid) = Uuid::parse_str(&id) else {
+        tracing::warn!(image_id = %id, "not a Glance image id; dropped from the queue");
+        return Ok(Prefetched::Dropped);
+    };
+    let cache = state.cache.clone();
+    let k = key.clone();
+    if blocking(move || cache.is_cached(&k)).await? {
+        return Ok(Prefetched::Done);
+    }
+    let Some(base) = state.config.sources.glance_url.clone() else {
+        anyhow::bail!("no upstream Glance configured (--glance-url)");
+    };
+    let cache = state.cache.clone();
+    let k = key.clone();
+    let lock = blocking(move || cache.lock_key(&k)).await?;
+    let cache = state.cache.clone();
+    let k = key.clone();
+    if blocking(move || cache.is_cached(&k)).await? {
+        return Ok(Prefetched::Done); // another writer published it while we waited
+    }
+
+    let metrics = state.metrics.clone();
+    metrics.inflight_downloads.inc();
+    let _inflight = InFlight(metrics.clone());
+    let started = std::time::Instant::now();
+    let glance = GlanceSource::new(base, state.config.sources.glance_token.clone(), http);
+    metrics.origin_requests.inc();
+    let response = match glance.get(&uuid).await {
+        Ok(r) => r,
+        Err(e @ FetchError::Status { status: 404, .. }) => {
+            tracing::warn!(image_id = %id, error = %e, "upstream has no such image; dropped from the queue");
+            return Ok(Prefetched::Dropped);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Response::Body { meta, body } = response else {
+        anyhow::bail!("upstream answered an unconditional request with no body");
+    };
+    let mut props = BTreeMap::new();
+    props.insert("href".to_string(), format!("glance://{id}"));
+    if let Some(f) = &meta.disk_format {
+        props.insert("disk_format".to_string(), f.clone());
+    }
+    let wopts = WriteOptions {
+        expected: meta.checksum.clone(),
+        expected_size: meta.size,
+        replace: true,
+        props,
+        ..WriteOptions::default()
+    };
+    let writer = state.cache.open_for_write_locked(&key, lock, wopts)?;
+    let counted = metrics.clone();
+    let body: BodyStream = Box::pin(body.inspect(move |chunk| {
+        if let Ok(b) = chunk {
+            counted.bytes_from_origin.inc_by(b.len() as u64);
+        }
+    }));
+    let origin = format!("glance://{id}");
+    let writer = stream_into(writer, body, meta.size, &origin, &Quiet).await?;
+    let rec = match tokio::task::spawn_blocking(move || writer.commit()).await? {
+        Ok(rec) => rec,
+        Err(e @ StoreError::ChecksumMismatch { .. }) => {
+            metrics.checksum_failures.inc();
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(image_id = %id, size = rec.size, seconds = started.elapsed().as_secs_f64(), "prefetched");
+    if rec.size > state.config.max_size {
+        tracing::warn!(image_id = %id, size = rec.size, max_size = state.config.max_size, "image larger than the cache's max size; the pruner will evict it");
+    }
+    Ok(Prefetched::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
+        let waits: Vec<u64> = (0..5).map(|_| b.fail().as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 5, 5]);
+        for _ in 0..100 {
+            b.fail();
+        }
+        assert_eq!(b.fail(), Duration::from_secs(5));
+        b.reset();
+        assert_eq!(b.fail(), Duration::from_secs(1));
+    }
 }
