@@ -125,6 +125,55 @@ pub enum Command {
     },
     /// List the provisioning caches: directory, priority, limits, size and free space
     Caches,
+    /// Run the caching image server: Glance's image download and cache-management API,
+    /// one origin download per image with every client streamed while it runs
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on [env: IMGCACHE_LISTEN] [config: listen] [default: 127.0.0.1:9292]
+    #[arg(long, value_name = "ADDR", value_parser = listen_parser)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Upstream Glance endpoint [env: IMGCACHE_GLANCE_URL] [config: glance_url]
+    #[arg(long, value_name = "URL")]
+    pub glance_url: Option<String>,
+    /// X-Auth-Token that grants the cache-management API [env: IMGCACHE_ADMIN_TOKEN] [config: admin_token]
+    #[arg(long, value_name = "SECRET")]
+    pub admin_token: Option<String>,
+    /// /v1/fetch serves only hrefs starting with PREFIX (repeatable) [env: IMGCACHE_ALLOW_HREF_PREFIXES, space-separated] [config: allow_href_prefixes]
+    #[arg(long = "allow-href-prefix", value_name = "PREFIX")]
+    pub allow_href_prefix: Vec<String>,
+    /// Hard limit on the cache's size, e.g. 10G [env: IMGCACHE_MAX_SIZE] [config: max_size] [default: 10G]
+    #[arg(long, value_name = "SIZE", value_parser = size_parser)]
+    pub max_size: Option<u64>,
+    /// Directory file:// hrefs may read from (repeatable; none by default)
+    #[arg(long, value_name = "DIR")]
+    pub allow_file_dir: Vec<PathBuf>,
+    /// After SIGTERM/SIGINT, how long in-flight responses may run before they are cut
+    #[arg(long, value_name = "DURATION", value_parser = duration_parser, default_value = "30s")]
+    pub shutdown_grace: Duration,
+    /// A client must send its request headers within this (slowloris protection)
+    #[arg(long, value_name = "DURATION", value_parser = duration_parser, default_value = "10s")]
+    pub header_read_timeout: Duration,
+    /// How long an upstream "this token may read this image" answer is reused
+    #[arg(long, value_name = "DURATION", value_parser = duration_parser, default_value = "60s")]
+    pub auth_cache_ttl: Duration,
+    /// TLS certificate chain (PEM); serves HTTPS with --tls-key
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM)
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Log format on stderr
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +236,10 @@ fn size_parser(s: &str) -> Result<u64, String> {
     config::parse_size(s).map_err(|e| e.to_string())
 }
 
+fn listen_parser(s: &str) -> Result<std::net::SocketAddr, String> {
+    config::parse_listen(s).map_err(|e| e.to_string())
+}
+
 fn duration_parser(s: &str) -> Result<Duration, String> {
     config::parse_duration(s).map_err(|e| e.to_string())
 }
@@ -201,6 +254,7 @@ impl Cli {
         let (max_size, stall_time) = match &self.command {
             Command::Prune { max_size } => (*max_size, None),
             Command::Clean { stall_time } => (None, *stall_time),
+            Command::Serve(a) => (a.max_size, None),
             _ => (None, None),
         };
         let mut layer = Layer {
@@ -218,6 +272,17 @@ impl Cli {
             layer.revalidate_interval = f.revalidate_interval;
             layer.ca_bundle = f.ca_bundle.clone();
             layer.insecure = f.insecure.then_some(true);
+        }
+        if let Command::Serve(a) = &self.command {
+            layer.listen = a.listen;
+            layer.glance_url = a.glance_url.clone();
+            layer.admin_token = a.admin_token.clone();
+            if !a.allow_href_prefix.is_empty() {
+                layer.allow_href_prefixes = Some(a.allow_href_prefix.clone());
+            }
+            if !a.allow_file_dir.is_empty() {
+                layer.allow_file_dirs = Some(a.allow_file_dir.clone());
+            }
         }
         layer
     }

@@ -40,6 +40,12 @@ pub const ENV_ALLOW_FILE_DIRS: &str = "IMGCACHE_ALLOW_FILE_DIRS";
 pub const ENV_REVALIDATE_INTERVAL: &str = "IMGCACHE_REVALIDATE_INTERVAL";
 pub const ENV_CA_BUNDLE: &str = "IMGCACHE_CA_BUNDLE";
 pub const ENV_INSECURE: &str = "IMGCACHE_INSECURE";
+pub const ENV_LISTEN: &str = "IMGCACHE_LISTEN";
+pub const ENV_ADMIN_TOKEN: &str = "IMGCACHE_ADMIN_TOKEN";
+/// Whitespace-separated.
+pub const ENV_ALLOW_HREF_PREFIXES: &str = "IMGCACHE_ALLOW_HREF_PREFIXES";
+/// `imgcache serve`'s default address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9292";
 
 /// Ironic's master-image cache TTL default: 7 days.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -99,6 +105,9 @@ pub struct Layer {
     pub revalidate_interval: Option<Duration>,
     pub ca_bundle: Option<PathBuf>,
     pub insecure: Option<bool>,
+    pub listen: Option<std::net::SocketAddr>,
+    pub admin_token: Option<String>,
+    pub allow_href_prefixes: Option<Vec<String>>,
     /// `[caches.NAME]` tables (file only).
     pub caches: Option<BTreeMap<String, CacheTable>>,
 }
@@ -118,6 +127,9 @@ impl Layer {
             revalidate_interval: upper.revalidate_interval.or(self.revalidate_interval),
             ca_bundle: upper.ca_bundle.or(self.ca_bundle),
             insecure: upper.insecure.or(self.insecure),
+            listen: upper.listen.or(self.listen),
+            admin_token: upper.admin_token.or(self.admin_token),
+            allow_href_prefixes: upper.allow_href_prefixes.or(self.allow_href_prefixes),
             caches: upper.caches.or(self.caches),
         }
     }
@@ -138,6 +150,9 @@ impl Layer {
             revalidate_interval: Option<String>,
             ca_bundle: Option<PathBuf>,
             insecure: Option<bool>,
+            listen: Option<String>,
+            admin_token: Option<String>,
+            allow_href_prefixes: Option<Vec<String>>,
             caches: Option<BTreeMap<String, CacheTable>>,
         }
         let f: File = toml::from_str(text).map_err(|e| anyhow!(one_line(&e.to_string())))?;
@@ -172,6 +187,13 @@ impl Layer {
                 .context("revalidate_interval")?,
             ca_bundle: f.ca_bundle,
             insecure: f.insecure,
+            listen: f
+                .listen
+                .map(|s| parse_listen(&s))
+                .transpose()
+                .context("listen")?,
+            admin_token: f.admin_token,
+            allow_href_prefixes: f.allow_href_prefixes,
             caches: f.caches,
         })
     }
@@ -216,6 +238,12 @@ impl Layer {
             insecure: var(ENV_INSECURE)
                 .map(|v| parse_bool(&v).context(ENV_INSECURE))
                 .transpose()?,
+            listen: var(ENV_LISTEN)
+                .map(|s| parse_listen(&s).context(ENV_LISTEN))
+                .transpose()?,
+            admin_token: var(ENV_ADMIN_TOKEN),
+            allow_href_prefixes: var(ENV_ALLOW_HREF_PREFIXES)
+                .map(|v| v.split_whitespace().map(str::to_owned).collect()),
             caches: None,
         })
     }
@@ -236,6 +264,12 @@ pub struct Settings {
     pub revalidate_interval: Duration,
     pub ca_bundle: Option<PathBuf>,
     pub insecure: bool,
+    /// `imgcache serve`: address to listen on.
+    pub listen: std::net::SocketAddr,
+    /// `imgcache serve`: the `X-Auth-Token` that grants the cache-management API.
+    pub admin_token: Option<String>,
+    /// `imgcache serve`: `/v1/fetch` serves only hrefs starting with one of these.
+    pub allow_href_prefixes: Vec<String>,
     /// Named provisioning caches, highest priority first.
     pub caches: Vec<NamedCache>,
 }
@@ -298,6 +332,12 @@ impl Settings {
             revalidate_interval: l.revalidate_interval.unwrap_or(DEFAULT_REVALIDATE_INTERVAL),
             ca_bundle: l.ca_bundle,
             insecure: l.insecure.unwrap_or(false),
+            listen: match l.listen {
+                Some(a) => a,
+                None => parse_listen(DEFAULT_LISTEN)?,
+            },
+            admin_token: l.admin_token,
+            allow_href_prefixes: l.allow_href_prefixes.unwrap_or_default(),
             caches: resolve_caches(l.caches.unwrap_or_default())?,
         })
     }
@@ -340,6 +380,13 @@ fn resolve_caches(tables: BTreeMap<String, CacheTable>) -> Result<Vec<NamedCache
     }
     out.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
     Ok(out)
+}
+
+/// A socket address to listen on, `HOST:PORT` (`[::1]:9292` for IPv6).
+pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr> {
+    s.trim()
+        .parse()
+        .map_err(|_| anyhow!("invalid listen address {s:?}: expected IP:PORT, e.g. 127.0.0.1:9292"))
 }
 
 fn parse_bool(s: &str) -> Result<bool> {
@@ -703,6 +750,9 @@ mod tests {
                 revalidate_interval: DEFAULT_REVALIDATE_INTERVAL,
                 ca_bundle: None,
                 insecure: false,
+                listen: "127.0.0.1:9292".parse().unwrap(),
+                admin_token: None,
+                allow_href_prefixes: vec![],
                 caches: vec![],
             }
         );

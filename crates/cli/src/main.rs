@@ -18,9 +18,9 @@ use crate::config::{Host, Layer, Settings};
 
 fn main() -> ExitCode {
     error::install_panic_hook();
-    init_tracing();
     // Usage errors: clap prints them and exits with 2; --help and --version exit 0.
     let cli = Cli::parse();
+    init_tracing(&cli);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if error::is_broken_pipe(&e) => ExitCode::SUCCESS,
@@ -54,9 +54,22 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Logs go to stderr, filtered by `IMGCACHE_LOG` (tracing's env-filter syntax), warnings by
 /// default. The store's per-file warnings during `clean` are left out by default: `clean`
-/// reports those files itself.
-fn init_tracing() {
+/// reports those files itself. `serve` logs at info by default, with timestamps, as text or
+/// (`--log-format json`) one JSON object per line.
+fn init_tracing(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
+    if let cli::Command::Serve(args) = &cli.command {
+        let filter =
+            EnvFilter::try_from_env("IMGCACHE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        let b = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        let _ = match args.log_format {
+            cli::LogFormat::Json => b.json().try_init(),
+            cli::LogFormat::Text => b.try_init(),
+        };
+        return;
+    }
     let filter = EnvFilter::try_from_env("IMGCACHE_LOG")
         .unwrap_or_else(|_| EnvFilter::new("warn,imgcache_store::policy=error"));
     let _ = tracing_subscriber::fmt()

@@ -15,15 +15,32 @@ use crate::source::BodyStream;
 
 const DEPTH: usize = 16;
 
+/// Called from the writer thread with the total bytes written (and so readable from the
+/// `incomplete/` file by other file descriptors) after each chunk.
+pub type WrittenHook = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
 /// Writes `body` into `writer`, checking it against `expected_len` as it goes. On success the
 /// writer comes back for the caller to commit; on failure it has been dropped (its partial file
 /// moved to `invalid/`).
 pub async fn stream_into(
+    writer: CacheWriter,
+    body: BodyStream,
+    expected_len: Option<u64>,
+    origin: &str,
+    progress: &dyn Progress,
+) -> Result<CacheWriter> {
+    stream_into_reporting(writer, body, expected_len, origin, progress, None).await
+}
+
+/// [`stream_into`], also reporting the bytes *written* (not merely received) through `written`,
+/// so readers following the download know how far they may read the growing file.
+pub async fn stream_into_reporting(
     mut writer: CacheWriter,
     mut body: BodyStream,
     expected_len: Option<u64>,
     origin: &str,
     progress: &dyn Progress,
+    written: Option<WrittenHook>,
 ) -> Result<CacheWriter> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(DEPTH);
     let sink = tokio::task::spawn_blocking(move || -> (CacheWriter, Option<FetchError>) {
@@ -31,6 +48,9 @@ pub async fn stream_into(
             if let Err(e) = writer.write_all(&chunk) {
                 let path = writer.path().to_path_buf();
                 return (writer, Some(FetchError::io("write", path, e)));
+            }
+            if let Some(hook) = &written {
+                hook(writer.bytes_written());
             }
         }
         (writer, None)

@@ -114,7 +114,7 @@ impl ImageCache {
         Ok(self.http.get_or_init(|| built))
     }
 
-    fn glance(&self, id: &uuid::Uuid) -> Result<GlanceSource> {
+    fn glance(&self, id: &uuid::Uuid, token: Option<String>) -> Result<GlanceSource> {
         let url = self
             .sources
             .glance_url
@@ -122,9 +122,111 @@ impl ImageCache {
             .ok_or_else(|| FetchError::NoGlance { id: id.to_string() })?;
         Ok(GlanceSource::new(
             url,
-            self.sources.glance_token.clone(),
+            token.or_else(|| self.sources.glance_token.clone()),
             self.http()?.clone(),
         ))
+    }
+
+    /// The origin's answer for `href`; conditional on `held` validators when given. A Glance
+    /// request uses `glance_token` when given, else the configured token.
+    async fn request(
+        &self,
+        href: &Href,
+        held: Option<&Validators>,
+        glance_token: Option<String>,
+    ) -> Result<Response> {
+        match href {
+            Href::Http(url) => self.http()?.get(url, held, &Default::default()).await,
+            Href::File(path) => self.files.get(path, held),
+            Href::Glance(id) => self.glance(id, glance_token)?.get(id).await,
+        }
+    }
+
+    /// The cache this image cache writes into.
+    pub fn cache(&self) -> &imgcache_store::Cache {
+        &self.spec.cache
+    }
+
+    /// The shared HTTP client (built on first use).
+    pub fn http_source(&self) -> Result<HttpSource> {
+        self.http().cloned()
+    }
+
+    /// A server miss, step 1: the origin's answer for `href`, unconditionally (the caller holds
+    /// the key lock and found nothing published). `glance_token` overrides the configured one.
+    pub async fn origin_get(&self, href: &Href, glance_token: Option<String>) -> Result<Response> {
+        self.request(href, None, glance_token).await
+    }
+
+    /// A server miss, step 2: the writer for a download whose origin answered `meta` (its size
+    /// and checksum are enforced at commit). The caller holds the key's lock.
+    pub fn open_download_writer(
+        &self,
+        key: &Key,
+        lock: imgcache_store::FileLock,
+        href_raw: &str,
+        meta: &OriginMeta,
+    ) -> Result<imgcache_store::CacheWriter> {
+        let wopts = WriteOptions {
+            expected: meta.checksum.clone(),
+            expected_size: meta.size,
+            replace: true,
+            props: self.props(href_raw, meta),
+            ..WriteOptions::default()
+        };
+        Ok(self.spec.cache.open_for_write_locked(key, lock, wopts)?)
+    }
+
+    /// A server miss, step 3: verifies and publishes a finished download. On a checksum
+    /// mismatch ([`FetchError::Checksum`]) the file is in `invalid/` and nothing is published.
+    pub async fn commit_download(
+        &self,
+        writer: imgcache_store::CacheWriter,
+        href: &Href,
+    ) -> Result<Record> {
+        self.commit(writer, href, &FetchOptions::default()).await
+    }
+
+    /// Brings `href_raw` into the cache with no destination (prefetching, `file://` hrefs in
+    /// the server): one download per key across threads and processes, as in `fetch_image`.
+    /// Returns the published record (an already fresh one without asking the origin).
+    pub async fn download(&self, href_raw: &str, glance_token: Option<String>) -> Result<Record> {
+        let href = Href::parse(href_raw)?;
+        let key = cache_key(&href, href_raw, false);
+        if let Some(rec) = self.fresh_record(&key, &href).await? {
+            return Ok(rec);
+        }
+        let cache = self.spec.cache.clone();
+        let k = key.clone();
+        let lock = blocking(move || cache.lock_key(&k)).await?;
+        if let Some(rec) = self.fresh_record(&key, &href).await? {
+            return Ok(rec);
+        }
+        let held = self.held_validators(&key).await?;
+        let opts = FetchOptions::default();
+        match self.request(&href, held.as_ref(), glance_token).await? {
+            Response::NotModified => {
+                let cache = self.spec.cache.clone();
+                let k = key.clone();
+                blocking(move || cache.set_prop(&k, PROP_VALIDATED_AT, &now().to_string())).await?;
+                drop(lock);
+                Ok(self
+                    .record(&key)
+                    .await?
+                    .ok_or_else(|| imgcache_store::StoreError::NotCached(key.to_string()))?)
+            }
+            Response::LocalFile { meta, path } => {
+                self.publish_local(&key, lock, &href, href_raw, &meta, &path, &opts)
+                    .await
+            }
+            Response::Body { meta, body } => {
+                self.make_room(meta.size).await?;
+                let writer = self.open_download_writer(&key, lock, href_raw, &meta)?;
+                let writer =
+                    stream_into(writer, body, meta.size, &href.to_string(), &Quiet).await?;
+                self.commit(writer, &href, &opts).await
+            }
+        }
     }
 
     /// With a registry, a download first makes room with `clean_up_caches` across every
@@ -175,15 +277,7 @@ impl ImageCache {
         // without having started a multi-GiB transfer.
         let given = self.given_checksum(&href, opts).await?;
         let held = self.held_validators(&key).await?;
-        let response = match &href {
-            Href::Http(url) => {
-                self.http()?
-                    .get(url, held.as_ref(), &Default::default())
-                    .await?
-            }
-            Href::File(path) => self.files.get(path, held.as_ref())?,
-            Href::Glance(id) => self.glance(id)?.get(id).await?,
-        };
+        let response = self.request(&href, held.as_ref(), None).await?;
 
         let (meta, body) = match response {
             Response::NotModified => {

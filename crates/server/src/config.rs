@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub clean_interval: Duration,
     /// How long in-flight responses may run after SIGTERM before they are cut.
     pub shutdown_grace: Duration,
+    /// A client must send its request headers within this (slowloris protection).
+    pub header_read_timeout: Duration,
     /// TLS certificate chain and key (PEM); plain HTTP when unset.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -49,6 +51,7 @@ impl ServerConfig {
             prune_interval: Duration::from_secs(60),
             clean_interval: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
             tls_cert: None,
             tls_key: None,
         }

@@ -1,9 +1,407 @@
-//! (to be written)
+//! Image serving: `GET`/`HEAD /v2/images/{image_id}/file` (Glance's download path, origin the
+//! upstream Glance, readable only with a token upstream accepts for the image) and
+//! `GET`/`HEAD /v1/fetch?href=URL` (http(s)/file hrefs under the allowed prefixes).
+//!
+//! The key is validated before anything else; no path is ever built from an invalid one.
+//! A hit is served from the published file (opened with `open_for_read`: the hit is counted,
+//! and the shared flock keeps the evictor off while the response runs). A miss joins or starts
+//! the key's single download ([`crate::fill`]) and streams from the growing file.
+//!
+//! HEAD on a hit does not count a hit. HEAD on a miss starts the download (it is the one way
+//! to learn the length) and answers once the origin has.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::header::{
+    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, HeaderName, HeaderValue,
+    LAST_MODIFIED,
+};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::StreamExt;
+use imgcache_fetch::source::Response as OriginResponse;
+use imgcache_fetch::{Href, cache_key};
+use imgcache_store::{Algorithm, CacheReader, Key, Record};
+use uuid::Uuid;
 
+use crate::error::ApiError;
+use crate::fill::{Origin, Phase, blocking, origin_error, watched};
+use crate::range::{self, Plan};
+use crate::serve_file::{self, Follow};
 use crate::state::AppState;
+
+const CONTENT_MD5: HeaderName = HeaderName::from_static("content-md5");
+/// Longest href `/v1/fetch` accepts.
+const MAX_HREF: usize = 8192;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
+        .route(
+            "/v2/images/{image_id}/file",
+            get(glance_file).head(glance_file),
+        )
+        .route("/v1/fetch", get(fetch).head(fetch))
+}
+
+async fn glance_file(
+    State(state): State<AppState>,
+    method: Method,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let Ok(Path(id)) = path else {
+        return ApiError::bad_request("invalid image id").into_response();
+    };
+    if let Err(e) = Key::new(&id) {
+        return ApiError::bad_request(format!("invalid image id: {e}")).into_response();
+    }
+    let uuid = match Uuid::parse_str(&id) {
+        Ok(u) if id.len() == 36 => u,
+        _ => return ApiError::not_found(format!("no image {id}")).into_response(),
+    };
+    let token = headers
+        .get("x-auth-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Err(e) = state.upstream_auth.check(token.as_deref(), &uuid).await {
+        return e.into_response();
+    }
+    let href = Href::Glance(uuid);
+    let key = cache_key(&href, &id, false);
+    let origin = Origin {
+        href,
+        href_raw: uuid.hyphenated().to_string(),
+        glance_token: token,
+    };
+    serve(&state, key, origin, method == Method::HEAD, &headers).await
+}
+
+async fn fetch(
+    State(state): State<AppState>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let href_raw = query.as_deref().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "href")
+            .map(|(_, v)| v.into_owned())
+    });
+    let Some(href_raw) = href_raw.filter(|h| !h.is_empty()) else {
+        return ApiError::bad_request("the href query parameter is required").into_response();
+    };
+    if href_raw.len() > MAX_HREF || href_raw.contains('\0') {
+        return ApiError::bad_request("invalid href").into_response();
+    }
+    let allowed = |s: &str| {
+        state
+            .config
+            .allow_href_prefixes
+            .iter()
+            .any(|p| !p.is_empty() && s.starts_with(p.as_str()))
+    };
+    if !allowed(&href_raw) {
+        return ApiError::new(StatusCode::FORBIDDEN, "href is not under an allowed prefix")
+            .into_response();
+    }
+    let href = match Href::parse(&href_raw) {
+        Ok(h) => h,
+        Err(e) => return ApiError::bad_request(e.to_string()).into_response(),
+    };
+    // The normalised URL must be allowed too: `http://ok/images/../../private` is not under
+    // `http://ok/images/` once `..` is resolved.
+    let normalised = match &href {
+        Href::Http(u) => u.to_string(),
+        Href::File(p) => format!("file://{}", p.display()),
+        Href::Glance(_) => {
+            return ApiError::bad_request("Glance image ids are served at /v2/images/{id}/file")
+                .into_response();
+        }
+    };
+    if !allowed(&normalised) {
+        return ApiError::new(StatusCode::FORBIDDEN, "href is not under an allowed prefix")
+            .into_response();
+    }
+    let key = cache_key(&href, &href_raw, false);
+    let origin = Origin {
+        href,
+        href_raw,
+        glance_token: None,
+    };
+    serve(&state, key, origin, method == Method::HEAD, &headers).await
+}
+
+/// A hit, else the key's download.
+async fn serve(
+    state: &AppState,
+    key: Key,
+    origin: Origin,
+    head: bool,
+    headers: &HeaderMap,
+) -> Response {
+    match hit(state, &key, head, headers).await {
+        Ok(Some(resp)) => return resp,
+        Ok(None) => {}
+        Err(e) => return e.into_response(),
+    }
+    state.metrics.misses.inc();
+    // A fill that ends as "published elsewhere" between our look and its start is a hit after
+    // all: look again (bounded, a delete racing every time is no reason to loop forever).
+    for _ in 0..3 {
+        let fill = state.fills.join_or_start(state, &key, origin.clone());
+        let mut rx = fill.subscribe();
+        let phase = match rx.wait_for(|p| !matches!(p, Phase::Starting)).await {
+            Ok(p) => p.clone(),
+            Err(_) => return ApiError::internal("download vanished").into_response(),
+        };
+        match phase {
+            Phase::Streaming { .. } | Phase::Done { .. } => {
+                let Some(info) = fill.info() else {
+                    return ApiError::internal("download has no file").into_response();
+                };
+                let meta = RespMeta {
+                    len: info.size,
+                    etag: info.checksum.as_ref().map(|c| format!("\"{}\"", c.hex())),
+                    last_modified: None,
+                    md5: info.checksum.as_ref().and_then(content_md5),
+                };
+                let file = info.file.clone();
+                let total = info.size;
+                let counter = state.metrics.bytes_from_cache.clone();
+                return respond(&meta, headers, head, move |start, end| {
+                    serve_file::body(file, start, end, Some(Follow { phase: rx, total }), counter)
+                });
+            }
+            Phase::Published => match hit(state, &key, head, headers).await {
+                Ok(Some(resp)) => return resp,
+                Ok(None) => continue,
+                Err(e) => return e.into_response(),
+            },
+            Phase::Passthrough => return passthrough(state, &origin, head).await,
+            Phase::Failed { status, message } => {
+                return ApiError::new(status, message.to_string()).into_response();
+            }
+            Phase::Starting => unreachable!("waited for a later phase"),
+        }
+    }
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "image is changing; retry").into_response()
+}
+
+/// Serves a published image, or `None` when it is not cached.
+async fn hit(
+    state: &AppState,
+    key: &Key,
+    head: bool,
+    headers: &HeaderMap,
+) -> Result<Option<Response>, ApiError> {
+    let cache = state.cache.clone();
+    let k = key.clone();
+    if head {
+        let Some(rec) = blocking(move || cache.get_record(&k)).await? else {
+            return Ok(None);
+        };
+        return Ok(Some(respond(&hit_meta(&rec), headers, true, |_, _| {
+            Body::empty()
+        })));
+    }
+    let Some(reader): Option<CacheReader> = blocking(move || cache.open_for_read(&k)).await? else {
+        return Ok(None);
+    };
+    state.metrics.hits.inc();
+    let meta = hit_meta(reader.record());
+    let file = Arc::new(reader.into_file());
+    let counter = state.metrics.bytes_from_cache.clone();
+    Ok(Some(respond(&meta, headers, false, move |start, end| {
+        serve_file::body(file, start, end, None, counter)
+    })))
+}
+
+fn hit_meta(rec: &Record) -> RespMeta {
+    let published = UNIX_EPOCH + Duration::from_secs_f64(rec.last_modified.max(0.0));
+    RespMeta {
+        len: Some(rec.size),
+        etag: rec.checksum.as_ref().map(|c| format!("\"{}\"", c.hex())),
+        last_modified: Some(httpdate::fmt_http_date(published)),
+        md5: rec.checksum.as_ref().and_then(content_md5),
+    }
+}
+
+/// The image is too big for the cache: stream it straight from the origin.
+async fn passthrough(state: &AppState, origin: &Origin, head: bool) -> Response {
+    state.metrics.origin_requests.inc();
+    let resp = match state
+        .fetcher
+        .origin_get(&origin.href, origin.glance_token.clone())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return origin_error(e).into_response(),
+    };
+    let OriginResponse::Body { meta, body } = resp else {
+        return ApiError::new(StatusCode::BAD_GATEWAY, "unexpected origin answer").into_response();
+    };
+    let m = RespMeta {
+        len: meta.size,
+        etag: meta.checksum.as_ref().map(|c| format!("\"{}\"", c.hex())),
+        last_modified: None,
+        md5: meta.checksum.as_ref().and_then(content_md5),
+    };
+    let mut r = Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, "application/octet-stream");
+    if let Some(len) = m.len {
+        r = r.header(CONTENT_LENGTH, len);
+    }
+    if let Some(e) = &m.etag {
+        r = r.header(ETAG, e);
+    }
+    let body = if head {
+        Body::empty()
+    } else {
+        let body = watched(
+            body,
+            state.fills.cancelled(),
+            state.metrics.bytes_from_origin.clone(),
+        );
+        Body::from_stream(body.map(|r| r.map_err(std::io::Error::other)))
+    };
+    r.body(body)
+        .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
+}
+
+/// What the response headers say about the image.
+struct RespMeta {
+    /// `None`: a download whose length the origin did not give (sent chunked, no ranges).
+    len: Option<u64>,
+    etag: Option<String>,
+    last_modified: Option<String>,
+    md5: Option<String>,
+}
+
+/// Status, headers and body for a request, with `Range`/`If-Range` applied.
+fn respond(
+    meta: &RespMeta,
+    req: &HeaderMap,
+    head: bool,
+    body: impl FnOnce(u64, Option<u64>) -> Body,
+) -> Response {
+    let plan = match meta.len {
+        Some(len) => range::plan(
+            req,
+            len,
+            meta.etag.as_deref(),
+            meta.last_modified.as_deref(),
+        ),
+        None => Plan::Full,
+    };
+    let mut h = HeaderMap::new();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if meta.len.is_some() {
+        h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
+    for (name, value) in [(ETAG, &meta.etag), (LAST_MODIFIED, &meta.last_modified)] {
+        if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+            h.insert(name, v);
+        }
+    }
+    let (status, start, end) = match (plan, meta.len) {
+        (Plan::Unsatisfiable, Some(len)) => {
+            let mut resp =
+                ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable")
+                    .into_response();
+            resp.headers_mut().insert(
+                CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"),
+            );
+            return resp;
+        }
+        (Plan::Partial { start, end }, Some(len)) => {
+            h.insert(
+                CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes {start}-{}/{len}", end - 1)).expect("ascii"),
+            );
+            (StatusCode::PARTIAL_CONTENT, start, Some(end))
+        }
+        _ => {
+            // Content-MD5 describes the whole body, so only full responses carry it.
+            if let Some(v) = meta
+                .md5
+                .as_deref()
+                .and_then(|v| HeaderValue::from_str(v).ok())
+            {
+                h.insert(CONTENT_MD5, v);
+            }
+            (StatusCode::OK, 0, meta.len)
+        }
+    };
+    if let Some(end) = end {
+        h.insert(CONTENT_LENGTH, HeaderValue::from(end - start));
+    }
+    let body = if head {
+        Body::empty()
+    } else {
+        body(start, end)
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = h;
+    resp
+}
+
+/// `Content-MD5` (base64 of the digest) when the checksum is an md5.
+fn content_md5(c: &imgcache_store::Integrity) -> Option<String> {
+    if c.algorithm != Algorithm::Md5 {
+        return None;
+    }
+    let bytes: Vec<u8> = (0..c.hex().len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&c.hex()[i..i + 2], 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    Some(base64(&bytes))
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(super::base64(i.as_bytes()), o);
+        }
+    }
 }

@@ -6,33 +6,184 @@ pub mod auth;
 pub mod cache_api;
 pub mod config;
 pub mod error;
+pub mod fill;
 pub mod health;
 pub mod images;
 pub mod metrics;
+pub mod range;
 pub mod router;
+pub mod serve_file;
 pub mod state;
+pub mod upstream_auth;
 pub mod workers;
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 
 pub use config::ServerConfig;
 pub use error::ApiError;
 pub use state::AppState;
 
-/// Runs the server until `shutdown` resolves, then stops accepting and lets in-flight
-/// requests finish (up to the configured grace period).
+/// Longest a TLS client may take over its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head accepted (hyper answers 431 beyond it).
+const MAX_HEAD_BYTES: usize = 64 << 10;
+
+/// Runs the server on `config.listen` until `shutdown` resolves (see [`run_on`]).
 pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    run_on(listener, config, shutdown).await
+}
+
+/// Runs the server on an already bound listener until `shutdown` resolves, then: stops
+/// accepting, lets in-flight responses finish for up to `shutdown_grace`, cuts what is left,
+/// aborts downloads still running (their files go to `invalid/`: nothing partial is ever
+/// published) and stops the background workers.
+///
+/// Connections are served by hyper-util's auto builder (HTTP/1.1 and HTTP/2), with a header
+/// read timeout against slowloris clients and a bound on the request head; with a
+/// certificate configured, over TLS (rustls, ring provider).
+pub async fn run_on(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
+        (None, None) => None,
+        _ => bail!("TLS needs both a certificate and a key"),
+    };
     let state = AppState::new(config)?;
-    let listener = tokio::net::TcpListener::bind(state.config.listen).await?;
-    tracing::info!(listen = %listener.local_addr()?, "serving");
+    let cfg = state.config.clone();
+    tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "serving");
     let workers = workers::spawn(state.clone());
-    let app = router::router(state.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let service = TowerToHyperService::new(router::router(state.clone()));
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32);
+    let builder = Arc::new(builder);
+
+    let graceful = GracefulShutdown::new();
+    let mut conns: JoinSet<()> = JoinSet::new();
+    let shutdown = shutdown;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let builder = builder.clone();
+                let service = service.clone();
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
+                conns.spawn(async move {
+                    let result = match tls {
+                        None => {
+                            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Some(acceptor) => {
+                            let stream = match tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept(tcp),
+                            )
+                            .await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: no new connections");
+    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over: cutting the remaining connections");
+    }
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
+    state.fills.abort_all(Duration::from_secs(30)).await;
     workers.stop().await;
     Ok(())
+}
+
+/// The address a listener is bound to, for callers that bound port 0.
+pub fn local_addr(listener: &TcpListener) -> anyhow::Result<SocketAddr> {
+    Ok(listener.local_addr()?)
+}
+
+/// A TLS acceptor from PEM files: the certificate chain and its private key.
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("TLS certificate {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("TLS certificate {}", cert.display()))?;
+    if certs.is_empty() {
+        bail!("TLS certificate {}: no certificate found", cert.display());
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("TLS key {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("TLS certificate and key")?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }

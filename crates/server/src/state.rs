@@ -19,11 +19,32 @@ pub struct AppState {
     pub prune_wake: Arc<Notify>,
     /// Remembers which tokens upstream Glance granted the admin role.
     pub admin_auth: Arc<crate::auth::AdminAuth>,
+    /// Downloads in progress, one per key, followed by every client of that key.
+    pub fills: Arc<crate::fill::Fills>,
+    /// The sources (upstream Glance, http(s), file) misses are fetched from.
+    pub fetcher: Arc<imgcache_fetch::ImageCache>,
+    /// Which tokens upstream Glance lets see which images.
+    pub upstream_auth: Arc<crate::upstream_auth::UpstreamAuth>,
 }
 
 impl AppState {
     pub fn new(config: ServerConfig) -> anyhow::Result<AppState> {
         let cache = Cache::open(&config.cache_dir, config.driver)?;
+        let fetcher = imgcache_fetch::ImageCache::new(
+            imgcache_store::CacheSpec {
+                name: "serve".into(),
+                cache: cache.clone(),
+                max_size: config.max_size,
+                ttl: std::time::Duration::MAX,
+                priority: imgcache_store::registry::PRIORITY_INSTANCE,
+            },
+            &config.sources,
+        )?;
+        let upstream_auth = crate::upstream_auth::UpstreamAuth::new(
+            config.sources.glance_url.clone(),
+            fetcher.http_source()?,
+            config.auth_cache_ttl,
+        );
         Ok(AppState {
             config: Arc::new(config),
             cache,
@@ -31,6 +52,9 @@ impl AppState {
             prefetch_wake: Arc::new(Notify::new()),
             prune_wake: Arc::new(Notify::new()),
             admin_auth: Arc::default(),
+            fills: Arc::default(),
+            fetcher: Arc::new(fetcher),
+            upstream_auth: Arc::new(upstream_auth),
         })
     }
 }

@@ -7,6 +7,7 @@ mod inspect_image;
 mod maintain;
 mod manage;
 mod provision;
+mod serve;
 
 use anyhow::{Context, Result};
 use imgcache_store::{Cache, Key};
@@ -48,5 +49,6 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Fetch(args) => provision::fetch(ctx, args),
         Command::Cleanup { cache, amount } => provision::cleanup(ctx, cache.as_deref(), amount),
         Command::Caches => provision::caches(ctx),
+        Command::Serve(args) => serve::serve(ctx, args),
     }
 }

@@ -1,0 +1,363 @@
+//! Misses: one origin download per key, every concurrent client served from the growing file.
+//!
+//! The first miss for a key puts a [`Fill`] in the in-process map and spawns its download task;
+//! later misses for the same key find it there and follow it. Other processes sharing the cache
+//! directory are kept out by the store's per-key flock, which the download task holds from
+//! before it asks the origin until the image is published or discarded.
+//!
+//! Readers follow the writer through a `watch` of the fill's [`Phase`]: the writer thread
+//! reports the bytes *written* to `incomplete/<key>` after each chunk, and each reader reads
+//! (by `pread`, on its own descriptor of the same inode, so the later rename to the published
+//! name or to `invalid/` changes nothing for it) up to that point. A reader whose response ends
+//! at the image's last byte holds that byte back until the image is verified and published, so
+//! a checksum mismatch or an origin failure always reaches it as an error (its connection is
+//! cut), never as a clean, complete-looking 200.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use futures_util::StreamExt;
+use imgcache_fetch::download::{WrittenHook, stream_into_reporting};
+use imgcache_fetch::source::{BodyStream, Response};
+use imgcache_fetch::{FetchError, Href, Quiet};
+use imgcache_store::{Integrity, Key, StoreError};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Where a fill is.
+#[derive(Clone, Debug)]
+pub enum Phase {
+    /// Taking the key lock, asking the origin.
+    Starting,
+    /// Bytes `0..written` are in the file and may be read.
+    Streaming { written: u64 },
+    /// Verified and published; the file holds `size` bytes.
+    Done { size: u64 },
+    /// Someone else (another process) published the image: serve it as a hit.
+    Published,
+    /// The image cannot be cached (larger than the cache may hold): each client streams it
+    /// from the origin itself.
+    Passthrough,
+    /// Failed. Readers already streaming abort; new ones answer with this status.
+    Failed {
+        status: StatusCode,
+        message: Arc<str>,
+    },
+}
+
+/// What readers need once bytes flow.
+#[derive(Debug)]
+pub struct Streaming {
+    /// A read-only descriptor of `incomplete/<key>`, opened before the first byte was written.
+    pub file: Arc<File>,
+    /// Total size, when the origin said.
+    pub size: Option<u64>,
+    /// The checksum the origin vouches for (the ETag of the response).
+    pub checksum: Option<Integrity>,
+}
+
+pub struct Fill {
+    pub key: Key,
+    phase: watch::Sender<Phase>,
+    info: OnceLock<Streaming>,
+}
+
+impl Fill {
+    fn new(key: Key) -> Fill {
+        Fill {
+            key,
+            phase: watch::Sender::new(Phase::Starting),
+            info: OnceLock::new(),
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    pub fn info(&self) -> Option<&Streaming> {
+        self.info.get()
+    }
+}
+
+/// Where an image comes from, for a miss.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub href: Href,
+    /// The href as the client gave it (the key and the record's `href` prop come from it).
+    pub href_raw: String,
+    /// Token for an upstream Glance download (the configured one wins when set).
+    pub glance_token: Option<String>,
+}
+
+/// The fills in progress.
+pub struct Fills {
+    map: Mutex<HashMap<Key, Arc<Fill>>>,
+    cancel: watch::Sender<bool>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+impl Default for Fills {
+    fn default() -> Self {
+        Fills {
+            map: Mutex::new(HashMap::new()),
+            cancel: watch::Sender::new(false),
+            tasks: Mutex::new(JoinSet::new()),
+        }
+    }
+}
+
+impl Fills {
+    /// The fill for `key`: the running one, or a new one whose download starts now.
+    pub fn join_or_start(&self, state: &AppState, key: &Key, origin: Origin) -> Arc<Fill> {
+        let mut map = self.map.lock().expect("poisoned");
+        if let Some(f) = map.get(key) {
+            return f.clone();
+        }
+        let fill = Arc::new(Fill::new(key.clone()));
+        map.insert(key.clone(), fill.clone());
+        drop(map);
+        if *self.cancel.borrow() {
+            fill.phase.send_replace(Phase::Failed {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "the server is shutting down".into(),
+            });
+            self.forget(&fill);
+            return fill;
+        }
+        let st = state.clone();
+        let f = fill.clone();
+        let mut tasks = self.tasks.lock().expect("poisoned");
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            let end = run(&st, &f, &origin).await;
+            if let Err(e) = &end {
+                tracing::warn!(key = %f.key, error = %e.message, "download failed");
+            }
+            f.phase.send_replace(match end {
+                Ok(p) => p,
+                Err(e) => Phase::Failed {
+                    status: e.status,
+                    message: e.message.into(),
+                },
+            });
+            st.fills.forget(&f);
+        });
+        fill
+    }
+
+    /// Downloads in progress.
+    pub fn in_progress(&self) -> usize {
+        self.map.lock().expect("poisoned").len()
+    }
+
+    fn forget(&self, fill: &Arc<Fill>) {
+        let mut map = self.map.lock().expect("poisoned");
+        if map.get(&fill.key).is_some_and(|f| Arc::ptr_eq(f, fill)) {
+            map.remove(&fill.key);
+        }
+    }
+
+    /// Shutdown: every download still running is aborted (its file goes to `invalid/`,
+    /// nothing is published) and new misses are refused. Waits for the tasks to wind up.
+    pub async fn abort_all(&self, within: Duration) {
+        self.cancel.send_replace(true);
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("poisoned"));
+        let all = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(within, all).await.is_err() {
+            tracing::warn!("downloads did not stop in time");
+        }
+    }
+
+    pub(crate) fn cancelled(&self) -> watch::Receiver<bool> {
+        self.cancel.subscribe()
+    }
+}
+
+/// The download task. Ok(final phase) or the error new readers answer with.
+async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phase, ApiError> {
+    let cache = state.cache.clone();
+    let key = fill.key.clone();
+    // Another process writing this key holds its flock: wait for it, then find it published.
+    let lock = blocking(move || cache.lock_key(&key)).await?;
+    let cache = state.cache.clone();
+    let key = fill.key.clone();
+    if blocking(move || cache.get_record(&key)).await?.is_some() {
+        return Ok(Phase::Published);
+    }
+    state.metrics.origin_requests.inc();
+    let response = state
+        .fetcher
+        .origin_get(&origin.href, origin.glance_token.clone())
+        .await
+        .map_err(origin_error)?;
+    let (meta, body) = match response {
+        Response::Body { meta, body } => (meta, body),
+        Response::LocalFile { .. } => {
+            // A file:// source: linked (or copied) into place by the fetch layer, which
+            // takes the key lock itself.
+            drop(lock);
+            state
+                .fetcher
+                .download(&origin.href_raw, None)
+                .await
+                .map_err(origin_error)?;
+            return Ok(Phase::Published);
+        }
+        Response::NotModified => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "origin answered 304 to an unconditional request",
+            ));
+        }
+    };
+    let max = state.config.max_size;
+    if let Some(size) = meta.size {
+        if size > max {
+            tracing::info!(key = %fill.key, size, max, "larger than the cache: streamed without caching");
+            return Ok(Phase::Passthrough);
+        }
+        // A hard limit: make room before the first byte lands.
+        let cache = state.cache.clone();
+        let report = blocking(move || cache.prune(max - size)).await?;
+        state.metrics.evictions.inc_by(report.evicted.len() as u64);
+        if report.size_after + size > max {
+            tracing::info!(key = %fill.key, size, "no room (images in use): streamed without caching");
+            return Ok(Phase::Passthrough);
+        }
+    }
+    let writer = state
+        .fetcher
+        .open_download_writer(&fill.key, lock, &origin.href_raw, &meta)
+        .map_err(origin_error)?;
+    let file = File::open(writer.path())
+        .map_err(|e| ApiError::internal(format!("open {}: {e}", writer.path().display())))?;
+    let _ = fill.info.set(Streaming {
+        file: Arc::new(file),
+        size: meta.size,
+        checksum: meta.checksum.clone(),
+    });
+    fill.phase.send_replace(Phase::Streaming { written: 0 });
+
+    state.metrics.inflight_downloads.inc();
+    let _inflight = scopeguard(&state.metrics.inflight_downloads);
+    let hook: WrittenHook = {
+        let f = fill.clone();
+        Arc::new(move |n| {
+            f.phase.send_replace(Phase::Streaming { written: n });
+        })
+    };
+    let body = watched(
+        body,
+        state.fills.cancelled(),
+        state.metrics.bytes_from_origin.clone(),
+    );
+    let origin_name = origin.href.to_string();
+    let writer = stream_into_reporting(writer, body, meta.size, &origin_name, &Quiet, Some(hook))
+        .await
+        .map_err(origin_error)?;
+    let rec = match state.fetcher.commit_download(writer, &origin.href).await {
+        Ok(rec) => rec,
+        Err(e) => {
+            if matches!(e, FetchError::Checksum { .. }) {
+                state.metrics.checksum_failures.inc();
+            }
+            return Err(origin_error(e));
+        }
+    };
+    if meta.size.is_none() && rec.size > 0 {
+        // Size learnt only now: bring the cache back under its limit.
+        let cache = state.cache.clone();
+        if let Ok(report) = blocking(move || cache.prune(max)).await {
+            state.metrics.evictions.inc_by(report.evicted.len() as u64);
+        }
+    }
+    Ok(Phase::Done { size: rec.size })
+}
+
+struct GaugeGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+fn scopeguard(g: &prometheus_client::metrics::gauge::Gauge) -> GaugeGuard<'_> {
+    GaugeGuard(g)
+}
+
+/// The origin's body, counted, and cut with an error when the server shuts down (so the
+/// download fails and its file goes to `invalid/`).
+pub fn watched(body: BodyStream, cancel: watch::Receiver<bool>, counter: Counter) -> BodyStream {
+    Box::pin(futures_util::stream::unfold(
+        Some((body, cancel)),
+        move |state| {
+            let counter = counter.clone();
+            async move {
+                let (mut body, mut cancel) = state?;
+                let stop = async {
+                    let _ = cancel.wait_for(|c| *c).await;
+                };
+                tokio::select! {
+                    biased;
+                    _ = stop => Some((
+                        Err(FetchError::Origin {
+                            url: "(shutdown)".into(),
+                            reason: "the server is shutting down".into(),
+                        }),
+                        None,
+                    )),
+                    item = body.next() => match item {
+                        Some(Ok(b)) => {
+                            counter.inc_by(b.len() as u64);
+                            Some((Ok(b), Some((body, cancel))))
+                        }
+                        Some(Err(e)) => Some((Err(e), None)),
+                        None => None,
+                    },
+                }
+            }
+        },
+    ))
+}
+
+/// How an origin or store failure reaches a client that has no bytes yet.
+pub fn origin_error(e: FetchError) -> ApiError {
+    match &e {
+        FetchError::Status { status, .. } if matches!(status, 401 | 403 | 404) => ApiError::new(
+            StatusCode::from_u16(*status).expect("valid status"),
+            e.to_string(),
+        ),
+        FetchError::GlanceNotActive { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+        FetchError::FileNotAllowed { .. } => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
+        FetchError::BadHref { .. } | FetchError::UnsupportedScheme { .. } => {
+            ApiError::bad_request(e.to_string())
+        }
+        FetchError::NoGlance { .. } => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        FetchError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            ApiError::not_found(e.to_string())
+        }
+        FetchError::Store(StoreError::DiskFull { .. }) => {
+            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
+        _ => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+/// Runs blocking store work off the async runtime.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("blocking task: {e}")))?
+        .map_err(ApiError::from)
+}

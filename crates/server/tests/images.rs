@@ -1,0 +1,540 @@
+//! Image serving through the real server loop (`imgcache_server::run_on` on 127.0.0.1:0)
+//! against an in-process fake Glance / http origin, with real clients (reqwest, curl, aria2c).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ID: &str = "6a2b5b54-2d8c-4d6a-9f4e-0c1b2c3d4e5f";
+const ID2: &str = "7b3c6c65-3e9d-4e7b-8a5f-1d2c3e4f5a6b";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn miss_then_hit_byte_exact_with_headers_and_ranges() {
+    let fake = Fake::start().await;
+    let data = image_bytes(3 * MIB + 17, 1);
+    fake.add(ID, Img::new(data.clone()));
+    let mut srv = Server::start(&fake, |_| {}).await;
+    let c = client();
+    let get = |range: Option<&str>, if_range: Option<&str>| {
+        let mut r = c.get(srv.image_url(ID)).header("x-auth-token", GOOD_TOKEN);
+        if let Some(v) = range {
+            r = r.header("range", v);
+        }
+        if let Some(v) = if_range {
+            r = r.header("if-range", v);
+        }
+        r.send()
+    };
+
+    // Miss, with curl: byte-exact; then published.
+    let out = srv.dir.path().join("out");
+    let (ok, _, err) = run_cmd(
+        "curl",
+        vec![
+            "-sSf".into(),
+            "-H".into(),
+            format!("X-Auth-Token: {GOOD_TOKEN}"),
+            "-o".into(),
+            out.display().to_string(),
+            srv.image_url(ID),
+        ],
+    )
+    .await;
+    assert!(ok, "curl: {err}");
+    assert_eq!(read(&out), data.as_ref());
+    assert_eq!(read(&srv.published(ID)), data.as_ref());
+
+    // Hit: same bytes, headers, and the origin saw one data request in all.
+    let r = get(None, None).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers().clone();
+    assert_eq!(h["content-length"], data.len().to_string().as_str());
+    assert_eq!(h["accept-ranges"], "bytes");
+    let md5 = md5_hex(&data);
+    let etag = format!("\"{md5}\"");
+    assert_eq!(h["etag"], etag.as_str());
+    assert_eq!(h["content-md5"], base64(&hex_bytes(&md5)).as_str());
+    let last_modified = h["last-modified"].to_str().unwrap().to_string();
+    assert!(httpdate::parse_http_date(&last_modified).is_ok());
+    assert_eq!(r.bytes().await.unwrap(), data);
+    assert_eq!(fake.data_requests(ID), 1);
+
+    // HEAD: headers only.
+    let r = c
+        .head(srv.image_url(ID))
+        .header("x-auth-token", GOOD_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        data.len().to_string().as_str()
+    );
+    assert_eq!(r.bytes().await.unwrap().len(), 0);
+
+    // Ranges.
+    let len = data.len();
+    let r = get(Some("bytes=100-199"), None).await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 100-199/{len}").as_str()
+    );
+    assert!(r.headers().get("content-md5").is_none());
+    assert_eq!(r.bytes().await.unwrap(), data.slice(100..200));
+    let r = get(Some("bytes=-10"), None).await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), data.slice(len - 10..));
+    let r = get(Some(&format!("bytes={}-", len - 5)), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), data.slice(len - 5..));
+    let r = get(Some(&format!("bytes={len}-")), None).await.unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes */{len}").as_str()
+    );
+    for whole in ["bytes=0-1,5-9", "bytes=x-y", "pages=1-2", "bytes=9-1"] {
+        let r = get(Some(whole), None).await.unwrap();
+        assert_eq!(r.status(), 200, "{whole}");
+        assert_eq!(r.bytes().await.unwrap(), data, "{whole}");
+    }
+    // If-Range: a matching validator gets the range, a stale one the whole image.
+    let r = get(Some("bytes=0-9"), Some(&etag)).await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), data.slice(0..10));
+    let r = get(Some("bytes=0-9"), Some(&last_modified)).await.unwrap();
+    assert_eq!(r.status(), 206);
+    let r = get(Some("bytes=0-9"), Some("\"stale\"")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), data);
+    assert_eq!(fake.data_requests(ID), 1);
+    srv.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn private_images_need_a_token_upstream_accepts() {
+    let fake = Fake::start().await;
+    let data = image_bytes(MIB, 2);
+    fake.add(
+        ID,
+        Img {
+            private: true,
+            ..Img::new(data.clone())
+        },
+    );
+    let mut srv = Server::start(&fake, |_| {}).await;
+    let c = client();
+    // Cache it with a good token.
+    let r = c
+        .get(srv.image_url(ID))
+        .header("x-auth-token", GOOD_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), data);
+    assert!(srv.published(ID).exists());
+    // Cached now, but a token upstream refuses gets upstream's 403, and no token 401.
+    for (token, status) in [(Some(STRANGER_TOKEN), 403), (None, 401)] {
+        let mut r = c.get(srv.image_url(ID));
+        if let Some(t) = token {
+            r = r.header("x-auth-token", t);
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), status);
+        let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["code"], status);
+    }
+    // An image upstream does not know: 404 passes through.
+    let r = c
+        .get(srv.image_url(ID2))
+        .header("x-auth-token", GOOD_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(fake.data_requests(ID), 1);
+    srv.stop().await.unwrap();
+}
+
+/// 64 clients on one uncached image from a throttled origin: one origin data request, every
+/// client byte-exact, and bytes reach the clients while the download is still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_clients_one_origin_request_streamed_while_filling() {
+    let fake = Fake::start().await;
+    let data = image_bytes(4 * MIB, 3);
+    fake.add(
+        ID,
+        Img {
+            throttle: Some((128 << 10, Duration::from_millis(25))),
+            ..Img::new(data.clone())
+        },
+    );
+    let srv = Server::start(&fake, |_| {}).await;
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let c = c.clone();
+        let url = srv.image_url(ID);
+        // Half of them ask for a range in the middle: they wait only for their own bytes.
+        let range = (i % 2 == 1).then_some((MIB, 2 * MIB));
+        tasks.push(tokio::spawn(async move {
+            let mut req = c.get(url).header("x-auth-token", GOOD_TOKEN);
+            if let Some((s, e)) = range {
+                req = req.header("range", format!("bytes={s}-{}", e - 1));
+            }
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let mut first = None;
+            let mut got = Vec::new();
+            let mut s = r.bytes_stream();
+            while let Some(chunk) = s.next().await {
+                let chunk = chunk.unwrap();
+                if first.is_none() && !chunk.is_empty() {
+                    first = Some(Instant::now());
+                }
+                got.extend_from_slice(&chunk);
+            }
+            (status, range, got, first.unwrap())
+        }));
+    }
+    let mut firsts = Vec::new();
+    for t in tasks {
+        let (status, range, got, first) = t.await.unwrap();
+        match range {
+            None => {
+                assert_eq!(status, 200);
+                assert!(got == data.as_ref(), "full body differs");
+            }
+            Some((s, e)) => {
+                assert_eq!(status, 206);
+                assert!(got == data[s..e], "range body differs");
+            }
+        }
+        firsts.push(first);
+    }
+    assert_eq!(fake.data_requests(ID), 1, "one origin data request");
+    let end = fake.body_end(ID).expect("origin finished");
+    let early = firsts.iter().filter(|f| **f < end).count();
+    assert_eq!(
+        early, 64,
+        "every client got bytes before the origin finished"
+    );
+    assert_eq!(read(&srv.published(ID)), data.as_ref());
+}
+
+async fn all_clients_fail(srv: &Server, n: usize) {
+    let c = client();
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let c = c.clone();
+        let url = srv.image_url(ID);
+        tasks.push(tokio::spawn(async move {
+            let r = c.get(url).header("x-auth-token", GOOD_TOKEN).send().await;
+            match r {
+                Err(_) => true,
+                Ok(r) if r.status() != 200 => true,
+                Ok(r) => r.bytes().await.is_err(),
+            }
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap(), "a client saw a clean 200");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn origin_dies_mid_download_every_client_sees_an_error() {
+    let fake = Fake::start().await;
+    let data = image_bytes(4 * MIB, 4);
+    fake.add(
+        ID,
+        Img {
+            throttle: Some((256 << 10, Duration::from_millis(10))),
+            die_after: Some(2 * MIB),
+            ..Img::new(data.clone())
+        },
+    );
+    let mut srv = Server::start(&fake, |_| {}).await;
+    all_clients_fail(&srv, 8).await;
+    assert!(!srv.published(ID).exists(), "nothing published");
+    let invalid = srv.invalid(ID);
+    assert!(
+        common_wait(|| invalid.exists()).await,
+        "invalid/ holds the partial file"
+    );
+    srv.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checksum_mismatch_aborts_every_reader() {
+    let fake = Fake::start().await;
+    let data = image_bytes(2 * MIB, 5);
+    fake.add(
+        ID,
+        Img {
+            md5: Some("0".repeat(32)),
+            throttle: Some((256 << 10, Duration::from_millis(5))),
+            ..Img::new(data)
+        },
+    );
+    let mut srv = Server::start(&fake, |_| {}).await;
+    all_clients_fail(&srv, 8).await;
+    assert!(!srv.published(ID).exists());
+    let invalid = srv.invalid(ID);
+    assert!(common_wait(|| invalid.exists()).await);
+    let metrics = client()
+        .get(srv.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    if metrics.contains("checksum_failures") {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("imgcache_checksum_failures_total 1")),
+            "{metrics}"
+        );
+    }
+    srv.stop().await.unwrap();
+}
+
+async fn common_wait(mut f: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_mid_download_publishes_nothing() {
+    let fake = Fake::start().await;
+    let data = image_bytes(4 * MIB, 6);
+    fake.add(
+        ID,
+        Img {
+            throttle: Some((64 << 10, Duration::from_millis(50))),
+            ..Img::new(data)
+        },
+    );
+    let mut srv = Server::start(&fake, |c| c.shutdown_grace = Duration::from_millis(300)).await;
+    let c = client();
+    let url = srv.image_url(ID);
+    let reader = tokio::spawn(async move {
+        let r = c
+            .get(url)
+            .header("x-auth-token", GOOD_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        r.bytes().await.is_err()
+    });
+    let incomplete = srv.cache_dir().join("incomplete").join(ID);
+    assert!(common_wait(|| incomplete.exists()).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    srv.stop().await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(reader.await.unwrap(), "the client saw the cut");
+    assert!(!srv.published(ID).exists(), "nothing published");
+    assert!(
+        srv.invalid(ID).exists(),
+        "the partial file went to invalid/"
+    );
+    // And the store has no record of it.
+    let cache =
+        imgcache_store::Cache::open(srv.cache_dir(), imgcache_store::DriverKind::Sqlite).unwrap();
+    assert!(cache.get_cached_images().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fetch_by_href_only_under_allowed_prefixes() {
+    let fake = Fake::start().await;
+    let data = image_bytes(MIB + 3, 7);
+    fake.add("a.img", Img::new(data.clone()));
+    let mut srv = Server::start(&fake, |_| {}).await;
+    let c = client();
+    let fetch = |href: String| {
+        let url =
+            reqwest::Url::parse_with_params(&srv.url("/v1/fetch"), &[("href", href)]).unwrap();
+        c.get(url).send()
+    };
+    let href = format!("{}/files/a.img", fake.url());
+    for _ in 0..2 {
+        let r = fetch(href.clone()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap(), data);
+    }
+    assert_eq!(fake.data_requests("a.img"), 1);
+    let key = imgcache_fetch::cache_key(&imgcache_fetch::Href::parse(&href).unwrap(), &href, false);
+    assert!(srv.published(key.as_str()).exists());
+    for (href, status) in [
+        (format!("{}/private/a.img", fake.url()), 403),
+        (format!("{}/files/../private/a.img", fake.url()), 403),
+        ("http://example.com/x".to_string(), 403),
+        (String::new(), 400),
+    ] {
+        let r = fetch(href.clone()).await.unwrap();
+        assert_eq!(r.status(), status, "{href}");
+    }
+    let r = c.get(srv.url("/v1/fetch")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    srv.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn too_big_for_the_cache_is_streamed_without_caching() {
+    let fake = Fake::start().await;
+    let data = image_bytes(2 * MIB, 8);
+    fake.add(ID, Img::new(data.clone()));
+    let mut srv = Server::start(&fake, |c| c.max_size = MIB as u64).await;
+    let r = client()
+        .get(srv.image_url(ID))
+        .header("x-auth-token", GOOD_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), data);
+    assert!(!srv.published(ID).exists());
+    srv.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_clean_4xx_and_the_server_keeps_serving() {
+    let fake = Fake::start().await;
+    let data = image_bytes(64 << 10, 9);
+    fake.add(ID, Img::new(data.clone()));
+    let mut srv = Server::start(&fake, |_| {}).await;
+    let c = client();
+    let long = "a".repeat(300);
+    for id in [
+        "%2e%2e",
+        "..",
+        "a%2Fb",
+        "a%00b",
+        ".hidden",
+        long.as_str(),
+        "%ff",
+        "%2E%2E%2Fx",
+    ] {
+        let (status, body) = raw_get(
+            srv.addr,
+            &format!("/v2/images/{id}/file"),
+            &format!("X-Auth-Token: {GOOD_TOKEN}\r\n"),
+        )
+        .await;
+        assert_eq!(status, 400, "{id}: {body}");
+        let body: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or_else(|e| {
+            // A chunked body: take the JSON object out of it.
+            let start = body
+                .find('{')
+                .unwrap_or_else(|| panic!("{id}: {e}: {body}"));
+            let end = body.rfind('}').unwrap();
+            serde_json::from_str(&body[start..=end]).unwrap()
+        });
+        assert_eq!(body["code"], 400, "{id}");
+    }
+    // Not a UUID: Glance would not know it.
+    let r = c
+        .get(srv.image_url("not-a-uuid"))
+        .header("x-auth-token", GOOD_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // Huge headers: 431, not a crash.
+    let (status, _) = raw_get(
+        srv.addr,
+        &format!("/v2/images/{ID}/file"),
+        &format!(
+            "X-Auth-Token: {GOOD_TOKEN}\r\nX-Junk: {}\r\n",
+            "j".repeat(100 << 10)
+        ),
+    )
+    .await;
+    assert_eq!(status, 431);
+    // Slowloris: a request head that never ends is cut after the header read timeout.
+    let mut slow = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    slow.write_all(b"GET /v2/images/").await.unwrap();
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "slowloris connection still open after 10 s");
+    assert!(t.elapsed() >= Duration::from_millis(500));
+    // Still serving.
+    let r = c
+        .get(srv.image_url(ID))
+        .header("x-auth-token", GOOD_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), data);
+    srv.stop().await.unwrap();
+}
+
+/// aria2c with 8 ranged connections, through the server, on a miss and then on a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aria2c_eight_connections_on_a_miss_and_a_hit() {
+    assert!(
+        have("aria2c"),
+        "aria2c is needed for this test: apt-get install -y aria2"
+    );
+    let fake = Fake::start().await;
+    let data = image_bytes(24 * MIB + 5, 10);
+    fake.add(
+        ID,
+        Img {
+            throttle: Some((512 << 10, Duration::from_millis(5))),
+            ..Img::new(data.clone())
+        },
+    );
+    let mut srv = Server::start(&fake, |_| {}).await;
+    let out = Arc::new(tempfile::tempdir().unwrap());
+    for name in ["miss.img", "hit.img"] {
+        let (ok, stdout, err) = run_cmd(
+            "aria2c",
+            vec![
+                "-x8".into(),
+                "-s8".into(),
+                "-k1M".into(),
+                "--min-split-size=1M".into(),
+                "--file-allocation=none".into(),
+                "--allow-overwrite=true".into(),
+                "--console-log-level=warn".into(),
+                "--summary-interval=0".into(),
+                format!("--header=X-Auth-Token: {GOOD_TOKEN}"),
+                "-d".into(),
+                out.path().display().to_string(),
+                "-o".into(),
+                name.into(),
+                srv.image_url(ID),
+            ],
+        )
+        .await;
+        assert!(ok, "aria2c: {err} {}", String::from_utf8_lossy(&stdout));
+        assert!(
+            read(&out.path().join(name)) == data.as_ref(),
+            "{name} differs"
+        );
+    }
+    assert_eq!(fake.data_requests(ID), 1);
+    srv.stop().await.unwrap();
+}
