@@ -38,9 +38,7 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<()> {
         Command::List { queued } => inspect::list(ctx, queued),
         Command::Stats => inspect::stats(ctx),
         Command::Add(args) => add::add(ctx, args),
-        Command::Inspect { file, format } => {
-            inspect_image::inspect(ctx, &file, format.as_deref())
-        }
+        Command::Inspect { file, format } => inspect_image::inspect(ctx, &file, format.as_deref()),
         Command::Queue { key } => manage::queue(ctx, &key),
         Command::Delete { key } => manage::delete(ctx, &key),
         Command::Clear { target } => manage::clear(ctx, target),
