@@ -49,13 +49,13 @@ impl std::fmt::Debug for AdminAuth {
 pub struct Admin;
 
 impl FromRequestParts<AppState> for Admin {
-    type Rejection = crate::cache_api::OpenStackError;
+    type Rejection = crate::error::ApiError;
 
     async fn from_request_parts(
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        Ok(check_admin(state, &parts.headers).await.map(|()| Admin)?)
+        check_admin(state, &parts.headers).await.map(|()| Admin)
     }
 }
 

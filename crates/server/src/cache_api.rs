@@ -29,33 +29,6 @@ use crate::auth::Admin;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// An error of the management API in OpenStack's JSON shape,
-/// `{"error": {"code": N, "title": "...", "message": "..."}}` (keystonemiddleware's): clients
-/// read the `message` of each object in the body, and python-glanceclient fails on a flat
-/// body (`'int' object has no attribute 'get'`) instead of reporting the error.
-#[derive(Debug)]
-pub struct OpenStackError(pub ApiError);
-
-impl From<ApiError> for OpenStackError {
-    fn from(e: ApiError) -> Self {
-        OpenStackError(e)
-    }
-}
-
-impl IntoResponse for OpenStackError {
-    fn into_response(self) -> Response {
-        let e = self.0;
-        let body = serde_json::json!({
-            "error": {
-                "code": e.status.as_u16(),
-                "title": e.status.canonical_reason().unwrap_or(""),
-                "message": e.message,
-            }
-        });
-        (e.status, Json(body)).into_response()
-    }
-}
-
 /// Image API versions served, newest first; the first is CURRENT.
 pub const VERSIONS: [&str; 5] = ["2.18", "2.17", "2.16", "2.15", "2.14"];
 
@@ -80,12 +53,14 @@ async fn schema(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> Result<Response, OpenStackError> {
+) -> Result<Response, ApiError> {
     let Some(base) = &state.config.sources.glance_url else {
-        return Err(ApiError::not_found("no upstream Glance to take schemas from").into());
+        return Err(ApiError::not_found(
+            "no upstream Glance to take schemas from",
+        ));
     };
     if !name.split('/').all(|seg| Key::new(seg).is_ok()) {
-        return Err(ApiError::bad_request("invalid schema name").into());
+        return Err(ApiError::bad_request("invalid schema name"));
     }
     let url = url::Url::parse(&format!(
         "{}/v2/schemas/{name}",
@@ -106,11 +81,13 @@ async fn schema(
         Err(imgcache_fetch::FetchError::Status { status, .. }) => Err(ApiError::new(
             StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
             "the upstream Glance refused the schema request",
-        )
-        .into()),
+        )),
         Err(e) => {
             tracing::warn!(error = %e, "cannot fetch a schema upstream");
-            Err(ApiError::new(StatusCode::BAD_GATEWAY, "cannot reach the upstream Glance").into())
+            Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "cannot reach the upstream Glance",
+            ))
         }
     }
 }
@@ -213,7 +190,7 @@ struct CacheState {
     queued_images: Vec<String>,
 }
 
-async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<CacheState>, OpenStackError> {
+async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<CacheState>, ApiError> {
     let cache = state.cache.clone();
     let (records, queued) =
         blocking(move || Ok((cache.get_cached_images()?, cache.get_queued_images()?))).await?;
@@ -237,7 +214,7 @@ async fn queue(
     _: Admin,
     State(state): State<AppState>,
     Path(image_id): Path<String>,
-) -> Result<StatusCode, OpenStackError> {
+) -> Result<StatusCode, ApiError> {
     let k = key(&image_id)?;
     let cache = state.cache.clone();
     // false when already cached, being cached or queued: nothing to do.
@@ -254,7 +231,7 @@ async fn delete_entry(
     _: Admin,
     State(state): State<AppState>,
     Path(image_id): Path<String>,
-) -> Result<StatusCode, OpenStackError> {
+) -> Result<StatusCode, ApiError> {
     let k = key(&image_id)?;
     let cache = state.cache.clone();
     blocking(move || {
@@ -277,7 +254,7 @@ async fn clear(
     _: Admin,
     State(state): State<AppState>,
     headers: HeaderMap,
-) -> Result<StatusCode, OpenStackError> {
+) -> Result<StatusCode, ApiError> {
     let raw = match headers.get(CLEAR_TARGET_HEADER) {
         None => String::new(),
         Some(v) => v
@@ -290,7 +267,7 @@ async fn clear(
         "" => ClearTarget::Both,
         "cache" => ClearTarget::Cache,
         "queue" => ClearTarget::Queue,
-        _ => return Err(bad_target().into()),
+        _ => return Err(bad_target()),
     };
     let cache = state.cache.clone();
     let (cached, queued) = blocking(move || {
@@ -317,7 +294,7 @@ fn bad_target() -> ApiError {
 }
 
 /// Glance answers 200 with an empty body.
-async fn clean(_: Admin, State(state): State<AppState>) -> Result<StatusCode, OpenStackError> {
+async fn clean(_: Admin, State(state): State<AppState>) -> Result<StatusCode, ApiError> {
     let cache = state.cache.clone();
     let stall = state.config.stall_time;
     let report = blocking(move || cache.clean(stall)).await?;
@@ -337,10 +314,7 @@ struct PruneResult {
     total_bytes_pruned: u64,
 }
 
-async fn prune(
-    _: Admin,
-    State(state): State<AppState>,
-) -> Result<Json<PruneResult>, OpenStackError> {
+async fn prune(_: Admin, State(state): State<AppState>) -> Result<Json<PruneResult>, ApiError> {
     let report = crate::workers::prune_now(&state).await?;
     Ok(Json(PruneResult {
         total_files_pruned: report.evicted.len() as u64,
@@ -354,7 +328,7 @@ async fn nodes(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(image_id): Path<String>,
-) -> Result<Json<Vec<String>>, OpenStackError> {
+) -> Result<Json<Vec<String>>, ApiError> {
     let k = key(&image_id)?;
     let cache = state.cache.clone();
     let here = blocking(move || cache.is_cached(&k)).await?;

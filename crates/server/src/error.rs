@@ -1,4 +1,7 @@
-//! API errors: a status and a message, sent as Glance-style JSON.
+//! API errors: a status and a message, sent in OpenStack's JSON shape,
+//! `{"error": {"code": N, "title": "...", "message": "..."}}` (keystonemiddleware's). Clients
+//! read the `message` of each object in the body: python-glanceclient fails on a flat body
+//! (`'int' object has no attribute 'get'`) instead of reporting the error.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -31,9 +34,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({
-            "code": self.status.as_u16(),
-            "title": self.status.canonical_reason().unwrap_or(""),
-            "message": self.message,
+            "error": {
+                "code": self.status.as_u16(),
+                "title": self.status.canonical_reason().unwrap_or(""),
+                "message": self.message,
+            }
         });
         (self.status, Json(body)).into_response()
     }

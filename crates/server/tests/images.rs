@@ -152,7 +152,7 @@ async fn private_images_need_a_token_upstream_accepts() {
         let r = r.send().await.unwrap();
         assert_eq!(r.status(), status);
         let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-        assert_eq!(body["code"], status);
+        assert_eq!(body["error"]["code"], status);
     }
     // An image upstream does not know: 404 passes through.
     let r = c
@@ -449,7 +449,7 @@ async fn bad_input_gets_clean_4xx_and_the_server_keeps_serving() {
             let end = body.rfind('}').unwrap();
             serde_json::from_str(&body[start..=end]).unwrap()
         });
-        assert_eq!(body["code"], 400, "{id}");
+        assert_eq!(body["error"]["code"], 400, "{id}");
     }
     // Not a UUID: Glance would not know it.
     let r = c
