@@ -1,0 +1,196 @@
+//! `imgcache serve` as an operator runs it: the real binary, the embedded SQLite default, no
+//! other set-up; an image fetched through it from an origin in this test, the cache API,
+//! metrics, and a clean exit on SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Serves `body` at any path, counting requests.
+fn origin(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            c.fetch_add(1, Ordering::SeqCst);
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream
+                .write_all(head.as_bytes())
+                .and_then(|_| stream.write_all(&body));
+        }
+    });
+    (url, count)
+}
+
+/// A minimal HTTP/1.1 client (no dependency for one GET): status, headers, body.
+fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, head, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let nl = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let len = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
+        if len == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + len]);
+        b = &b[nl + 2 + len + 2..];
+    }
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(cache: &std::path::Path, args: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("imgcache: serving on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Server { child, addr }
+}
+
+#[test]
+fn serve_caches_an_image_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cache = dir.path().join("cache");
+    let body: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let (base, count) = origin(body.clone());
+    let mut server = serve(
+        &cache,
+        &["--allow-href-prefix", &base, "--admin-token", "s3cret"],
+    );
+    let addr = server.addr.clone();
+
+    let (status, _, health) = request(&addr, "GET", "/healthz", &[]);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&health));
+
+    let path = format!("/v1/fetch?href={base}/img.raw");
+    for round in 0..2 {
+        let (status, head, got) = request(&addr, "GET", &path, &[]);
+        assert_eq!(status, 200, "round {round}: {head}");
+        assert_eq!(got, body, "round {round}");
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 1, "the second GET is a hit");
+    let (status, _, _) = request(&addr, "GET", "/v1/fetch?href=http://elsewhere/x", &[]);
+    assert_eq!(status, 403, "not an open proxy");
+
+    // The cache API lists it (admin token), and refuses without one.
+    let (status, _, list) = request(&addr, "GET", "/v2/cache", &[("X-Auth-Token", "s3cret")]);
+    assert_eq!(status, 200);
+    let list: serde_json::Value = serde_json::from_slice(&list).unwrap();
+    let cached = list["cached_images"].as_array().unwrap();
+    assert_eq!(cached.len(), 1);
+    assert_eq!(cached[0]["size"], body.len() as u64);
+    assert_eq!(cached[0]["hits"], 1);
+    assert_eq!(request(&addr, "GET", "/v2/cache", &[]).0, 401);
+
+    let (_, _, metrics) = request(&addr, "GET", "/metrics", &[]);
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(metrics.contains("imgcache_cache_hits_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("imgcache_cache_misses_total 1"),
+        "{metrics}"
+    );
+
+    // SIGTERM: a clean, prompt exit.
+    let pid = server.child.id() as i32;
+    assert_eq!(sigterm(pid), 0);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    // The published image survives the restart-less stop, readable by the CLI.
+    let out = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args(["list", "--json"])
+        .output()
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+}
+
+/// `kill -TERM pid` through the kill(1) command (no libc dependency for one call).
+fn sigterm(pid: i32) -> i32 {
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .map(|s| s.code().unwrap_or(1))
+        .unwrap_or(1)
+}
