@@ -16,7 +16,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::header::{
     ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, HeaderName, HeaderValue,
     LAST_MODIFIED,
@@ -33,6 +33,7 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::fill::{Origin, Phase, blocking, origin_error, watched};
 use crate::range::{self, Plan};
+use crate::sendfile::Sendfile;
 use crate::serve_file::{self, Follow};
 use crate::state::AppState;
 
@@ -53,6 +54,7 @@ async fn glance_file(
     State(state): State<AppState>,
     method: Method,
     path: Result<Path<String>, PathRejection>,
+    zero_copy: Option<Extension<Sendfile>>,
     headers: HeaderMap,
 ) -> Response {
     let Ok(Path(id)) = path else {
@@ -79,13 +81,23 @@ async fn glance_file(
         href_raw: uuid.hyphenated().to_string(),
         glance_token: token,
     };
-    serve(&state, key, origin, method == Method::HEAD, &headers).await
+    let zero_copy = zero_copy.map(|Extension(z)| z);
+    serve(
+        &state,
+        key,
+        origin,
+        method == Method::HEAD,
+        zero_copy,
+        &headers,
+    )
+    .await
 }
 
 async fn fetch(
     State(state): State<AppState>,
     method: Method,
     RawQuery(query): RawQuery,
+    zero_copy: Option<Extension<Sendfile>>,
     headers: HeaderMap,
 ) -> Response {
     let href_raw = query.as_deref().and_then(|q| {
@@ -134,18 +146,29 @@ async fn fetch(
         href_raw,
         glance_token: None,
     };
-    serve(&state, key, origin, method == Method::HEAD, &headers).await
+    let zero_copy = zero_copy.map(|Extension(z)| z);
+    serve(
+        &state,
+        key,
+        origin,
+        method == Method::HEAD,
+        zero_copy,
+        &headers,
+    )
+    .await
 }
 
-/// A hit, else the key's download.
+/// A hit, else the key's download. `zero_copy`: the connection can send a hit with
+/// `sendfile` (plain-TCP HTTP/1).
 async fn serve(
     state: &AppState,
     key: Key,
     origin: Origin,
     head: bool,
+    zero_copy: Option<Sendfile>,
     headers: &HeaderMap,
 ) -> Response {
-    match hit(state, &key, head, headers).await {
+    match hit(state, &key, head, zero_copy.clone(), headers).await {
         Ok(Some(resp)) => return resp,
         Ok(None) => {}
         Err(e) => return e.into_response(),
@@ -178,7 +201,7 @@ async fn serve(
                     serve_file::body(file, start, end, Some(Follow { phase: rx, total }), counter)
                 });
             }
-            Phase::Published => match hit(state, &key, head, headers).await {
+            Phase::Published => match hit(state, &key, head, zero_copy.clone(), headers).await {
                 Ok(Some(resp)) => return resp,
                 Ok(None) => continue,
                 Err(e) => return e.into_response(),
@@ -193,11 +216,13 @@ async fn serve(
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "image is changing; retry").into_response()
 }
 
-/// Serves a published image, or `None` when it is not cached.
+/// Serves a published image, or `None` when it is not cached. With `zero_copy`, the body goes
+/// from the file to the socket with `sendfile` ([`crate::sendfile`]); the headers are the same.
 async fn hit(
     state: &AppState,
     key: &Key,
     head: bool,
+    zero_copy: Option<Sendfile>,
     headers: &HeaderMap,
 ) -> Result<Option<Response>, ApiError> {
     let cache = state.cache.clone();
@@ -217,9 +242,18 @@ async fn hit(
     let meta = hit_meta(reader.record());
     let file = Arc::new(reader.into_file());
     let counter = state.metrics.bytes_from_cache.clone();
-    Ok(Some(respond(&meta, headers, false, move |start, end| {
-        serve_file::body(file, start, end, None, counter)
-    })))
+    let zero_copied = state.metrics.bytes_sendfile.clone();
+    Ok(Some(respond(
+        &meta,
+        headers,
+        false,
+        move |start, end| match (zero_copy, end) {
+            (Some(conn), Some(end)) => {
+                crate::sendfile::body(conn, file, start, end, counter, zero_copied)
+            }
+            _ => serve_file::body(file, start, end, None, counter),
+        },
+    )))
 }
 
 fn hit_meta(rec: &Record) -> RespMeta {

@@ -12,6 +12,7 @@ pub mod images;
 pub mod metrics;
 pub mod range;
 pub mod router;
+pub mod sendfile;
 pub mod serve_file;
 pub mod state;
 pub mod upstream_auth;
@@ -80,7 +81,10 @@ pub async fn run_on(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(MAX_HEAD_BYTES.max(8192));
+        .max_buf_size(MAX_HEAD_BYTES.max(8192))
+        // The queued write strategy hands body buffers to the IO uncopied, which the
+        // sendfile path relies on (see `sendfile`).
+        .writev(true);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -113,7 +117,13 @@ pub async fn run_on(
                 conns.spawn(async move {
                     let result = match tls {
                         None => {
-                            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+                            // Plain TCP: hits on HTTP/1 go out with sendfile.
+                            let io = sendfile::SendfileStream::new(tcp);
+                            let service = WithSendfile {
+                                inner: service,
+                                handle: io.handle(),
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(io), service);
                             watcher.watch(conn.into_owned()).await
                         }
                         Some(acceptor) => {
@@ -157,6 +167,30 @@ pub async fn run_on(
     state.fills.abort_all(Duration::from_secs(30)).await;
     workers.stop().await;
     Ok(())
+}
+
+/// Puts the connection's [`sendfile::Sendfile`] handle into the extensions of its HTTP/1
+/// requests (never HTTP/2: its frames must carry real bytes).
+#[derive(Clone)]
+struct WithSendfile<S> {
+    inner: S,
+    handle: sendfile::Sendfile,
+}
+
+impl<S, B> hyper::service::Service<hyper::Request<B>> for WithSendfile<S>
+where
+    S: hyper::service::Service<hyper::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut req: hyper::Request<B>) -> Self::Future {
+        if req.version() <= hyper::Version::HTTP_11 {
+            req.extensions_mut().insert(self.handle.clone());
+        }
+        self.inner.call(req)
+    }
 }
 
 /// The address a listener is bound to, for callers that bound port 0.

@@ -11,6 +11,7 @@ pub struct Metrics {
     pub hits: Counter,
     pub misses: Counter,
     pub bytes_from_cache: Counter,
+    pub bytes_sendfile: Counter,
     pub bytes_from_origin: Counter,
     pub origin_requests: Counter,
     pub inflight_downloads: Gauge,
@@ -28,6 +29,7 @@ impl Metrics {
             hits: Counter::default(),
             misses: Counter::default(),
             bytes_from_cache: Counter::default(),
+            bytes_sendfile: Counter::default(),
             bytes_from_origin: Counter::default(),
             origin_requests: Counter::default(),
             inflight_downloads: Gauge::default(),
@@ -52,6 +54,11 @@ impl Metrics {
             "served_from_cache_bytes",
             "Bytes sent from cached images",
             m.bytes_from_cache.clone(),
+        );
+        registry.register(
+            "served_sendfile_bytes",
+            "Bytes of cached images sent with sendfile (zero-copy; also in served_from_cache)",
+            m.bytes_sendfile.clone(),
         );
         registry.register(
             "fetched_from_origin_bytes",

@@ -538,3 +538,282 @@ async fn aria2c_eight_connections_on_a_miss_and_a_hit() {
     assert_eq!(fake.data_requests(ID), 1);
     srv.stop().await.unwrap();
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` from `s`, `buf` holding bytes already
+/// read past the previous response; returns the head's lines and the body.
+async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (Vec<String>, Vec<u8>) {
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = vec![0u8; 64 << 10];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before the head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head: Vec<String> = String::from_utf8(buf[..head_end - 4].to_vec())
+        .unwrap()
+        .split("\r\n")
+        .map(str::to_owned)
+        .collect();
+    buf.drain(..head_end);
+    let len: usize = head
+        .iter()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.parse().unwrap())
+        })
+        .expect("content-length");
+    while buf.len() < len {
+        let mut chunk = vec![0u8; 1 << 20];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf.drain(..len).collect();
+    (head, body)
+}
+
+/// The head's lines without `date` (which changes between responses), sorted.
+fn head_without_date(head: &[String]) -> Vec<String> {
+    let mut h: Vec<String> = head
+        .iter()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+        .map(|l| l.to_ascii_lowercase())
+        .collect();
+    h.sort();
+    h
+}
+
+async fn sendfile_bytes(srv: &Server) -> u64 {
+    let text = client()
+        .get(srv.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("imgcache_served_sendfile_bytes_total "))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Hits on plain HTTP/1.1 go out with sendfile: full and ranged bodies byte-exact (across the
+/// 8 MiB span boundaries), the exact headers of the hit response (the same as HEAD's, status
+/// line included), keep-alive and pipelining intact; HTTP/2 (h2c) keeps the user-space path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sendfile_hits_byte_exact_with_exact_headers() {
+    let fake = Fake::start().await;
+    let data = image_bytes(24 * MIB + 5, 11);
+    fake.add(ID, Img::new(data.clone()));
+    let mut srv = Server::start(&fake, |_| {}).await;
+    let len = data.len();
+    // The miss (streamed from the growing file, not sendfile).
+    let r = client()
+        .get(srv.image_url(ID))
+        .header("x-auth-token", GOOD_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), data);
+    assert_eq!(sendfile_bytes(&srv).await, 0);
+
+    let md5 = md5_hex(&data);
+    let etag = format!("\"{md5}\"");
+    let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let req = |method: &str, extra: &str| {
+        format!(
+            "{method} /v2/images/{ID}/file HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {GOOD_TOKEN}\r\n{extra}\r\n"
+        )
+    };
+    // HEAD, then a full GET on the same connection: the same head, status line included.
+    s.write_all(req("HEAD", "").as_bytes()).await.unwrap();
+    let (head_of_head, _) = {
+        // HEAD has a Content-Length but no body.
+        let (h, b) = read_response_head_only(&mut s, &mut buf).await;
+        (h, b)
+    };
+    s.write_all(req("GET", "").as_bytes()).await.unwrap();
+    let (h, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!(h[0], "HTTP/1.1 200 OK");
+    assert_eq!(head_without_date(&h), head_without_date(&head_of_head));
+    let lower = head_without_date(&h);
+    for want in [
+        format!("content-length: {len}"),
+        "accept-ranges: bytes".to_string(),
+        "content-type: application/octet-stream".to_string(),
+        format!("etag: {etag}"),
+        format!(
+            "content-md5: {}",
+            base64(&hex_bytes(&md5)).to_ascii_lowercase()
+        ),
+    ] {
+        assert!(lower.contains(&want), "{want} missing from {h:?}");
+    }
+    assert!(lower.iter().any(|l| l.starts_with("last-modified: ")));
+    assert!(body == data.as_ref(), "full body differs");
+    assert_eq!(sendfile_bytes(&srv).await, len as u64);
+
+    // Ranges, pipelined on the same connection (keep-alive survives sendfile): inside one
+    // span, across span boundaries, a suffix, the last byte, and If-Range.
+    let span = 8 * MIB;
+    let ranges = [
+        (100, 199),
+        (span - 10, 2 * span + 10),
+        (len - 1000, len - 1),
+        (len - 1, len - 1),
+        (0, len - 1),
+    ];
+    let mut pipelined = String::new();
+    for (a, b) in ranges {
+        pipelined += &req("GET", &format!("Range: bytes={a}-{b}\r\n"));
+    }
+    pipelined += &req("GET", &format!("Range: bytes=0-9\r\nIf-Range: {etag}\r\n"));
+    pipelined += &req("GET", "Range: bytes=0-9\r\nIf-Range: \"stale\"\r\n");
+    s.write_all(pipelined.as_bytes()).await.unwrap();
+    for (a, b) in ranges {
+        let (h, body) = read_response(&mut s, &mut buf).await;
+        assert_eq!(h[0], "HTTP/1.1 206 Partial Content", "{a}-{b}");
+        let lower = head_without_date(&h);
+        assert!(lower.contains(&format!("content-range: bytes {a}-{b}/{len}")));
+        assert!(lower.contains(&format!("content-length: {}", b + 1 - a)));
+        assert!(lower.contains(&format!("etag: {etag}")));
+        assert!(!lower.iter().any(|l| l.starts_with("content-md5")));
+        assert!(body == data[a..=b], "range {a}-{b} differs");
+    }
+    let (h, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!(h[0], "HTTP/1.1 206 Partial Content");
+    assert_eq!(body, data[..10]);
+    let (h, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!(h[0], "HTTP/1.1 200 OK");
+    assert!(body == data.as_ref());
+    drop(s);
+
+    // reqwest over HTTP/1.1: the same bytes and headers as before this change.
+    let r = client()
+        .get(srv.image_url(ID))
+        .header("x-auth-token", GOOD_TOKEN)
+        .header("range", "bytes=-10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), data.slice(len - 10..));
+
+    // HTTP/2 (prior knowledge, plain TCP): the user-space path, byte-exact, no sendfile.
+    let before = sendfile_bytes(&srv).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .get(srv.image_url(ID))
+        .header("x-auth-token", GOOD_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.bytes().await.unwrap(), data);
+    assert_eq!(sendfile_bytes(&srv).await, before);
+    assert_eq!(fake.data_requests(ID), 1);
+    srv.stop().await.unwrap();
+}
+
+async fn read_response_head_only(
+    s: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> (Vec<String>, Vec<u8>) {
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = vec![0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before the head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf[..head_end - 4].to_vec())
+        .unwrap()
+        .split("\r\n")
+        .map(str::to_owned)
+        .collect();
+    buf.drain(..head_end);
+    (head, Vec::new())
+}
+
+/// A file being sent with sendfile keeps its shared flock until the last byte is out: a prune
+/// to size 0 meanwhile evicts nothing and the client still gets every byte; once the response
+/// is done, the same prune evicts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sendfile_hit_cannot_be_evicted_mid_send() {
+    let fake = Fake::start().await;
+    let data = image_bytes(48 * MIB + 3, 12);
+    fake.add(ID, Img::new(data.clone()));
+    let mut srv = Server::start(&fake, |_| {}).await;
+    let r = client()
+        .get(srv.image_url(ID))
+        .header("x-auth-token", GOOD_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), data);
+    let before = sendfile_bytes(&srv).await;
+
+    let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /v2/images/{ID}/file HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {GOOD_TOKEN}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let (h, _) = read_response_head_only(&mut s, &mut buf).await;
+    assert_eq!(h[0], "HTTP/1.1 200 OK");
+    // Stop reading: the socket buffers fill and the send stalls mid-file.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sendfile_bytes(&srv).await > before,
+        "the hit did not go out with sendfile"
+    );
+    let cache_dir = srv.cache_dir();
+    let prune = move || {
+        let cache =
+            imgcache_store::Cache::open(&cache_dir, imgcache_store::DriverKind::Sqlite).unwrap();
+        cache.prune(0).unwrap()
+    };
+    let p = prune.clone();
+    let report = tokio::task::spawn_blocking(p).await.unwrap();
+    assert!(report.evicted.is_empty(), "evicted mid-send: {report:?}");
+    assert_eq!(report.skipped_in_use.len(), 1, "{report:?}");
+    assert!(srv.published(ID).exists());
+
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    buf.extend_from_slice(&rest);
+    assert!(buf == data.as_ref(), "body differs ({} bytes)", buf.len());
+    drop(s);
+
+    // Done: nothing holds the file now.
+    let mut evicted = false;
+    for _ in 0..50 {
+        let p = prune.clone();
+        if !tokio::task::spawn_blocking(p)
+            .await
+            .unwrap()
+            .evicted
+            .is_empty()
+        {
+            evicted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(evicted, "the file stayed locked after the response");
+    assert!(!srv.published(ID).exists());
+    srv.stop().await.unwrap();
+}
