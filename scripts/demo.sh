@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # imgcache demo: builds the release binary and walks one image through a cache on the default
-# (embedded SQLite) driver. Needs only a Rust toolchain; everything goes under ./demo-cache,
+# (embedded SQLite) driver: the store commands, provisioning (fetch), then `imgcache serve`. Needs only a Rust toolchain; everything goes under ./demo-cache,
 # which is wiped at the start so the demo can be run again.
 set -euo pipefail
 
@@ -58,4 +58,34 @@ run clean
 step "Statistics after pruning"
 run stats
 
-printf '\nDone. The demo cache is in %s (remove it with: rm -rf demo-cache)\n' "$cache"
+step "Provisioning: fetch the image into a deploy directory (downloaded once, then hard-linked)"
+mkdir -p "$root/deploy"
+run fetch --allow-file-dir "$root" "file://$image" "$root/deploy/node1.img"
+run fetch --allow-file-dir "$root" "file://$image" "$root/deploy/node2.img"
+ls -li "$root/deploy"
+
+step "The main job: imgcache serve (one origin download per image, every client streamed)"
+port=${IMGCACHE_DEMO_PORT:-19292}
+"$bin" --cache-dir "$cache" serve --listen "127.0.0.1:$port" --admin-token demo \
+    --allow-href-prefix "file://$root/" --allow-file-dir "$root" >"$root/serve.log" 2>&1 &
+server=$!
+trap 'kill "$server" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+served=$root/served.img
+head -c $((32 << 20)) /dev/urandom >"$served"
+url="http://127.0.0.1:$port/v1/fetch?href=file://$served"
+for attempt in miss hit; do
+    printf '$ curl -o /dev/null %s   # %s\n' "$url" "$attempt"
+    curl -sf -o /dev/null -w '  %{http_code}, %{size_download} bytes in %{time_total}s\n' "$url"
+done
+printf '$ curl -H "X-Auth-Token: demo" http://127.0.0.1:%s/v2/cache   # Glance cache API\n' "$port"
+curl -sf -H "X-Auth-Token: demo" "http://127.0.0.1:$port/v2/cache"
+echo
+printf '$ curl http://127.0.0.1:%s/metrics | grep cache_\n' "$port"
+curl -sf "http://127.0.0.1:$port/metrics" | grep -E '^imgcache_cache_(hits|misses)' || true
+kill -TERM "$server"
+wait "$server" || true
+trap - EXIT
+
+printf '\nDone. The demo cache is in %s (remove it with: rm -rf demo-cache).\n' "$cache"
+printf 'Run the server yourself: %s --cache-dir %s serve\n' "$bin" "$cache"
