@@ -182,9 +182,28 @@ pub struct FetchArgs {
     pub href: String,
     /// Destination file (its directory must exist); replaced atomically
     pub dest: PathBuf,
-    /// Fetch as raw (keyed KEY.converted, as Ironic's force_raw)
+    /// Fetch as raw (keyed KEY.converted, as Ironic's force_raw): images in another format
+    /// are converted with qemu-img (raw and ISO images are used as they are)
     #[arg(long)]
     pub raw: bool,
+    /// The format the image is declared as (raw, qcow2, vmdk, vhd, vhdx, vdi, iso, ami, aki,
+    /// ari): the content must match it [default: Glance's disk_format for image ids]
+    #[arg(long, value_name = "FMT")]
+    pub format: Option<String>,
+    /// Image formats accepted at all, comma-separated [default: raw,gpt,qcow2,iso]
+    #[arg(long, value_name = "FMT,...", value_delimiter = ',')]
+    pub permitted_formats: Vec<String>,
+    /// Cache zstd-compressed downloads as they are instead of decompressing them
+    #[arg(long)]
+    pub no_zstd: bool,
+    /// The qemu-img used for --raw conversions
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "IMGCACHE_QEMU_IMG",
+        default_value = "qemu-img"
+    )]
+    pub qemu_img: PathBuf,
     /// Expected checksum ALGO:HEX (md5, sha256, sha512) or the URL of a SHA256SUMS-style file
     #[arg(long, value_name = "ALGO:HEX|URL")]
     pub checksum: Option<String>,

@@ -129,3 +129,81 @@ fn an_unsafe_image_exits_1_with_the_reason_on_one_line() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(String::from_utf8(out.stderr).unwrap().lines().count(), 1);
 }
+
+/// `fetch --raw` converts with qemu-img: DEST holds what `qemu-img convert -O raw` makes; a
+/// declared `--format` the content contradicts is refused with one line.
+#[test]
+fn fetch_raw_converts_and_format_is_enforced() {
+    let d = dir();
+    let raw = d.path().join("src.raw");
+    let mut bytes = vec![0u8; 3 << 20];
+    for (i, b) in bytes.iter_mut().enumerate().take(1 << 20) {
+        *b = (i * 31 % 251) as u8;
+    }
+    std::fs::write(&raw, &bytes).unwrap();
+    let img = d.path().join("img.qcow2");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&raw),
+        s(&img),
+    ]);
+    let cache = d.path().join("cache");
+    let href = format!("file://{}", img.display());
+    let dest = d.path().join("disk.raw");
+    let base = [
+        "--cache-dir",
+        s(&cache),
+        "fetch",
+        "-q",
+        "--allow-file-dir",
+        s(d.path()),
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--format", "raw", &href, s(&dest)]);
+    let out = imgcache(&args);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("declared as raw but its content is qcow2"),
+        "{err}"
+    );
+    assert!(!dest.exists());
+
+    let mut args = base.to_vec();
+    args.extend(["--raw", "--json", &href, s(&dest)]);
+    let out = imgcache(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["key"].as_str().unwrap().ends_with(".converted"), "{v}");
+    assert_eq!(std::fs::read(&dest).unwrap(), bytes);
+
+    // The qemu-img used is configurable; a missing one is named.
+    let dest2 = d.path().join("disk2.raw");
+    let other = d.path().join("other.qcow2");
+    std::fs::copy(&img, &other).unwrap();
+    let href2 = format!("file://{}", other.display());
+    let mut args = base.to_vec();
+    args.extend([
+        "--raw",
+        "--qemu-img",
+        "/nonexistent/qemu-img",
+        &href2,
+        s(&dest2),
+    ]);
+    let out = imgcache(&args);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("qemu-img not found"), "{err}");
+    assert!(!dest2.exists());
+}

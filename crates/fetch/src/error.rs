@@ -51,9 +51,6 @@ pub enum FetchError {
     )]
     NoGlance { id: String },
 
-    #[error("converting {href} to raw is not supported yet: it is {format}, not raw")]
-    ConversionNotSupported { href: String, format: String },
-
     /// The image's content was refused: an unsafe or ambiguous format, a format other than
     /// the declared one, or one outside the permitted list.
     #[error("{href}: {source}")]

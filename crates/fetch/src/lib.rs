@@ -12,7 +12,6 @@ pub mod pipeline;
 pub mod place;
 pub mod progress;
 pub mod provision;
-pub mod raw;
 pub mod source;
 pub mod zstd;
 

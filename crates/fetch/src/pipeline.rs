@@ -126,6 +126,9 @@ pub struct Finish<'a> {
     pub registry: Option<&'a Arc<Registry>>,
     /// The body was already decompressed on the way in ([`Prepared::compressed`]).
     pub decompressed: bool,
+    /// The checksum of the bytes as the source sent them, when they differ from the bytes
+    /// written (a zstd download): recorded as [`PROP_SOURCE_CHECKSUM`].
+    pub source_checksum: Option<Integrity>,
 }
 
 /// Finishes a complete download: decompresses a zstd file that came in as is (a `file://`
@@ -170,10 +173,11 @@ pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<Record> {
         )
         .await?;
         let source_format = detected.format;
+        let sent = f.source_checksum;
         return blocking(move || {
             let source = writer.replace_with(&scratch);
             let _ = std::fs::remove_file(&scratch);
-            let source = source?;
+            let source = sent.unwrap_or(source?);
             writer.set_prop(PROP_SOURCE_FORMAT, source_format.name());
             writer.set_prop(PROP_SOURCE_CHECKSUM, &source.to_string());
             writer.set_prop(PROP_FORMAT, converted.format.name());
@@ -188,6 +192,10 @@ pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<Record> {
     writer.set_prop(PROP_FORMAT, detected.format.name());
     if let Some(v) = detected.virtual_size {
         writer.set_prop(PROP_VIRTUAL_SIZE, &v.to_string());
+    }
+    if let Some(sent) = &f.source_checksum {
+        writer.set_prop(PROP_SOURCE_CHECKSUM, &sent.to_string());
+        writer.set_prop(PROP_SOURCE_FORMAT, "zstd");
     }
     blocking(move || writer.commit())
         .await

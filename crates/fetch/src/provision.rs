@@ -17,16 +17,18 @@ use url::Url;
 use crate::checksum::ChecksumSpec;
 use crate::download::stream_into;
 use crate::error::{FetchError, Result};
+use crate::formats::DiskFormat;
 use crate::href::{Href, cache_key};
+use crate::pipeline::{self, ImageOptions};
 use crate::place::{Placement, check_dest, place, same_file};
 use crate::progress::{Progress, Quiet};
-use crate::raw;
 use crate::source::file::FileSource;
 use crate::source::glance::GlanceSource;
 use crate::source::http::{HttpOptions, HttpSource};
 use crate::source::{
     OriginMeta, PROP_DISK_FORMAT, PROP_HREF, PROP_VALIDATED_AT, Response, Validators,
 };
+use crate::zstd::InputDigest;
 
 /// How the sources are reached.
 #[derive(Clone, Debug)]
@@ -58,6 +60,9 @@ pub struct FetchOptions {
     pub force_raw: bool,
     pub checksum: Option<ChecksumSpec>,
     pub progress: Option<Arc<dyn Progress>>,
+    /// The format the caller declares (`--format`); else Glance's `disk_format` is used. The
+    /// content must match it.
+    pub disk_format: Option<DiskFormat>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -92,6 +97,8 @@ pub struct ImageCache {
     http: std::sync::OnceLock<HttpSource>,
     files: FileSource,
     revalidate_interval: Duration,
+    /// Permitted formats, zstd, qemu-img (see [`ImageCache::with_images`]).
+    images: ImageOptions,
 }
 
 impl ImageCache {
@@ -103,6 +110,7 @@ impl ImageCache {
             sources: sources.clone(),
             http: std::sync::OnceLock::new(),
             revalidate_interval: sources.revalidate_interval,
+            images: ImageOptions::default(),
         })
     }
 
@@ -236,6 +244,13 @@ impl ImageCache {
         self
     }
 
+    /// How images are checked and converted: the permitted formats, zstd decompression, and
+    /// the qemu-img used for `force_raw`.
+    pub fn with_images(mut self, images: ImageOptions) -> Self {
+        self.images = images;
+        self
+    }
+
     pub fn spec(&self) -> &CacheSpec {
         &self.spec
     }
@@ -305,24 +320,37 @@ impl ImageCache {
         };
         let body = body.expect("body");
         let expected = given.or_else(|| meta.checksum.clone());
+        // zstd is decompressed and every chunk inspected on the way in: an unsafe image is
+        // refused from its headers, before the rest is downloaded.
+        let origin = href.to_string();
+        let declared = pipeline::declared(opts.disk_format, meta.disk_format.as_deref(), &origin)?;
+        let prepared = pipeline::prepare(
+            body,
+            meta.size,
+            expected.clone(),
+            declared,
+            &self.images,
+            &origin,
+        )
+        .await?;
+        // A zstd body's length and checksum are of the compressed bytes: its stream checks them.
+        let (expected, size) = match prepared.compressed {
+            Some(_) => (None, None),
+            None => (expected, meta.size),
+        };
         self.make_room(meta.size).await?;
         let wopts = WriteOptions {
             expected: expected.clone(),
-            expected_size: meta.size,
+            expected_size: size,
             replace: true,
             props: self.props(href_raw, &meta),
             ..WriteOptions::default()
         };
         let writer = self.spec.cache.open_for_write_locked(&key, lock, wopts)?;
-        let writer = stream_into(
-            writer,
-            body,
-            meta.size,
-            &href.to_string(),
-            progress.as_ref(),
-        )
-        .await?;
-        let rec = self.commit(writer, &href, opts).await?;
+        let writer = stream_into(writer, prepared.body, size, &origin, progress.as_ref()).await?;
+        let rec = self
+            .commit_with(writer, &href, opts, declared, prepared.compressed.as_ref())
+            .await?;
         self.after_download(&key, rec, dest).await
     }
 
@@ -385,28 +413,34 @@ impl ImageCache {
         href: &Href,
         opts: &FetchOptions,
     ) -> Result<Record> {
-        let force_raw = opts.force_raw;
+        self.commit_with(writer, href, opts, opts.disk_format, None)
+            .await
+    }
+
+    /// Finishes a complete download ([`pipeline::finish`]): the file is inspected again, the
+    /// declared and permitted formats checked, converted to raw when `force_raw` asks (making
+    /// room for its virtual size first), then verified and published.
+    async fn commit_with(
+        &self,
+        writer: imgcache_store::CacheWriter,
+        href: &Href,
+        opts: &FetchOptions,
+        declared: Option<DiskFormat>,
+        compressed: Option<&InputDigest>,
+    ) -> Result<Record> {
+        let progress: Arc<dyn Progress> = opts.progress.clone().unwrap_or_else(|| Arc::new(Quiet));
         let href = href.to_string();
-        blocking(move || {
-            if force_raw && let Some(format) = raw::sniff_non_raw(writer.path())? {
-                drop(writer);
-                return Err(FetchError::ConversionNotSupported {
-                    href,
-                    format: format.to_string(),
-                });
-            }
-            writer.commit().map_err(|e| match e {
-                imgcache_store::StoreError::ChecksumMismatch {
-                    expected, actual, ..
-                } => FetchError::Checksum {
-                    href,
-                    expected,
-                    actual,
-                },
-                other => other.into(),
-            })
-        })
-        .await
+        let finish = pipeline::Finish {
+            href: &href,
+            declared,
+            force_raw: opts.force_raw,
+            images: &self.images,
+            progress: progress.as_ref(),
+            registry: self.registry.as_ref(),
+            decompressed: compressed.is_some(),
+            source_checksum: compressed.and_then(|d| d.get().cloned()),
+        };
+        pipeline::finish(writer, finish).await
     }
 
     async fn after_download(&self, key: &Key, _rec: Record, dest: &Path) -> Result<FetchReport> {

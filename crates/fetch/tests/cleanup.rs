@@ -253,10 +253,10 @@ async fn fetch_with_registry_refuses_what_cannot_fit() {
     drop(env);
 }
 
-/// `force_raw`: a raw image is keyed `<uuid5>.converted`; a qcow2 cannot be converted yet and
-/// is refused with nothing published.
+/// `force_raw`: a raw image is keyed `<uuid5>.converted` and published as it is; a qcow2 is
+/// converted by qemu-img into the same bytes `qemu-img convert -O raw` makes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn force_raw_keys_converted_and_refuses_qcow2() {
+async fn force_raw_keys_converted_and_converts_qcow2() {
     let origin = Origin::start().await;
     let env = Env::new();
     let raw = image_bytes(2 * MIB, 70);
@@ -298,14 +298,21 @@ async fn force_raw_keys_converted_and_refuses_qcow2() {
     let href = origin.url("/disk.qcow2");
     let key = key_of(&href, true);
     let dest = env.dest("qcow");
-    let err = expect_err(env.ic.fetch_image(&href, &dest, &raw_opts).await);
-    match &err {
-        FetchError::ConversionNotSupported { format, .. } => assert_eq!(format, "qcow2"),
-        other => panic!("{other:?}"),
-    }
-    assert!(err.to_string().contains("qcow2"), "{err}");
-    assert_failed_cleanly(&env, &key, &dest);
-    assert_eq!(invalid_len(&env, &key), Some(qbytes.len() as u64));
+    let r = env.ic.fetch_image(&href, &dest, &raw_opts).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Downloaded);
+    assert_eq!(r.key, key.as_str());
+    let expected_path = qcow.path().join("expected.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+        .arg(&qpath)
+        .arg(&expected_path)
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success());
+    let expected = std::fs::read(&expected_path).unwrap();
+    assert_eq!(expected.len(), MIB);
+    assert_linked(&env.master(&key), &dest, &expected);
+    assert_eq!(invalid_len(&env, &key), None);
     // Without force_raw the same qcow2 is cached as it is.
     let r = env
         .ic

@@ -3,6 +3,9 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use imgcache_fetch::convert::ConvertOptions;
+use imgcache_fetch::formats::{DiskFormat, Format, Policy};
+use imgcache_fetch::pipeline::ImageOptions;
 use imgcache_fetch::{ChecksumSpec, FetchOptions, HttpOptions, ImageCache, Progress, SourceConfig};
 use imgcache_store::registry::{PRIORITY_INSTANCE, free_space};
 use imgcache_store::{Cache, CacheSpec, Registry};
@@ -64,6 +67,8 @@ struct Bar(indicatif::ProgressBar);
 
 impl Progress for Bar {
     fn start(&self, total: Option<u64>) {
+        // A fetch may run several phases (download, then conversion): each starts afresh.
+        self.0.reset();
         if let Some(t) = total {
             self.0.set_length(t);
         }
@@ -103,13 +108,28 @@ pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
         .map(str::parse::<ChecksumSpec>)
         .transpose()?;
     let bar = output::progress_bar(args.quiet || ctx.json, None);
+    let disk_format = args
+        .format
+        .as_deref()
+        .map(str::parse::<DiskFormat>)
+        .transpose()?;
     let opts = FetchOptions {
         force_raw: args.raw,
         checksum,
         progress: Some(Arc::new(Bar(bar))),
+        disk_format,
     };
-    let images = ImageCache::new(spec, &sources)?.with_registry(reg);
-    let report = runtime()?.block_on(images.fetch_image(&args.href, &args.dest, &opts))?;
+    let images = ImageCache::new(spec, &sources)?
+        .with_registry(reg)
+        .with_images(image_options(&args)?);
+    let report = runtime()?.block_on(async {
+        // A signal drops the fetch: its download or conversion stops (qemu-img is killed) and
+        // leaves nothing in incomplete/.
+        tokio::select! {
+            r = images.fetch_image(&args.href, &args.dest, &opts) => r.map_err(anyhow::Error::from),
+            sig = interrupted() => bail!("interrupted by {sig}: nothing was published"),
+        }
+    })?;
     if ctx.json {
         return output::json(&report);
     }
@@ -140,6 +160,43 @@ pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
             ),
         ])
     ))
+}
+
+/// The format policy, zstd and qemu-img settings from the fetch flags.
+fn image_options(args: &FetchArgs) -> Result<ImageOptions> {
+    let mut images = ImageOptions {
+        zstd: !args.no_zstd,
+        convert: ConvertOptions {
+            qemu_img: args.qemu_img.clone(),
+            ..ConvertOptions::default()
+        },
+        ..ImageOptions::default()
+    };
+    if !args.permitted_formats.is_empty() {
+        images.policy = Policy {
+            permitted: args
+                .permitted_formats
+                .iter()
+                .map(|f| f.parse::<Format>())
+                .collect::<Result<_, _>>()?,
+        };
+    }
+    Ok(images)
+}
+
+/// Resolves on SIGINT or SIGTERM, naming it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
 }
 
 #[derive(Serialize)]
