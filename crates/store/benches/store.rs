@@ -8,11 +8,8 @@
 //! - `get_cached_images_100k`: `get_cached_images()` over 100,000 records.
 //! - `get_least_recently_accessed_100k`: `get_least_recently_accessed()` over 100,000 records.
 //! - `prune_10k_of_100k`: `prune()` evicting the 10,000 least recently accessed of 100,000
-//!   1-byte images. The xattr driver has no LRU index (every LRU page is a scan of the whole
-//!   directory), which makes one such prune take about a minute; criterion needs at least 10
-//!   samples, so xattr is measured here at 1,000 of 10,000 (`prune_1k_of_10k/xattr`), and the
-//!   100k figure is a single timed run, printed at the end, when
-//!   `IMGCACHE_BENCH_XATTR_PRUNE_100K=1` is set.
+//!   1-byte images. The xattr driver has no LRU index: its prune takes one snapshot of the
+//!   LRU order (one scan of the directory) and evicts in that order.
 //! - `open_for_read_hit_4KiB`: open_for_read (counts the hit, updates last_accessed) + read the
 //!   record's hit count + read 4 KiB + close, single thread, cycling over 1,000 cached images.
 //!
@@ -41,9 +38,6 @@ const PUBLISH_COUNT: usize = 10_000;
 const PUBLISH_SIZE: usize = 4096;
 const BIG: usize = 100_000;
 const BIG_EVICT: usize = 10_000;
-/// xattr's prune is measured at this scale in criterion (see the module docs).
-const XATTR_PRUNE: usize = 10_000;
-const XATTR_PRUNE_EVICT: usize = 1_000;
 const READ_KEYS: usize = 1_000;
 
 /// Where every directory of this run lives: under `target/` (ext4 with user xattrs here), not
@@ -144,7 +138,7 @@ impl Fixture {
         let cache = Cache::open(&work, kind).expect("open cache");
         let checksum = Integrity::of(Algorithm::Sha256, b"x");
         let base = 1_700_000_000.0;
-        // A few threads: the xattr driver fsyncs each record, so this is latency-bound.
+        // A few threads: SQLite commits each record with synchronous=FULL (latency-bound).
         let threads = 4;
         std::thread::scope(|s| {
             for t in 0..threads {
@@ -165,6 +159,9 @@ impl Fixture {
                             last_accessed: at,
                             props: Default::default(),
                         };
+                        // stage (xattr writes its attributes) + insert (SQLite's row), as a
+                        // publish does.
+                        cache.driver().stage(&rec, &f).expect("stage");
                         cache.driver().insert(&rec, &f).expect("insert");
                     }
                 });
@@ -310,48 +307,16 @@ fn bench_prune(b: &mut criterion::Bencher<'_>, fx: &Fixture) {
 }
 
 fn prune(c: &mut Criterion) {
-    {
-        let mut g = c.benchmark_group("prune_10k_of_100k");
-        g.sample_size(10)
-            .warm_up_time(Duration::from_secs(1))
-            .measurement_time(Duration::from_secs(10));
-        g.bench_function(DriverKind::Sqlite.name(), |b| {
-            bench_prune(b, big_fixture(DriverKind::Sqlite))
-        });
-        g.finish();
+    let mut g = c.benchmark_group("prune_10k_of_100k");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(10));
+    for kind in [DriverKind::Sqlite, DriverKind::Xattr] {
+        // xattr has no LRU index: its prune walks one snapshot of the directory (one scan of
+        // the 100k files) and then evicts in that order.
+        g.bench_function(kind.name(), |b| bench_prune(b, big_fixture(kind)));
     }
-    {
-        // xattr at a tenth of the scale: its LRU has no index, so a prune is quadratic-ish
-        // (one directory scan per 256 evictions); see the module docs.
-        let mut g = c.benchmark_group("prune_1k_of_10k");
-        g.sample_size(10)
-            .warm_up_time(Duration::from_secs(1))
-            .measurement_time(Duration::from_secs(15));
-        static FX: OnceLock<Fixture> = OnceLock::new();
-        g.bench_function(DriverKind::Xattr.name(), |b| {
-            let fx = FX
-                .get_or_init(|| Fixture::build(DriverKind::Xattr, XATTR_PRUNE, XATTR_PRUNE_EVICT));
-            bench_prune(b, fx)
-        });
-        g.finish();
-    }
-}
-
-/// One timed xattr prune of 10k of 100k (too slow for criterion's 10 samples).
-fn xattr_prune_100k_once() {
-    let fx = big_fixture(DriverKind::Xattr);
-    let cache = fx.open();
-    let started = Instant::now();
-    let report = cache.prune((fx.n - fx.evict) as u64).expect("prune");
-    let took = started.elapsed();
-    assert_eq!(report.evicted.len(), fx.evict);
-    drop(cache);
-    fx.restore();
-    println!(
-        "prune_10k_of_100k/xattr (one run, not criterion): {:.2?} ({:.1} µs per eviction)",
-        took,
-        took.as_secs_f64() * 1e6 / fx.evict as f64
-    );
+    g.finish();
 }
 
 // ---- open_for_read hit path ---------------------------------------------------------------
@@ -396,9 +361,6 @@ criterion_group!(benches, publish, list_and_lru, prune, open_for_read);
 
 fn main() {
     benches();
-    if std::env::var_os("IMGCACHE_BENCH_XATTR_PRUNE_100K").is_some_and(|v| v == "1") {
-        xattr_prune_100k_once();
-    }
     Criterion::default().configure_from_args().final_summary();
     // The fixtures live in statics (never dropped): remove this run's directory ourselves.
     let _ = fs::remove_dir_all(run_root());
