@@ -1,13 +1,15 @@
 //! Streaming a body into a cache writer with bounded memory.
 //!
-//! The network side runs on the async runtime; writing and hashing run on a blocking thread
-//! (sha256 at ~1.8 GB/s would stall the runtime's I/O otherwise). Between them is a channel
-//! of at most `DEPTH` chunks, so memory stays bounded whatever the image size.
+//! The network side runs on the async runtime; writing runs on a blocking thread and hashing
+//! on a thread of the writer's own ([`CacheWriter::write_bytes`]: the refcounted chunks are
+//! shared, not copied), so a chunk is written while the one before it is hashed (sha256 at
+//! ~1.8 GB/s would stall the runtime's I/O otherwise, and in series with the writes halve the
+//! rate). Between the threads are channels of a few chunks, so memory stays bounded whatever
+//! the image size.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use imgcache_store::CacheWriter;
-use std::io::Write;
 
 use crate::error::{FetchError, Result};
 use crate::progress::Progress;
@@ -45,7 +47,7 @@ pub async fn stream_into_reporting(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(DEPTH);
     let sink = tokio::task::spawn_blocking(move || -> (CacheWriter, Option<FetchError>) {
         while let Some(chunk) = rx.blocking_recv() {
-            if let Err(e) = writer.write_all(&chunk) {
+            if let Err(e) = writer.write_bytes(chunk) {
                 let path = writer.path().to_path_buf();
                 return (writer, Some(FetchError::io("write", path, e)));
             }

@@ -115,6 +115,11 @@ pub async fn prepare(
     })
 }
 
+/// Called once a download's bytes have passed every check (size, checksum, formats), before
+/// the fsync, record and rename that publish them (which may still fail). Not called when the
+/// bytes published are not the bytes downloaded (decompressed or converted at the end).
+pub type VerifiedHook = Box<dyn FnOnce(&Record) + Send>;
+
 /// What [`finish`] needs besides the writer.
 pub struct Finish<'a> {
     pub href: &'a str,
@@ -129,6 +134,8 @@ pub struct Finish<'a> {
     /// The checksum of the bytes as the source sent them, when they differ from the bytes
     /// written (a zstd download): recorded as [`PROP_SOURCE_CHECKSUM`].
     pub source_checksum: Option<Integrity>,
+    /// Told when the bytes are verified, ahead of publishing (see [`VerifiedHook`]).
+    pub on_verified: Option<VerifiedHook>,
 }
 
 /// Finishes a complete download: decompresses a zstd file that came in as is (a `file://`
@@ -138,7 +145,10 @@ pub struct Finish<'a> {
 pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<Record> {
     let href = f.href.to_string();
     let path = writer.path().to_path_buf();
+    let mut on_verified = f.on_verified;
     if f.images.zstd && !f.decompressed && starts_with_zstd(&path)? {
+        // The bytes published will not be the bytes downloaded: no early word.
+        on_verified = None;
         writer = blocking(move || decompress_file(writer))
             .await
             .map_err(|e| checksum_error(&href, e))?;
@@ -197,9 +207,15 @@ pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<Record> {
         writer.set_prop(PROP_SOURCE_CHECKSUM, &sent.to_string());
         writer.set_prop(PROP_SOURCE_FORMAT, "zstd");
     }
-    blocking(move || writer.commit())
-        .await
-        .map_err(|e| checksum_error(&href, e))
+    blocking(move || {
+        writer.commit_notify(|rec| {
+            if let Some(hook) = on_verified {
+                hook(rec);
+            }
+        })
+    })
+    .await
+    .map_err(|e| checksum_error(&href, e))
 }
 
 /// The cache root of a file in its `incomplete/` directory.

@@ -195,6 +195,26 @@ impl ImageCache {
         self.commit(writer, href, &FetchOptions::default()).await
     }
 
+    /// [`ImageCache::commit_download`], calling `on_verified` as soon as the bytes have passed
+    /// every check, before they are fsynced and published (see [`pipeline::VerifiedHook`]).
+    pub async fn commit_download_notify(
+        &self,
+        writer: imgcache_store::CacheWriter,
+        href: &Href,
+        on_verified: pipeline::VerifiedHook,
+    ) -> Result<Record> {
+        let opts = FetchOptions::default();
+        self.commit_with(
+            writer,
+            href,
+            &opts,
+            opts.disk_format,
+            None,
+            Some(on_verified),
+        )
+        .await
+    }
+
     /// Brings `href_raw` into the cache with no destination (prefetching, `file://` hrefs in
     /// the server): one download per key across threads and processes, as in `fetch_image`.
     /// Returns the published record (an already fresh one without asking the origin).
@@ -349,7 +369,14 @@ impl ImageCache {
         let writer = self.spec.cache.open_for_write_locked(&key, lock, wopts)?;
         let writer = stream_into(writer, prepared.body, size, &origin, progress.as_ref()).await?;
         let rec = self
-            .commit_with(writer, &href, opts, declared, prepared.compressed.as_ref())
+            .commit_with(
+                writer,
+                &href,
+                opts,
+                declared,
+                prepared.compressed.as_ref(),
+                None,
+            )
             .await?;
         self.after_download(&key, rec, dest).await
     }
@@ -413,7 +440,7 @@ impl ImageCache {
         href: &Href,
         opts: &FetchOptions,
     ) -> Result<Record> {
-        self.commit_with(writer, href, opts, opts.disk_format, None)
+        self.commit_with(writer, href, opts, opts.disk_format, None, None)
             .await
     }
 
@@ -427,6 +454,7 @@ impl ImageCache {
         opts: &FetchOptions,
         declared: Option<DiskFormat>,
         compressed: Option<&InputDigest>,
+        on_verified: Option<pipeline::VerifiedHook>,
     ) -> Result<Record> {
         let progress: Arc<dyn Progress> = opts.progress.clone().unwrap_or_else(|| Arc::new(Quiet));
         let href = href.to_string();
@@ -439,6 +467,7 @@ impl ImageCache {
             registry: self.registry.as_ref(),
             decompressed: compressed.is_some(),
             source_checksum: compressed.and_then(|d| d.get().cloned()),
+            on_verified,
         };
         pipeline::finish(writer, finish).await
     }

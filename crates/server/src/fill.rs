@@ -9,18 +9,22 @@
 //! reports the bytes *written* to `incomplete/<key>` after each chunk, and each reader reads
 //! (by `pread`, on its own descriptor of the same inode, so the later rename to the published
 //! name or to `invalid/` changes nothing for it) up to that point. A reader whose response ends
-//! at the image's last byte holds that byte back until the image is verified and published, so
-//! a checksum mismatch or an origin failure always reaches it as an error (its connection is
-//! cut), never as a clean, complete-looking 200.
+//! at the image's last byte holds that byte back until the image is verified (size, checksum,
+//! format), so a checksum mismatch or an origin failure always reaches it as an error (its
+//! connection is cut), never as a clean, complete-looking 200. The verified bytes go out while
+//! the image is still being fsynced and published ([`Phase::Verified`]); should publishing fail,
+//! the image is not cached, and readers that have not sent their last byte yet are cut.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use futures_util::StreamExt;
 use imgcache_fetch::download::{WrittenHook, stream_into_reporting};
+use imgcache_fetch::pipeline::VerifiedHook;
 use imgcache_fetch::source::{BodyStream, Response};
 use imgcache_fetch::{FetchError, Href, Quiet};
 use imgcache_store::{Integrity, Key, StoreError};
@@ -38,6 +42,9 @@ pub enum Phase {
     Starting,
     /// Bytes `0..written` are in the file and may be read.
     Streaming { written: u64 },
+    /// All `size` bytes are written and verified, and may all be read; the image is being
+    /// fsynced and published (`Done` next, or `Failed` if publishing fails).
+    Verified { size: u64 },
     /// Verified and published; the file holds `size` bytes.
     Done { size: u64 },
     /// Someone else (another process) published the image: serve it as a hit.
@@ -153,6 +160,18 @@ impl Fills {
         fill
     }
 
+    /// Waits while `key`'s download is verified but still being published (its fsync and
+    /// rename): a request that comes after a client got the whole image is then a hit, as it
+    /// was before clients got their last byte ahead of publishing. Returns at once otherwise.
+    pub async fn settle(&self, key: &Key) {
+        let fill = self.map.lock().expect("poisoned").get(key).cloned();
+        if let Some(fill) = fill {
+            let mut rx = fill.subscribe();
+            drop(fill);
+            let _ = rx.wait_for(|p| !matches!(p, Phase::Verified { .. })).await;
+        }
+    }
+
     /// Downloads in progress.
     pub fn in_progress(&self) -> usize {
         self.map.lock().expect("poisoned").len()
@@ -263,9 +282,29 @@ async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phas
     let writer = stream_into_reporting(writer, body, meta.size, &origin_name, &Quiet, Some(hook))
         .await
         .map_err(origin_error)?;
-    let rec = match state.fetcher.commit_download(writer, &origin.href).await {
+    // Readers get the last byte as soon as the bytes are verified; fsync, record and rename
+    // (the file is durable before it is published) finish after.
+    let verified = Arc::new(AtomicBool::new(false));
+    let on_verified: VerifiedHook = {
+        let (f, verified) = (fill.clone(), verified.clone());
+        Box::new(move |rec| {
+            verified.store(true, Ordering::Release);
+            f.phase.send_replace(Phase::Verified { size: rec.size });
+        })
+    };
+    let committed = state
+        .fetcher
+        .commit_download_notify(writer, &origin.href, on_verified)
+        .await;
+    let rec = match committed {
         Ok(rec) => rec,
         Err(e) => {
+            if verified.load(Ordering::Acquire) {
+                // Clients that already had every byte got the right image; it is just not
+                // cached. Readers still sending are cut (`Failed`): the file they read did not
+                // make it to the disk.
+                tracing::warn!(key = %fill.key, error = %e, "verified download served but not cached: publishing failed");
+            }
             if matches!(e, FetchError::Checksum { .. }) {
                 state.metrics.checksum_failures.inc();
             }

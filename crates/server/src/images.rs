@@ -168,6 +168,7 @@ async fn serve(
     zero_copy: Option<Sendfile>,
     headers: &HeaderMap,
 ) -> Response {
+    state.fills.settle(&key).await;
     match hit(state, &key, head, zero_copy.clone(), headers).await {
         Ok(Some(resp)) => return resp,
         Ok(None) => {}
@@ -184,7 +185,7 @@ async fn serve(
             Err(_) => return ApiError::internal("download vanished").into_response(),
         };
         match phase {
-            Phase::Streaming { .. } | Phase::Done { .. } => {
+            Phase::Streaming { .. } | Phase::Verified { .. } | Phase::Done { .. } => {
                 let Some(info) = fill.info() else {
                     return ApiError::internal("download has no file").into_response();
                 };

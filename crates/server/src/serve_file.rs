@@ -65,6 +65,11 @@ pub fn body(
 impl Reader {
     async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
         loop {
+            // A response whose bytes have all gone out ends cleanly, even if the fill fails
+            // later (its publishing, after the bytes were verified).
+            if self.end.is_some_and(|e| self.pos >= e) {
+                return None;
+            }
             let limit = match self.readable() {
                 Ok(l) => l,
                 Err(e) => return Some(Err(e)),
@@ -106,7 +111,7 @@ impl Reader {
         };
         let phase = f.phase.borrow_and_update().clone();
         match phase {
-            Phase::Done { size } => {
+            Phase::Done { size } | Phase::Verified { size } => {
                 if self.end.is_none() {
                     self.end = Some(size);
                 }

@@ -47,7 +47,7 @@ async fn miss_then_hit_byte_exact_with_headers_and_ranges() {
     .await;
     assert!(ok, "curl: {err}");
     assert_eq!(read(&out), data.as_ref());
-    assert_eq!(read(&srv.published(ID)), data.as_ref());
+    assert_eq!(read(&srv.wait_published(ID).await), data.as_ref());
 
     // Hit: same bytes, headers, and the origin saw one data request in all.
     let r = get(None, None).await.unwrap();
@@ -142,7 +142,7 @@ async fn private_images_need_a_token_upstream_accepts() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), data);
-    assert!(srv.published(ID).exists());
+    assert!(srv.wait_published(ID).await.exists());
     // Cached now, but a token upstream refuses gets upstream's 403, and no token 401.
     for (token, status) in [(Some(STRANGER_TOKEN), 403), (None, 401)] {
         let mut r = c.get(srv.image_url(ID));
@@ -229,7 +229,7 @@ async fn sixty_four_clients_one_origin_request_streamed_while_filling() {
         early, 64,
         "every client got bytes before the origin finished"
     );
-    assert_eq!(read(&srv.published(ID)), data.as_ref());
+    assert_eq!(read(&srv.wait_published(ID).await), data.as_ref());
 }
 
 async fn all_clients_fail(srv: &Server, n: usize) {

@@ -6,6 +6,10 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
 
 use crate::cache::Cache;
 use crate::error::{IoContext, Result, StoreError};
@@ -50,7 +54,7 @@ pub struct CacheWriter {
     key: Key,
     path: PathBuf,
     file: Option<File>,
-    hasher: Option<Hasher>,
+    hasher: Option<Digest>,
     written: u64,
     opts: WriteOptions,
     disk_full: bool,
@@ -65,6 +69,57 @@ pub struct CacheWriter {
 impl std::fmt::Debug for Hasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Hasher")
+    }
+}
+
+/// Chunks queued for the hasher thread of [`CacheWriter::write_bytes`]: with the caller's own
+/// queue, this bounds the memory a download holds (depth × chunk size).
+const HASH_DEPTH: usize = 16;
+
+/// Where the checksum of the bytes written is computed.
+#[derive(Debug)]
+enum Digest {
+    /// On the writing thread, as bytes are written ([`Write`]).
+    Inline(Hasher),
+    /// On a thread of its own, fed refcounted chunks ([`CacheWriter::write_bytes`]), so that
+    /// hashing and writing run in parallel.
+    Thread {
+        tx: SyncSender<Bytes>,
+        handle: JoinHandle<Hasher>,
+    },
+}
+
+impl Digest {
+    /// Moves the hashing to its own thread (the state hashed so far goes with it).
+    fn threaded(self) -> io::Result<Digest> {
+        let mut hasher = match self {
+            Digest::Inline(h) => h,
+            t @ Digest::Thread { .. } => return Ok(t),
+        };
+        let (tx, rx) = sync_channel::<Bytes>(HASH_DEPTH);
+        let handle = std::thread::Builder::new()
+            .name("imgcache-hash".into())
+            .spawn(move || {
+                // Ends when the writer drops its sender (commit, or the writer dropped).
+                while let Ok(chunk) = rx.recv() {
+                    hasher.update(&chunk);
+                }
+                hasher
+            })?;
+        Ok(Digest::Thread { tx, handle })
+    }
+
+    /// The hasher with every byte sent so far hashed (joins the thread).
+    fn into_hasher(self) -> io::Result<Hasher> {
+        match self {
+            Digest::Inline(h) => Ok(h),
+            Digest::Thread { tx, handle } => {
+                drop(tx);
+                handle
+                    .join()
+                    .map_err(|_| io::Error::other("the hasher thread panicked"))
+            }
+        }
     }
 }
 
@@ -92,7 +147,7 @@ impl CacheWriter {
             key,
             path,
             file: Some(file),
-            hasher: Some(Hasher::new(algorithm)),
+            hasher: Some(Digest::Inline(Hasher::new(algorithm))),
             written: 0,
             opts,
             disk_full: false,
@@ -161,7 +216,10 @@ impl CacheWriter {
             return Err(StoreError::io("rename", &self.path, e));
         }
         let mut file = File::open(&self.path).ctx("open", &self.path)?;
-        let hasher = self.hasher.as_mut().expect("hasher until commit");
+        self.hash_inline().ctx("hash", &self.path)?;
+        let Some(Digest::Inline(hasher)) = self.hasher.as_mut() else {
+            unreachable!("hashing inline")
+        };
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let n = io::Read::read(&mut file, &mut buf).ctx("read", &self.path)?;
@@ -214,12 +272,8 @@ impl CacheWriter {
         if let Some(e) = self.write_error.take() {
             return Err(StoreError::io("write", &self.path, e));
         }
-        let algorithm = self
-            .opts
-            .expected
-            .as_ref()
-            .map_or(self.opts.algorithm, |e| e.algorithm);
-        let input = self.hasher.take().expect("hasher until commit").finish();
+        let algorithm = self.algorithm();
+        let input = self.digest().ctx("hash", &self.path)?;
         if let Some(expected) = self.opts.expected_size
             && expected != self.written
         {
@@ -259,18 +313,27 @@ impl CacheWriter {
             written += n as u64;
         }
         self.file = Some(file);
-        self.hasher = Some(hasher);
+        self.hasher = Some(Digest::Inline(hasher));
         self.written = written;
         self.opts.expected = None;
         self.opts.expected_size = None;
         Ok(input)
     }
 
-    /// fsyncs, checks size and checksum, records the image and renames it into place.
+    /// Checks size and checksum, fsyncs, records the image and renames it into place.
     /// On any failure the partial file goes to `invalid/` (or is removed if the disk is full)
     /// and nothing is published.
-    pub fn commit(mut self) -> Result<Record> {
-        match self.try_commit() {
+    pub fn commit(self) -> Result<Record> {
+        self.commit_notify(|_| {})
+    }
+
+    /// [`CacheWriter::commit`], calling `verified` with the record to be published as soon as
+    /// the bytes have passed the size and checksum checks, before the fsync, record and rename
+    /// that publish them (which may still fail: then nothing is published, as with `commit`).
+    /// A server uses it to release a verified download to its clients without waiting for the
+    /// disk.
+    pub fn commit_notify(mut self, verified: impl FnOnce(&Record)) -> Result<Record> {
+        match self.try_commit(verified) {
             Ok(rec) => Ok(rec),
             Err(e) => {
                 self.disk_full |= e.is_disk_full();
@@ -280,14 +343,14 @@ impl CacheWriter {
         }
     }
 
-    fn try_commit(&mut self) -> Result<Record> {
+    fn try_commit(&mut self, verified: impl FnOnce(&Record)) -> Result<Record> {
         // A failed write (ENOSPC, EIO, ...) left a short file or a hole: publishing it would
         // record the checksum of the wrong bytes. ENOSPC/EDQUOT come back as `DiskFull`.
         if let Some(e) = self.write_error.take() {
             return Err(StoreError::io("write", &self.path, e));
         }
+        let actual = self.digest().ctx("hash", &self.path)?;
         let file = self.file.as_ref().expect("open until commit");
-        let actual = self.hasher.take().expect("hasher until commit").finish();
         if let Some(expected) = self.opts.expected_size
             && expected != self.written
         {
@@ -316,6 +379,8 @@ impl CacheWriter {
             last_accessed: at,
             props: std::mem::take(&mut self.opts.props),
         };
+        verified(&record);
+        // Crash safety is unchanged: the bytes are on disk before the rename publishes them.
         self.cache.driver().stage(&record, file)?;
         file.sync_all().ctx("fsync", &self.path)?;
         let dest = self.cache.get_image_filepath(&self.key, Status::Active);
@@ -364,14 +429,64 @@ impl CacheWriter {
     }
 }
 
-impl Write for CacheWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+impl CacheWriter {
+    /// Writes all of `chunk`, hashing it on a thread of its own (a refcounted clone of the
+    /// chunk goes there, no copy) while this thread writes it: hashing and writing a large
+    /// image then take the time of the slower of the two, not of both. At most a few chunks
+    /// wait for the hasher (this call blocks when it falls behind), so memory stays bounded.
+    /// May be mixed with [`Write`]; [`CacheWriter::commit`] joins the hasher.
+    pub fn write_bytes(&mut self, chunk: Bytes) -> io::Result<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        if self.file.is_none() {
+            return Err(io::Error::other("writer already closed"));
+        }
+        let digest = self.hasher.take().expect("hasher until commit");
+        let digest = match digest.threaded() {
+            Ok(d) => d,
+            Err(e) => {
+                // The hash state went with the thread that could not start: these bytes can
+                // no longer be verified, so this writer must never publish.
+                self.hasher = Some(Digest::Inline(Hasher::new(self.algorithm())));
+                return Err(self.lose(e));
+            }
+        };
+        let Digest::Thread { tx, .. } = self.hasher.insert(digest) else {
+            unreachable!("threaded")
+        };
+        if tx.send(chunk.clone()).is_err() {
+            return Err(self.lose(io::Error::other("the hasher thread stopped")));
+        }
+        let mut buf = &chunk[..];
+        while !buf.is_empty() {
+            match self.write_file(buf) {
+                Ok(0) => {
+                    return Err(self.lose(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "failed to write whole buffer",
+                    )));
+                }
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes to the file, counting what was written. A failure other than EINTR is kept
+    /// (bytes were lost: this writer must never publish).
+    fn write_file(&mut self, buf: &[u8]) -> io::Result<usize> {
         let file = self
             .file
             .as_mut()
             .ok_or_else(|| io::Error::other("writer already closed"))?;
-        let n = match file.write(buf) {
-            Ok(n) => n,
+        match file.write(buf) {
+            Ok(n) => {
+                self.written += n as u64;
+                Ok(n)
+            }
             Err(e) => {
                 let full =
                     [rustix::io::Errno::NOSPC, rustix::io::Errno::DQUOT].map(|c| c.raw_os_error());
@@ -385,13 +500,63 @@ impl Write for CacheWriter {
                         None => io::Error::new(e.kind(), e.to_string()),
                     });
                 }
-                return Err(e);
+                Err(e)
             }
-        };
-        if let Some(h) = self.hasher.as_mut() {
-            h.update(&buf[..n]);
         }
-        self.written += n as u64;
+    }
+
+    /// Records `e` as a loss of bytes (the writer will not publish) and returns it.
+    fn lose(&mut self, e: io::Error) -> io::Error {
+        if self.write_error.is_none() {
+            self.write_error = Some(io::Error::new(e.kind(), e.to_string()));
+        }
+        e
+    }
+
+    /// Brings the hashing back to this thread (joins the hasher thread if one runs).
+    fn hash_inline(&mut self) -> io::Result<()> {
+        let digest = self.hasher.take().expect("hasher until commit");
+        match digest.into_hasher() {
+            Ok(h) => {
+                self.hasher = Some(Digest::Inline(h));
+                Ok(())
+            }
+            Err(e) => {
+                self.hasher = Some(Digest::Inline(Hasher::new(self.algorithm())));
+                Err(self.lose(e))
+            }
+        }
+    }
+
+    /// The algorithm the bytes are hashed with.
+    fn algorithm(&self) -> Algorithm {
+        self.opts
+            .expected
+            .as_ref()
+            .map_or(self.opts.algorithm, |e| e.algorithm)
+    }
+
+    /// The checksum of every byte written; the hasher is used up.
+    fn digest(&mut self) -> io::Result<Integrity> {
+        let digest = self.hasher.take().expect("hasher until commit");
+        Ok(digest.into_hasher()?.finish())
+    }
+}
+
+impl Write for CacheWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.write_file(buf)?;
+        let sent = match self.hasher.as_mut() {
+            Some(Digest::Inline(h)) => {
+                h.update(&buf[..n]);
+                true
+            }
+            Some(Digest::Thread { tx, .. }) => tx.send(Bytes::copy_from_slice(&buf[..n])).is_ok(),
+            None => true,
+        };
+        if !sent {
+            return Err(self.lose(io::Error::other("the hasher thread stopped")));
+        }
         Ok(n)
     }
 

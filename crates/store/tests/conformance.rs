@@ -533,6 +533,106 @@ fn commit_with_expected_checksum_and_size(kind: DriverKind) {
     assert_eq!(ids(&cache), ["img"]);
 }
 
+fn write_bytes_hashes_in_parallel_and_mixes_with_write(kind: DriverKind) {
+    let (_d, cache) = fresh(kind);
+    let k = key("img");
+    let data = pattern(7, 3 * 1024 * 1024 + 5);
+    let mut w = cache.open_for_write(&k).unwrap().unwrap();
+    // Write first (hashed inline), then refcounted chunks (hashed on the writer's thread),
+    // then Write again: one checksum over all of it, in order.
+    let (head, rest) = data.split_at(1000);
+    let (mid, tail) = rest.split_at(rest.len() - 777);
+    w.write_all(head).unwrap();
+    let mid = bytes::Bytes::copy_from_slice(mid);
+    for i in (0..mid.len()).step_by(100_003) {
+        w.write_bytes(mid.slice(i..(i + 100_003).min(mid.len())))
+            .unwrap();
+    }
+    w.write_bytes(bytes::Bytes::new()).unwrap();
+    w.write_all(tail).unwrap();
+    assert_eq!(w.bytes_written(), data.len() as u64);
+    let rec = w.commit().unwrap();
+    assert_eq!(rec.checksum, Some(sha256(&data)));
+    common::assert_intact(&cache, "img", &data);
+
+    // A mismatch found by the hasher thread fails the commit like any other.
+    let mut w = cache
+        .open_for_write_with(
+            &key("bad"),
+            WriteOptions {
+                expected: Some(sha256(b"something else")),
+                ..WriteOptions::default()
+            },
+        )
+        .unwrap()
+        .unwrap();
+    w.write_bytes(bytes::Bytes::from(pattern(8, 70_000)))
+        .unwrap();
+    let mut told = false;
+    let err = w.commit_notify(|_| told = true).unwrap_err();
+    assert!(matches!(err, StoreError::ChecksumMismatch { .. }), "{err}");
+    assert!(!told, "a mismatch is never reported as verified");
+    assert!(!cache.is_cached(&key("bad")).unwrap());
+    assert!(
+        cache
+            .get_image_filepath(&key("bad"), Status::Invalid)
+            .exists()
+    );
+
+    // A writer dropped with its hasher thread running publishes nothing.
+    {
+        let mut w = cache.open_for_write(&key("dropped")).unwrap().unwrap();
+        w.write_bytes(bytes::Bytes::from(pattern(9, 4096))).unwrap();
+    }
+    assert!(!cache.is_cached(&key("dropped")).unwrap());
+}
+
+fn commit_notify_reports_verified_before_publishing(kind: DriverKind) {
+    let (_d, cache) = fresh(kind);
+    let k = key("img");
+    let data = pattern(10, 100_000);
+    let mut w = cache
+        .open_for_write_with(
+            &k,
+            WriteOptions {
+                expected: Some(sha256(&data)),
+                expected_size: Some(data.len() as u64),
+                ..WriteOptions::default()
+            },
+        )
+        .unwrap()
+        .unwrap();
+    w.write_bytes(bytes::Bytes::from(data.clone())).unwrap();
+    let mut seen = None;
+    let rec = w
+        .commit_notify(|r| {
+            // Verified, not yet published.
+            assert!(!cache.get_image_filepath(&k, Status::Active).exists());
+            assert!(cache.get_record(&k).unwrap().is_none());
+            seen = Some(r.clone());
+        })
+        .unwrap();
+    assert_eq!(seen.as_ref(), Some(&rec));
+    assert_eq!(rec.size, data.len() as u64);
+    common::assert_intact(&cache, "img", &data);
+
+    // A short write is not verified.
+    let mut w = cache
+        .open_for_write_with(
+            &key("short"),
+            WriteOptions {
+                expected_size: Some(10),
+                ..WriteOptions::default()
+            },
+        )
+        .unwrap()
+        .unwrap();
+    w.write_bytes(bytes::Bytes::from_static(b"12345")).unwrap();
+    let mut told = false;
+    assert!(w.commit_notify(|_| told = true).is_err());
+    assert!(!told);
+}
+
 fn dropped_writer_publishes_nothing(kind: DriverKind) {
     let (_d, cache) = fresh(kind);
     let k = key("img");
@@ -918,6 +1018,8 @@ conformance!(
     open_for_read_counts_hit_and_updates_last_accessed,
     commit_publishes_with_size_and_checksum,
     commit_with_expected_checksum_and_size,
+    write_bytes_hashes_in_parallel_and_mixes_with_write,
+    commit_notify_reports_verified_before_publishing,
     dropped_writer_publishes_nothing,
     checksum_mismatch_publishes_nothing,
     size_mismatch_publishes_nothing,

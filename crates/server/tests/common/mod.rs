@@ -249,6 +249,17 @@ impl Server {
         self.cache_dir().join(key)
     }
 
+    /// The published file of `key`, once there: a miss's clients get their last byte when the
+    /// bytes are verified, and the fsync and rename that publish them may finish just after.
+    pub async fn wait_published(&self, key: &str) -> PathBuf {
+        let path = self.published(key);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !path.exists() && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        path
+    }
+
     pub fn invalid(&self, key: &str) -> PathBuf {
         self.cache_dir().join("invalid").join(key)
     }
