@@ -39,7 +39,18 @@ impl AppState {
                 priority: imgcache_store::registry::PRIORITY_INSTANCE,
             },
             &config.sources,
-        )?;
+        )?
+        // A caching server hands out the bytes its origin sent: no zstd decompression (clients
+        // following a download read the file as it is written), and every format is permitted
+        // (Glance accepted it); unsafe images (backing files, extents naming host files, ...)
+        // are still refused.
+        .with_images(imgcache_fetch::pipeline::ImageOptions {
+            policy: imgcache_fetch::formats::Policy {
+                permitted: imgcache_fetch::formats::Format::ALL.to_vec(),
+            },
+            zstd: false,
+            ..Default::default()
+        });
         let upstream_auth = crate::upstream_auth::UpstreamAuth::new(
             config.sources.glance_url.clone(),
             fetcher.http_source()?,

@@ -817,3 +817,25 @@ async fn sendfile_hit_cannot_be_evicted_mid_send() {
     assert!(!srv.published(ID).exists());
     srv.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_zstd_compressed_image_is_served_as_the_origin_sent_it() {
+    // A transparent cache: the bytes the origin sent, on the miss (clients follow the file as
+    // it is written) and on the hit; nothing decompressed behind the clients' backs.
+    let fake = Fake::start().await;
+    let mut data = b"\x28\xb5\x2f\xfd".to_vec();
+    data.extend_from_slice(&image_bytes(MIB, 11));
+    let data = bytes::Bytes::from(data);
+    fake.add("z.img.zst", Img::new(data.clone()));
+    let mut srv = Server::start(&fake, |_| {}).await;
+    let c = client();
+    let href = format!("{}/files/z.img.zst", fake.url());
+    let url = reqwest::Url::parse_with_params(&srv.url("/v1/fetch"), &[("href", &href)]).unwrap();
+    for round in ["miss", "hit"] {
+        let r = c.get(url.clone()).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{round}");
+        assert_eq!(r.bytes().await.unwrap(), data, "{round}");
+    }
+    assert_eq!(fake.data_requests("z.img.zst"), 1);
+    srv.stop().await.unwrap();
+}
