@@ -269,29 +269,8 @@ impl CacheWriter {
     }
 
     fn try_replace_with(&mut self, path: &Path) -> Result<Integrity> {
-        if let Some(e) = self.write_error.take() {
-            return Err(StoreError::io("write", &self.path, e));
-        }
         let algorithm = self.algorithm();
-        let input = self.digest().ctx("hash", &self.path)?;
-        if let Some(expected) = self.opts.expected_size
-            && expected != self.written
-        {
-            return Err(StoreError::SizeMismatch {
-                key: self.key.to_string(),
-                expected,
-                actual: self.written,
-            });
-        }
-        if let Some(expected) = &self.opts.expected
-            && *expected != input
-        {
-            return Err(StoreError::ChecksumMismatch {
-                key: self.key.to_string(),
-                expected: expected.clone(),
-                actual: input,
-            });
-        }
+        let input = self.verify()?;
         // The old bytes are verified: from here the entry is `path`'s. A rename over a name
         // linked to a source file only drops that name; the source is untouched.
         fs::rename(path, &self.path).ctx("rename", path)?;
@@ -346,29 +325,8 @@ impl CacheWriter {
     fn try_commit(&mut self, verified: impl FnOnce(&Record)) -> Result<Record> {
         // A failed write (ENOSPC, EIO, ...) left a short file or a hole: publishing it would
         // record the checksum of the wrong bytes. ENOSPC/EDQUOT come back as `DiskFull`.
-        if let Some(e) = self.write_error.take() {
-            return Err(StoreError::io("write", &self.path, e));
-        }
-        let actual = self.digest().ctx("hash", &self.path)?;
+        let actual = self.verify()?;
         let file = self.file.as_ref().expect("open until commit");
-        if let Some(expected) = self.opts.expected_size
-            && expected != self.written
-        {
-            return Err(StoreError::SizeMismatch {
-                key: self.key.to_string(),
-                expected,
-                actual: self.written,
-            });
-        }
-        if let Some(expected) = &self.opts.expected
-            && *expected != actual
-        {
-            return Err(StoreError::ChecksumMismatch {
-                key: self.key.to_string(),
-                expected: expected.clone(),
-                actual,
-            });
-        }
         let at = now();
         let record = Record {
             image_id: self.key.to_string(),
@@ -537,6 +495,34 @@ impl CacheWriter {
     }
 
     /// The checksum of every byte written; the hasher is used up.
+    /// The bytes written so far: no failed write, the expected size, the expected checksum.
+    /// Returns their checksum (the hasher is consumed).
+    fn verify(&mut self) -> Result<Integrity> {
+        if let Some(e) = self.write_error.take() {
+            return Err(StoreError::io("write", &self.path, e));
+        }
+        let actual = self.digest().ctx("hash", &self.path)?;
+        if let Some(expected) = self.opts.expected_size
+            && expected != self.written
+        {
+            return Err(StoreError::SizeMismatch {
+                key: self.key.to_string(),
+                expected,
+                actual: self.written,
+            });
+        }
+        if let Some(expected) = &self.opts.expected
+            && *expected != actual
+        {
+            return Err(StoreError::ChecksumMismatch {
+                key: self.key.to_string(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        Ok(actual)
+    }
+
     fn digest(&mut self) -> io::Result<Integrity> {
         let digest = self.hasher.take().expect("hasher until commit");
         Ok(digest.into_hasher()?.finish())

@@ -22,6 +22,28 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// How the sources are reached (fetch and serve share it).
+    pub fn sources(&self) -> Result<imgcache_fetch::SourceConfig> {
+        let s = &self.settings;
+        let glance_url = s
+            .glance_url
+            .as_deref()
+            .map(url::Url::parse)
+            .transpose()
+            .context("glance url")?;
+        Ok(imgcache_fetch::SourceConfig {
+            http: imgcache_fetch::HttpOptions {
+                ca_bundle: s.ca_bundle.clone(),
+                insecure: s.insecure,
+                ..imgcache_fetch::HttpOptions::default()
+            },
+            allowed_file_dirs: s.allow_file_dirs.clone(),
+            glance_url,
+            glance_token: s.glance_token.clone(),
+            revalidate_interval: s.revalidate_interval,
+        })
+    }
+
     /// Opens the cache directory with the configured driver (the seed's `configure`).
     pub fn open(&self) -> Result<Cache> {
         Ok(Cache::open(&self.settings.cache_dir, self.settings.driver)?)

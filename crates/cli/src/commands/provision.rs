@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use imgcache_fetch::convert::ConvertOptions;
 use imgcache_fetch::formats::{DiskFormat, Format, Policy};
 use imgcache_fetch::pipeline::ImageOptions;
-use imgcache_fetch::{ChecksumSpec, FetchOptions, HttpOptions, ImageCache, Progress, SourceConfig};
+use imgcache_fetch::{ChecksumSpec, FetchOptions, ImageCache, Progress};
 use imgcache_store::registry::{PRIORITY_INSTANCE, free_space};
 use imgcache_store::{Cache, CacheSpec, Registry};
 use serde::Serialize;
@@ -82,26 +82,9 @@ impl Progress for Bar {
 }
 
 pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
-    let s = &ctx.settings;
     let reg = Arc::new(registry(ctx)?);
     let spec = pick(&reg, args.cache.as_deref())?.clone();
-    let glance_url = s
-        .glance_url
-        .as_deref()
-        .map(url::Url::parse)
-        .transpose()
-        .context("glance url")?;
-    let sources = SourceConfig {
-        http: HttpOptions {
-            ca_bundle: s.ca_bundle.clone(),
-            insecure: s.insecure,
-            ..HttpOptions::default()
-        },
-        allowed_file_dirs: s.allow_file_dirs.clone(),
-        glance_url,
-        glance_token: s.glance_token.clone(),
-        revalidate_interval: s.revalidate_interval,
-    };
+    let sources = ctx.sources()?;
     let checksum = args
         .checksum
         .as_deref()

@@ -1,7 +1,6 @@
 //! `imgcache serve`: the caching image server, until SIGTERM or SIGINT.
 
 use anyhow::{Context, Result};
-use imgcache_fetch::{HttpOptions, SourceConfig};
 use imgcache_server::ServerConfig;
 
 use super::Ctx;
@@ -9,28 +8,12 @@ use crate::cli::ServeArgs;
 
 pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
     let s = &ctx.settings;
-    let glance_url = s
-        .glance_url
-        .as_deref()
-        .map(url::Url::parse)
-        .transpose()
-        .context("glance url")?;
     let mut config = ServerConfig::new(&s.cache_dir);
     config.listen = s.listen;
     config.driver = s.driver;
     config.max_size = s.max_size;
     config.stall_time = s.stall_time;
-    config.sources = SourceConfig {
-        http: HttpOptions {
-            ca_bundle: s.ca_bundle.clone(),
-            insecure: s.insecure,
-            ..HttpOptions::default()
-        },
-        allowed_file_dirs: s.allow_file_dirs.clone(),
-        glance_url,
-        glance_token: s.glance_token.clone(),
-        revalidate_interval: s.revalidate_interval,
-    };
+    config.sources = ctx.sources()?;
     config.admin_token = s.admin_token.clone();
     config.allow_href_prefixes = s.allow_href_prefixes.clone();
     config.shutdown_grace = args.shutdown_grace;
