@@ -194,3 +194,37 @@ fn sigterm(pid: i32) -> i32 {
         .map(|s| s.code().unwrap_or(1))
         .unwrap_or(1)
 }
+
+#[test]
+fn a_miss_and_a_hit_are_counted_once_each_even_when_the_fill_is_instant() {
+    // A file:// source is hard-linked into the cache: the fill is published before the first
+    // request even looks at it. That request is still one miss, not a miss and a hit.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    std::fs::write(images.join("a.img"), &body).unwrap();
+    let prefix = format!("file://{}/", images.display());
+    let server = serve(
+        &dir.path().join("cache"),
+        &[
+            "--allow-href-prefix",
+            &prefix,
+            "--allow-file-dir",
+            images.to_str().unwrap(),
+        ],
+    );
+    let path = format!("/v1/fetch?href={prefix}a.img");
+    for round in 0..2 {
+        let (status, head, got) = request(&server.addr, "GET", &path, &[]);
+        assert_eq!(status, 200, "round {round}: {head}");
+        assert_eq!(got, body);
+    }
+    let (_, _, metrics) = request(&server.addr, "GET", "/metrics", &[]);
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains("imgcache_cache_misses_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("imgcache_cache_hits_total 1"), "{metrics}");
+}

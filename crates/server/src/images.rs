@@ -169,11 +169,13 @@ async fn serve(
     headers: &HeaderMap,
 ) -> Response {
     state.fills.settle(&key).await;
-    match hit(state, &key, head, zero_copy.clone(), headers).await {
+    match hit(state, &key, head, zero_copy.clone(), headers, true).await {
         Ok(Some(resp)) => return resp,
         Ok(None) => {}
         Err(e) => return e.into_response(),
     }
+    // A miss, whatever happens next: this request needed the origin (even if the fill it
+    // joined is published by the time it is served, which is then not counted as a hit too).
     state.metrics.misses.inc();
     // A fill that ends as "published elsewhere" between our look and its start is a hit after
     // all: look again (bounded, a delete racing every time is no reason to loop forever).
@@ -202,11 +204,13 @@ async fn serve(
                     serve_file::body(file, start, end, Some(Follow { phase: rx, total }), counter)
                 });
             }
-            Phase::Published => match hit(state, &key, head, zero_copy.clone(), headers).await {
-                Ok(Some(resp)) => return resp,
-                Ok(None) => continue,
-                Err(e) => return e.into_response(),
-            },
+            Phase::Published => {
+                match hit(state, &key, head, zero_copy.clone(), headers, false).await {
+                    Ok(Some(resp)) => return resp,
+                    Ok(None) => continue,
+                    Err(e) => return e.into_response(),
+                }
+            }
             Phase::Passthrough => return passthrough(state, &origin, head).await,
             Phase::Failed { status, message } => {
                 return ApiError::new(status, message.to_string()).into_response();
@@ -225,6 +229,7 @@ async fn hit(
     head: bool,
     zero_copy: Option<Sendfile>,
     headers: &HeaderMap,
+    count_hit: bool,
 ) -> Result<Option<Response>, ApiError> {
     let cache = state.cache.clone();
     let k = key.clone();
@@ -239,7 +244,9 @@ async fn hit(
     let Some(reader): Option<CacheReader> = blocking(move || cache.open_for_read(&k)).await? else {
         return Ok(None);
     };
-    state.metrics.hits.inc();
+    if count_hit {
+        state.metrics.hits.inc();
+    }
     let meta = hit_meta(reader.record());
     let file = Arc::new(reader.into_file());
     let counter = state.metrics.bytes_from_cache.clone();
