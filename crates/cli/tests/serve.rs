@@ -2,41 +2,15 @@
 //! other set-up; an image fetched through it from an origin in this test, the cache API,
 //! metrics, and a clean exit on SIGTERM.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+mod common;
 
-/// Serves `body` at any path, counting requests.
-fn origin(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            c.fetch_add(1, Ordering::SeqCst);
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-            }
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream
-                .write_all(head.as_bytes())
-                .and_then(|_| stream.write_all(&body));
-        }
-    });
-    (url, count)
-}
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+
+use common::{origin, serve, sigterm};
+use std::time::{Duration, Instant};
 
 /// A minimal HTTP/1.1 client (no dependency for one GET): status, headers, body.
 fn request(
@@ -81,42 +55,6 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(cache: &std::path::Path, args: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imgcache"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .arg("--cache-dir")
-        .arg(cache)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("imgcache: serving on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, addr }
-}
-
 #[test]
 fn serve_caches_an_image_and_stops_on_sigterm() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -125,6 +63,7 @@ fn serve_caches_an_image_and_stops_on_sigterm() {
     let (base, count) = origin(body.clone());
     let mut server = serve(
         &cache,
+        "http",
         &["--allow-href-prefix", &base, "--admin-token", "s3cret"],
     );
     let addr = server.addr.clone();
@@ -186,15 +125,6 @@ fn serve_caches_an_image_and_stops_on_sigterm() {
     assert_eq!(listed.as_array().unwrap().len(), 1);
 }
 
-/// `kill -TERM pid` through the kill(1) command (no libc dependency for one call).
-fn sigterm(pid: i32) -> i32 {
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .map(|s| s.code().unwrap_or(1))
-        .unwrap_or(1)
-}
-
 #[test]
 fn a_miss_and_a_hit_are_counted_once_each_even_when_the_fill_is_instant() {
     // A file:// source is hard-linked into the cache: the fill is published before the first
@@ -207,6 +137,7 @@ fn a_miss_and_a_hit_are_counted_once_each_even_when_the_fill_is_instant() {
     let prefix = format!("file://{}/", images.display());
     let server = serve(
         &dir.path().join("cache"),
+        "http",
         &[
             "--allow-href-prefix",
             &prefix,

@@ -3,81 +3,14 @@
 //! certificate): an image fetched through it (miss, then hit), `/healthz`, no image for
 //! plain HTTP on the TLS port, no trust without the CA, and a clean exit on SIGTERM.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Serves `body` at any path over plain HTTP, counting requests.
-fn origin(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            c.fetch_add(1, Ordering::SeqCst);
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-            }
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream
-                .write_all(head.as_bytes())
-                .and_then(|_| stream.write_all(&body));
-        }
-    });
-    (url, count)
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve_tls(cache: &Path, cert: &Path, key: &Path, args: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imgcache"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .arg("--cache-dir")
-        .arg(cache)
-        .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert"])
-        .arg(cert)
-        .arg("--tls-key")
-        .arg(key)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("imgcache: serving on https://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, addr }
-}
+use common::{origin, serve, sigterm};
 
 /// A self-signed certificate for 127.0.0.1 and its key, made by `openssl` in `dir`.
 fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -125,7 +58,18 @@ fn serve_over_tls_caches_an_image_and_stops_on_sigterm() {
     let (cert, key) = self_signed(dir.path());
     let body: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8).collect();
     let (base, count) = origin(body.clone());
-    let mut server = serve_tls(&cache, &cert, &key, &["--allow-href-prefix", &base]);
+    let mut server = serve(
+        &cache,
+        "https",
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--allow-href-prefix",
+            &base,
+        ],
+    );
     let addr = server.addr.clone();
     let got = dir.path().join("got");
     let trust = [std::ffi::OsStr::new("--cacert"), cert.as_os_str()];
@@ -210,13 +154,4 @@ fn serve_over_tls_caches_an_image_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
-}
-
-/// `kill -TERM pid` through the kill(1) command (no libc dependency for one call).
-fn sigterm(pid: i32) -> i32 {
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .map(|s| s.code().unwrap_or(1))
-        .unwrap_or(1)
 }
