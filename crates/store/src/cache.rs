@@ -324,20 +324,24 @@ fn driver_marker(layout: &Layout, kind: DriverKind, create: bool) -> Result<()> 
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // create_new: two first opens with different drivers cannot both win.
-            let mut f = match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(f) => f,
+            // Written whole under a temporary name, then hard-linked into place: linking fails
+            // if the marker exists, so two first opens cannot both win, and no process ever
+            // reads a marker that is created but not yet written.
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = layout
+                .incomplete_dir()
+                .join(format!(".driver-{}-{n}", std::process::id()));
+            fs::write(&tmp, format!("{}\n", kind.name())).ctx("write", &tmp)?;
+            let linked = fs::hard_link(&tmp, &path);
+            let _ = fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return driver_marker(layout, kind, false);
+                    driver_marker(layout, kind, false)
                 }
-                Err(e) => return Err(StoreError::io("create", &path, e)),
-            };
-            std::io::Write::write_all(&mut f, format!("{}\n", kind.name()).as_bytes())
-                .ctx("write", &path)
+                Err(e) => Err(StoreError::io("create", &path, e)),
+            }
         }
         Err(e) => Err(StoreError::io("read", &path, e)),
     }

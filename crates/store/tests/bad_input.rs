@@ -534,3 +534,23 @@ fn a_foreign_file_at_a_keys_path_is_never_replaced() {
         assert!(!cache.is_cached(&key("late")).unwrap());
     }
 }
+
+#[test]
+fn many_first_opens_of_one_directory_at_once_all_succeed() {
+    // The driver marker is created by whichever open comes first; the others must read a
+    // whole marker, never an empty one (a race once seen as "made with the  driver").
+    for kind in [DriverKind::Sqlite, DriverKind::Xattr] {
+        for _ in 0..20 {
+            let tmp = tempdir();
+            let dir = tmp.path().join("cache");
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| s.spawn(|| Cache::open(&dir, kind).map(|_| ())))
+                    .collect();
+                for h in handles {
+                    h.join().unwrap().unwrap_or_else(|e| panic!("{kind}: {e}"));
+                }
+            });
+        }
+    }
+}
