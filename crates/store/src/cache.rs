@@ -44,6 +44,10 @@ impl Cache {
     /// [`StoreError::CacheDir`] when the store cannot work, not later on first use.
     pub fn open(root: impl Into<PathBuf>, kind: DriverKind) -> Result<Cache> {
         let layout = Layout::open(root)?;
+        // First opens of a directory race to create the database, switch it to WAL (which
+        // SQLite may refuse with "database is locked" at once rather than wait) and write the
+        // driver marker: opening is serialised across processes by a lock of its own.
+        let _init = FileLock::acquire(&layout.locks_dir().join(".init.lock"), Mode::Exclusive)?;
         driver_marker(&layout, kind, false)?;
         let driver: Box<dyn Driver> = match kind {
             DriverKind::Sqlite => Box::new(SqliteDriver::open(
