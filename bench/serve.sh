@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Service benchmark (issue 5): `imgcache serve` against nginx, on loopback, ratios from one run.
 #
-#   bench/serve.sh [SIZE_MIB]      (default 1024; ROUNDS=3 hit rounds, PORT=18180 base port)
+#   bench/serve.sh [SIZE_MIB]      (default 1024; ROUNDS=3 hit rounds, PORT=18180 base port,
+#                                   PARTS="miss hit stampede rss" to run only some parts)
 #
 # Four roles, each its own process so CPU is attributed cleanly:
 #   origin   nginx: a fake Glance (/v2/images/ID -> JSON record with the sha256, /v2/images/ID/file
@@ -18,7 +19,9 @@
 #             nginx proxy_cache miss
 #   stampede  1, 16 and 64 clients on one uncached image from the throttled origin: origin data
 #             requests (access log), time to first byte (min/median/max; curl's
-#             time_starttransfer, each from its own start), total wall vs one client alone
+#             time_starttransfer, each from its own start), total wall vs one client alone, and
+#             the floor: nginx serving the finished file to as many clients, unpaced (no server
+#             can deliver N GiB to N curls faster on this machine)
 #   rss       peak RSS (VmHWM, reset with clear_refs first) of imgcache serving 8 clients a miss
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -108,7 +111,12 @@ fetch() { curl -sf -H "X-Auth-Token: $TOKEN" -o /dev/null "$@"; }
 
 echo "image ${SIZE_MIB} MiB, loopback, $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
 
+PARTS=${PARTS:-miss hit stampede rss}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+
 # --- miss ----------------------------------------------------------------------------------
+MISS=0 PMISS=0 CURL=0 SHA=0 BASEL=0
+if part miss; then
 sync; sleep 1
 t0=$(now); fetch "http://127.0.0.1:$P_ORIGIN/v2/images/$ID_MISS/file"; t1=$(now)
 CURL=$(echo "$t1 - $t0" | bc)
@@ -121,6 +129,7 @@ sync; sleep 1
 t0=$(now); fetch "http://127.0.0.1:$P_PROXY/v2/images/$ID_MISS/file"; t1=$(now)
 PMISS=$(echo "$t1 - $t0" | bc)
 sync; sleep 1
+fi
 
 # --- hit -----------------------------------------------------------------------------------
 hit_round() { # server(imgcache|nginx) clients -> "GB/s CPU-s/GiB"
@@ -135,8 +144,10 @@ hit_round() { # server(imgcache|nginx) clients -> "GB/s CPU-s/GiB"
   echo "$2 * $SIZE / ($t1 - $t0) / 1000000000" | bc -l | xargs printf '%.3f '
   echo "($k1 - $k0) / $TCK / ($2 * $SIZE / 1073741824)" | bc -l | xargs printf '%.3f\n'
 }
-fetch "$(img_url $ID_MISS)"; fetch "http://127.0.0.1:$P_STATIC/image.raw" # warm both
 declare -A GBS CPU
+SENDFILE=0
+if part hit; then
+fetch "$(img_url $ID_MISS)"; fetch "http://127.0.0.1:$P_STATIC/image.raw" # warm both
 for n in 1 8; do
   for s in imgcache nginx; do : > "$WORK/r.$s.$n"; done
   for _ in $(seq "$ROUNDS"); do
@@ -148,13 +159,16 @@ for n in 1 8; do
   done
 done
 SENDFILE=$(curl -s "http://127.0.0.1:$P_IMG/metrics" | awk '/^imgcache_served_sendfile_bytes_total/ {print $2}')
+fi
 
 # --- stampede ------------------------------------------------------------------------------
 stampede() { # id clients -> "origin_requests ttfb_min ttfb_median ttfb_max wall"
+  # id "static": the floor, nginx serving the finished file from its page cache, unpaced
   local id=$1 n=$2 t0 t1 c
   : > "$WORK/ttfb"
   t0=$(now)
   local kids=() url; url=$(img_url "$id")
+  [ "$id" = static ] && url=http://127.0.0.1:$P_STATIC/image.raw
   for c in $(seq "$n"); do
     curl -sf -H "X-Auth-Token: $TOKEN" -o /dev/null -w '%{time_starttransfer}\n' "$url" >> "$WORK/ttfb" &
     kids+=($!)
@@ -166,37 +180,43 @@ stampede() { # id clients -> "origin_requests ttfb_min ttfb_median ttfb_max wall
   printf '%s %s %s %s %s\n' "$reqs" "$(sort -g "$WORK/ttfb" | head -1)" "$(median < "$WORK/ttfb")" \
     "$(sort -g "$WORK/ttfb" | tail -1)" "$(echo "$t1 - $t0" | bc)"
 }
+if part stampede; then
 S1=$(stampede $ID_S1 1); sync; sleep 1
 S16=$(stampede $ID_S16 16); sync; sleep 1
 S64=$(stampede $ID_S64 64); sync; sleep 1
+C16=$(stampede static 16); C64=$(stampede static 64)
+fi
 
 # --- rss -----------------------------------------------------------------------------------
+HWM=0
+if part rss; then
 echo 5 > "/proc/$IMG_PID/clear_refs" # resets VmHWM
 kids=()
 for _ in $(seq 8); do fetch "$(img_url $ID_RSS)" & kids+=($!); done
 wait "${kids[@]}"
 HWM=$(awk '/^VmHWM/ {print $2}' "/proc/$IMG_PID/status")
+fi
 
 # --- report --------------------------------------------------------------------------------
 r() { if [ "$(echo "$2 == 0" | bc)" = 1 ]; then echo n/a; else echo "$1 / $2" | bc -l | xargs printf '%.2f'; fi; }
 echo
 echo "| measure | imgcache | baseline | ratio |"
 echo "| --- | --- | --- | --- |"
-for n in 1 8; do
+part hit && for n in 1 8; do
   echo "| hit, $n client(s): GB/s | ${GBS[imgcache.$n]} | nginx ${GBS[nginx.$n]} | $(r "${GBS[imgcache.$n]}" "${GBS[nginx.$n]}")× |"
   echo "| hit, $n client(s): server CPU-s/GiB | ${CPU[imgcache.$n]} | nginx ${CPU[nginx.$n]} | $(r "${CPU[imgcache.$n]}" "${CPU[nginx.$n]}")× |"
 done
-printf '| cold miss + sha256: s (GB/s) | %.3f (%.2f) | max(curl %.3f, openssl %.3f) | %s× speed |\n' \
+part miss && printf '| cold miss + sha256: s (GB/s) | %.3f (%.2f) | max(curl %.3f, openssl %.3f) | %s× speed |\n' \
   "$MISS" "$(echo "$SIZE / $MISS / 1000000000" | bc -l)" "$CURL" "$SHA" "$(r "$BASEL" "$MISS")"
-printf '| cold miss vs nginx proxy_cache miss: s | %.3f | %.3f | %s× speed |\n' "$MISS" "$PMISS" "$(r "$PMISS" "$MISS")"
-read -r q1 a1 m1 z1 w1 <<< "$S1"
-for row in "16 $S16" "64 $S64"; do
-  read -r n q a m z w <<< "$row"
+part miss && printf '| cold miss vs nginx proxy_cache miss: s | %.3f | %.3f | %s× speed |\n' "$MISS" "$PMISS" "$(r "$PMISS" "$MISS")"
+part stampede && read -r q1 a1 m1 z1 w1 <<< "$S1" && for row in "16 $S16 $C16" "64 $S64 $C64"; do
+  read -r n q a m z w _ ca cm cz cw <<< "$row"
   printf '| stampede %s clients: origin data requests | %s | 1 | |\n' "$n" "$q"
-  printf '| stampede %s clients: TTFB min/median/max, max-min ms | %.3f/%.3f/%.3f s, %.0f ms | 1 client %.3f s | |\n' \
-    "$n" "$a" "$m" "$z" "$(echo "($z - $a) * 1000" | bc -l)" "$a1"
+  printf '| stampede %s clients: TTFB min/median/max, max-min ms | %.3f/%.3f/%.3f s, %.0f ms | nginx static, unpaced: %.0f ms | |\n' \
+    "$n" "$a" "$m" "$z" "$(echo "($z - $a) * 1000" | bc -l)" "$(echo "($cz - $ca) * 1000" | bc -l)"
   printf '| stampede %s clients: wall s | %.2f | 1 client %.2f | %s× |\n' "$n" "$w" "$w1" "$(r "$w" "$w1")"
+  printf '| stampede %s clients: wall s vs the floor | %.2f | nginx static, unpaced, %.2f | %s× |\n' "$n" "$w" "$cw" "$(r "$w" "$cw")"
 done
-printf '| peak RSS, 8 clients on a miss (VmHWM) | %d MiB | target < 64 MiB | |\n' "$((HWM / 1024))"
+part rss && printf '| peak RSS, 8 clients on a miss (VmHWM) | %d MiB | target < 64 MiB | |\n' "$((HWM / 1024))"
 echo
 echo "hit bytes sent with sendfile: $SENDFILE; ROUNDS=$ROUNDS (hit figures are medians); load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -79,3 +79,6 @@ fn init_tracing(cli: &Cli) {
         .with_target(false)
         .try_init();
 }
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

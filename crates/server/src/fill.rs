@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -73,20 +73,33 @@ pub struct Streaming {
 pub struct Fill {
     pub key: Key,
     phase: watch::Sender<Phase>,
+    /// Bytes written so far, updated after every chunk. The `phase` watch only carries it
+    /// every [`NOTIFY_STEP`] bytes (waking every reader per chunk costs more CPU than sending
+    /// the bytes once many follow one download); readers look here between wake-ups.
+    written: Arc<AtomicU64>,
     info: OnceLock<Streaming>,
 }
+
+/// Bytes written between two wake-ups of the readers following a download.
+pub const NOTIFY_STEP: u64 = 1 << 20;
 
 impl Fill {
     fn new(key: Key) -> Fill {
         Fill {
             key,
             phase: watch::Sender::new(Phase::Starting),
+            written: Arc::new(AtomicU64::new(0)),
             info: OnceLock::new(),
         }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
+    }
+
+    /// The bytes written so far (at least what the last `Streaming` phase said).
+    pub fn written(&self) -> Arc<AtomicU64> {
+        self.written.clone()
     }
 
     pub fn info(&self) -> Option<&Streaming> {
@@ -269,8 +282,15 @@ async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phas
     let _inflight = scopeguard(&state.metrics.inflight_downloads);
     let hook: WrittenHook = {
         let f = fill.clone();
+        let notified = AtomicU64::new(0);
         Arc::new(move |n| {
-            f.phase.send_replace(Phase::Streaming { written: n });
+            f.written.store(n, Ordering::Release);
+            // The first bytes at once (time to first byte), then every NOTIFY_STEP.
+            let last = notified.load(Ordering::Relaxed);
+            if last == 0 || n - last >= NOTIFY_STEP {
+                notified.store(n, Ordering::Relaxed);
+                f.phase.send_replace(Phase::Streaming { written: n });
+            }
         })
     };
     let body = watched(

@@ -34,7 +34,7 @@ use crate::error::ApiError;
 use crate::fill::{Origin, Phase, blocking, origin_error, watched};
 use crate::range::{self, Plan};
 use crate::sendfile::Sendfile;
-use crate::serve_file::{self, Follow};
+use crate::serve_file::{self, Cursor, Follow};
 use crate::state::AppState;
 
 const CONTENT_MD5: HeaderName = HeaderName::from_static("content-md5");
@@ -199,9 +199,22 @@ async fn serve(
                 };
                 let file = info.file.clone();
                 let total = info.size;
+                let written = fill.written();
                 let counter = state.metrics.bytes_from_cache.clone();
+                let zero_copied = state.metrics.bytes_sendfile.clone();
                 return respond(&meta, headers, head, move |start, end| {
-                    serve_file::body(file, start, end, Some(Follow { phase: rx, total }), counter)
+                    let follow = Some(Follow {
+                        phase: rx,
+                        written,
+                        total,
+                    });
+                    match zero_copy {
+                        Some(conn) => {
+                            let cursor = Cursor::new(start, end, follow);
+                            crate::sendfile::body(conn, file, cursor, counter, zero_copied)
+                        }
+                        None => serve_file::body(file, start, end, follow, counter),
+                    }
                 });
             }
             Phase::Published => {
@@ -257,7 +270,8 @@ async fn hit(
         false,
         move |start, end| match (zero_copy, end) {
             (Some(conn), Some(end)) => {
-                crate::sendfile::body(conn, file, start, end, counter, zero_copied)
+                let cursor = Cursor::new(start, Some(end), None);
+                crate::sendfile::body(conn, file, cursor, counter, zero_copied)
             }
             _ => serve_file::body(file, start, end, None, counter),
         },

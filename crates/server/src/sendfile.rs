@@ -19,8 +19,10 @@
 //! evictor cannot remove the file until the last byte has been handed to the socket, even after
 //! hyper has dropped the body.
 //!
-//! TLS and HTTP/2 connections never get the handle and keep the user-space path
-//! ([`crate::serve_file`]); so do misses (a body that follows a growing file).
+//! Readers following a fill use it too: their spans never reach past what the writer has
+//! written (see [`Cursor`]), so `sendfile` never meets the end of the growing file. TLS and
+//! HTTP/2 connections never get the handle and keep the user-space path
+//! ([`crate::serve_file`]).
 //!
 //! `sendfile` of data that is not in the page cache blocks the runtime thread on the disk, as
 //! nginx's default `sendfile on` does; a hit is normally warm.
@@ -37,6 +39,8 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::serve_file::Cursor;
 
 /// Bytes per placeholder frame (and most bytes one `sendfile` call is asked for).
 pub const SPAN: usize = 8 << 20;
@@ -67,38 +71,38 @@ pub struct Sendfile {
     queue: Queue,
 }
 
-/// A body of `file`'s bytes `start..end`, sent with `sendfile` by the connection's
-/// [`SendfileStream`]. `served` and `zero_copy` count the bytes as they are queued.
+/// A body of the bytes of `file` that `cursor` lets out (a published image's range, or a
+/// growing `incomplete/` file as its fill writes it), sent with `sendfile` by the
+/// connection's [`SendfileStream`]. `served` and `zero_copy` count the bytes as they are
+/// queued. A followed fill that fails ends the body with an error, which cuts the connection.
 pub fn body(
     conn: Sendfile,
     file: Arc<File>,
-    start: u64,
-    end: u64,
+    cursor: Cursor,
     served: Counter,
     zero_copy: Counter,
 ) -> Body {
     let region: &'static [u8] = &PLACEHOLDER;
-    let stream = futures_util::stream::unfold(start, move |pos| {
+    let stream = futures_util::stream::unfold(Some(cursor), move |state| {
         let conn = conn.clone();
         let file = file.clone();
         let served = served.clone();
         let zero_copy = zero_copy.clone();
         async move {
-            if pos >= end {
-                return None; // the file (and its flock) lives on in the queued spans
-            }
-            let len = (end - pos).min(SPAN as u64) as usize;
-            conn.queue.lock().expect("sendfile queue").push_back(Span {
-                file,
-                offset: pos,
-                len,
-            });
+            let mut cursor = state?;
+            // At the end, the file (and its flock) lives on in the queued spans.
+            let (offset, len) = match cursor.next(SPAN).await? {
+                Ok(piece) => piece,
+                Err(e) => return Some((Err(e), None)),
+            };
+            conn.queue
+                .lock()
+                .expect("sendfile queue")
+                .push_back(Span { file, offset, len });
+            cursor.advance(len);
             served.inc_by(len as u64);
             zero_copy.inc_by(len as u64);
-            Some((
-                Ok::<_, io::Error>(Bytes::from_static(&region[..len])),
-                pos + len as u64,
-            ))
+            Some((Ok(Bytes::from_static(&region[..len])), Some(cursor)))
         }
     });
     Body::from_stream(stream)

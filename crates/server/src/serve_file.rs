@@ -1,5 +1,7 @@
-//! Sending image bytes from a file: a published image (a hit) or the growing `incomplete/`
-//! file of a fill (a reader following the download).
+//! Sending image bytes from a file through user space: a published image (a hit) or the
+//! growing `incomplete/` file of a fill (a reader following the download), on connections
+//! that cannot use `sendfile` (TLS, HTTP/2). [`Cursor`] says which bytes may go out when, for
+//! this path and the `sendfile` one alike.
 //!
 //! Memory is bounded per response: one chunk read at a time, handed to hyper as `Bytes` with
 //! no further copy. Reads first try `preadv2(RWF_NOWAIT)` on the runtime thread — a page-cache
@@ -10,6 +12,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -21,49 +25,41 @@ use crate::fill::Phase;
 /// Bytes per read (and per body frame).
 pub const CHUNK: usize = 512 << 10;
 
-/// Following a fill: the phase watch and the image's total size if known.
+/// Following a fill: the phase watch, the bytes written (fresher than the watch, which only
+/// wakes readers every [`crate::fill::NOTIFY_STEP`]) and the image's total size if known.
 pub struct Follow {
     pub phase: watch::Receiver<Phase>,
+    pub written: Arc<AtomicU64>,
     pub total: Option<u64>,
 }
 
-struct Reader {
-    file: Arc<File>,
+/// Longest a reader that has sent everything written so far waits before it looks at the
+/// written count again (a slow origin may take long to write the next NOTIFY_STEP).
+const POLL: Duration = Duration::from_millis(10);
+
+/// Where a response is in its file, and how far it may read: the whole range at once for a
+/// published image, or up to what the writer has written (and verified, for the last byte)
+/// while following a fill. Shared by the user-space body here and the `sendfile` body.
+pub struct Cursor {
     pos: u64,
     /// Exclusive end; `None` while following a fill of unknown size.
     end: Option<u64>,
     follow: Option<Follow>,
-    served: Counter,
 }
 
-/// A body of `file`'s bytes `start..end` (`end` `None`: until a followed fill completes).
-pub fn body(
-    file: Arc<File>,
-    start: u64,
-    end: Option<u64>,
-    follow: Option<Follow>,
-    served: Counter,
-) -> Body {
-    let reader = Reader {
-        file,
-        pos: start,
-        end,
-        follow,
-        served,
-    };
-    let stream = futures_util::stream::unfold(Some(reader), |state| async move {
-        let mut r = state?;
-        match r.next_chunk().await {
-            Some(Ok(b)) => Some((Ok(b), Some(r))),
-            Some(Err(e)) => Some((Err(e), None)),
-            None => None,
+impl Cursor {
+    pub fn new(start: u64, end: Option<u64>, follow: Option<Follow>) -> Cursor {
+        Cursor {
+            pos: start,
+            end,
+            follow,
         }
-    });
-    Body::from_stream(stream)
-}
+    }
 
-impl Reader {
-    async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+    /// The next piece that may be sent now, at most `max` bytes: `(offset, len)`, waiting for
+    /// the writer when nothing is readable yet. `None` once the range is complete; an error
+    /// when the followed fill failed. The caller reports what it sent with [`Cursor::advance`].
+    pub async fn next(&mut self, max: usize) -> Option<io::Result<(u64, usize)>> {
         loop {
             // A response whose bytes have all gone out ends cleanly, even if the fill fails
             // later (its publishing, after the bytes were verified).
@@ -78,30 +74,22 @@ impl Reader {
                 return None;
             }
             if limit > self.pos {
-                let n = (limit - self.pos).min(CHUNK as u64) as usize;
-                return Some(match read_at(&self.file, self.pos, n).await {
-                    Ok(b) if b.is_empty() => Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "image file is shorter than its record",
-                    )),
-                    Ok(b) => {
-                        self.pos += b.len() as u64;
-                        self.served.inc_by(b.len() as u64);
-                        Ok(b)
-                    }
-                    Err(e) => Err(e),
-                });
+                let n = (limit - self.pos).min(max as u64) as usize;
+                return Some(Ok((self.pos, n)));
             }
             // Nothing readable yet: wait for the writer.
             match &mut self.follow {
-                Some(f) => {
-                    if f.phase.changed().await.is_err() {
-                        return Some(Err(io::Error::other("download vanished")));
-                    }
-                }
+                Some(f) => match tokio::time::timeout(POLL, f.phase.changed()).await {
+                    Ok(Ok(())) | Err(_) => {}
+                    Ok(Err(_)) => return Some(Err(io::Error::other("download vanished"))),
+                },
                 None => return None,
             }
         }
+    }
+
+    pub fn advance(&mut self, n: usize) {
+        self.pos += n as u64;
     }
 
     /// How far the file may be read now.
@@ -118,6 +106,7 @@ impl Reader {
                 Ok(size)
             }
             Phase::Streaming { written } => {
+                let written = written.max(f.written.load(Ordering::Acquire));
                 // A response that ends with the image's last byte holds that byte back until
                 // the image is verified: a failed download must reach it as an error.
                 let ends_with_image = match (f.total, self.end) {
@@ -137,6 +126,57 @@ impl Reader {
                 Err(io::Error::other("download is not streaming"))
             }
         }
+    }
+}
+
+struct Reader {
+    file: Arc<File>,
+    cursor: Cursor,
+    served: Counter,
+}
+
+/// A body of `file`'s bytes `start..end` (`end` `None`: until a followed fill completes).
+pub fn body(
+    file: Arc<File>,
+    start: u64,
+    end: Option<u64>,
+    follow: Option<Follow>,
+    served: Counter,
+) -> Body {
+    let reader = Reader {
+        file,
+        cursor: Cursor::new(start, end, follow),
+        served,
+    };
+    let stream = futures_util::stream::unfold(Some(reader), |state| async move {
+        let mut r = state?;
+        match r.next_chunk().await {
+            Some(Ok(b)) => Some((Ok(b), Some(r))),
+            Some(Err(e)) => Some((Err(e), None)),
+            None => None,
+        }
+    });
+    Body::from_stream(stream)
+}
+
+impl Reader {
+    async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        let (pos, n) = match self.cursor.next(CHUNK).await? {
+            Ok(piece) => piece,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(match read_at(&self.file, pos, n).await {
+            Ok(b) if b.is_empty() => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "image file is shorter than its record",
+            )),
+            Ok(b) => {
+                self.cursor.advance(b.len());
+                self.served.inc_by(b.len() as u64);
+                Ok(b)
+            }
+            Err(e) => Err(e),
+        })
     }
 }
 
