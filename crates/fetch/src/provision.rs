@@ -215,6 +215,28 @@ impl ImageCache {
         .await
     }
 
+    /// Whether the cached copy `rec` of `href` is due for a check with its origin ([`download`]
+    /// does the check: one conditional request, and a new download if the origin changed).
+    /// Glance images never change; an http(s) or `file://` copy is due once its last check
+    /// (its download, or a revalidation) is older than the revalidation interval.
+    ///
+    /// [`download`]: ImageCache::download
+    pub fn revalidation_due(&self, rec: &Record, href: &Href) -> bool {
+        match href {
+            Href::Glance(_) => false,
+            Href::Http(_) | Href::File(_) => rec
+                .props
+                .get(PROP_VALIDATED_AT)
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_none_or(|at| now() - at >= self.revalidate_interval.as_secs_f64()),
+        }
+    }
+
+    /// How long a checked copy is trusted without asking its origin again.
+    pub fn revalidate_interval(&self) -> Duration {
+        self.revalidate_interval
+    }
+
     /// Brings `href_raw` into the cache with no destination (prefetching, `file://` hrefs in
     /// the server): one download per key across threads and processes, as in `fetch_image`.
     /// Returns the published record (an already fresh one without asking the origin).

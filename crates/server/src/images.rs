@@ -169,7 +169,7 @@ async fn serve(
     headers: &HeaderMap,
 ) -> Response {
     state.fills.settle(&key).await;
-    match hit(state, &key, head, zero_copy.clone(), headers, true).await {
+    match hit(state, &key, &origin, head, zero_copy.clone(), headers, true).await {
         Ok(Some(resp)) => return resp,
         Ok(None) => {}
         Err(e) => return e.into_response(),
@@ -218,7 +218,17 @@ async fn serve(
                 });
             }
             Phase::Published => {
-                match hit(state, &key, head, zero_copy.clone(), headers, false).await {
+                match hit(
+                    state,
+                    &key,
+                    &origin,
+                    head,
+                    zero_copy.clone(),
+                    headers,
+                    false,
+                )
+                .await
+                {
                     Ok(Some(resp)) => return resp,
                     Ok(None) => continue,
                     Err(e) => return e.into_response(),
@@ -239,6 +249,7 @@ async fn serve(
 async fn hit(
     state: &AppState,
     key: &Key,
+    origin: &Origin,
     head: bool,
     zero_copy: Option<Sendfile>,
     headers: &HeaderMap,
@@ -250,6 +261,7 @@ async fn hit(
         let Some(rec) = blocking(move || cache.get_record(&k)).await? else {
             return Ok(None);
         };
+        state.revalidations.maybe_start(state, key, &rec, origin);
         return Ok(Some(respond(&hit_meta(&rec), headers, true, |_, _| {
             Body::empty()
         })));
@@ -260,6 +272,9 @@ async fn hit(
     if count_hit {
         state.metrics.hits.inc();
     }
+    state
+        .revalidations
+        .maybe_start(state, key, reader.record(), origin);
     let meta = hit_meta(reader.record());
     let file = Arc::new(reader.into_file());
     let counter = state.metrics.bytes_from_cache.clone();

@@ -11,6 +11,7 @@ pub mod health;
 pub mod images;
 pub mod metrics;
 pub mod range;
+pub mod revalidate;
 pub mod router;
 pub mod sendfile;
 pub mod serve_file;

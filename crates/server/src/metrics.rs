@@ -19,6 +19,8 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     pub evictions: Counter,
     pub checksum_failures: Counter,
+    pub revalidations: Counter,
+    pub revalidation_failures: Counter,
     pub request_seconds: Histogram,
 }
 
@@ -37,6 +39,8 @@ impl Metrics {
             cache_entries: Gauge::default(),
             evictions: Counter::default(),
             checksum_failures: Counter::default(),
+            revalidations: Counter::default(),
+            revalidation_failures: Counter::default(),
             request_seconds: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
             registry: Registry::default(),
         };
@@ -64,6 +68,16 @@ impl Metrics {
             "fetched_from_origin_bytes",
             "Bytes received from origins",
             m.bytes_from_origin.clone(),
+        );
+        registry.register(
+            "revalidations",
+            "Background checks of cached /v1/fetch images against their origin",
+            m.revalidations.clone(),
+        );
+        registry.register(
+            "revalidation_failures",
+            "Background checks that failed (origin down, new download failed): the cached copy stays",
+            m.revalidation_failures.clone(),
         );
         registry.register(
             "origin_requests",

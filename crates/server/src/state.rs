@@ -25,6 +25,8 @@ pub struct AppState {
     pub fetcher: Arc<imgcache_fetch::ImageCache>,
     /// Which tokens upstream Glance lets see which images.
     pub upstream_auth: Arc<crate::upstream_auth::UpstreamAuth>,
+    /// Background checks of `/v1/fetch` hits against their origin.
+    pub revalidations: Arc<crate::revalidate::Revalidations>,
 }
 
 impl AppState {
@@ -66,6 +68,7 @@ impl AppState {
             fills: Arc::default(),
             fetcher: Arc::new(fetcher),
             upstream_auth: Arc::new(upstream_auth),
+            revalidations: Arc::default(),
         })
     }
 }

@@ -409,6 +409,96 @@ async fn fetch_by_href_only_under_allowed_prefixes() {
     srv.stop().await.unwrap();
 }
 
+/// `/v1/fetch` hits older than the revalidation interval are served at once from the cache
+/// while one conditional request checks the origin in the background: a 304 keeps the copy, a
+/// changed origin replaces it, a failed new download leaves the old copy served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fetch_hits_are_revalidated_in_the_background() {
+    let fake = Fake::start().await;
+    let v1 = image_bytes(MIB, 21);
+    let v2 = image_bytes(MIB + 7, 22);
+    fake.add("r.img", Img::new(v1.clone()));
+    let interval = Duration::from_millis(300);
+    let mut srv = Server::start(&fake, |c| c.sources.revalidate_interval = interval).await;
+    let c = client();
+    let href = format!("{}/files/r.img", fake.url());
+    let url = reqwest::Url::parse_with_params(&srv.url("/v1/fetch"), &[("href", &href)]).unwrap();
+    let get = || async {
+        c.get(url.clone())
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+    };
+    let key = imgcache_fetch::cache_key(&imgcache_fetch::Href::parse(&href).unwrap(), &href, false);
+    let published = srv.published(key.as_str());
+
+    assert_eq!(get().await, v1);
+    assert_eq!(get().await, v1, "a hit within the interval");
+    assert_eq!(
+        (fake.data_requests("r.img"), fake.not_modified("r.img")),
+        (1, 0)
+    );
+
+    // Due: served from the cache, one conditional request answered 304.
+    tokio::time::sleep(interval).await;
+    assert_eq!(get().await, v1);
+    assert_eq!(get().await, v1, "a second hit starts no second check");
+    assert!(
+        common_wait(|| fake.not_modified("r.img") == 1).await,
+        "one 304"
+    );
+    assert_eq!(fake.data_requests("r.img"), 1);
+
+    // The origin changes: the next due hit still gets the old copy (already on disk), and the
+    // new one replaces it in the background.
+    fake.add("r.img", Img::new(v2.clone()));
+    tokio::time::sleep(interval).await;
+    assert_eq!(get().await, v1, "stale copy served while revalidating");
+    assert!(
+        common_wait(|| read(&published) == v2.as_ref()).await,
+        "the new image replaced the old one"
+    );
+    assert_eq!(get().await, v2);
+    assert_eq!(fake.data_requests("r.img"), 2);
+
+    // The origin changes again but its download dies: the cached copy stays and is served.
+    fake.add(
+        "r.img",
+        Img {
+            die_after: Some(MIB / 2),
+            ..Img::new(image_bytes(MIB, 23))
+        },
+    );
+    tokio::time::sleep(interval).await;
+    assert_eq!(get().await, v2);
+    assert!(common_wait(|| fake.data_requests("r.img") == 3).await);
+    let mut failed = false;
+    for _ in 0..100 {
+        let m = c
+            .get(srv.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.lines()
+            .any(|l| l == "imgcache_revalidation_failures_total 1")
+        {
+            failed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed, "the failed revalidation is counted");
+    assert_eq!(read(&published), v2.as_ref(), "the cached copy is intact");
+    assert_eq!(get().await, v2);
+    srv.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn too_big_for_the_cache_is_streamed_without_caching() {
     let fake = Fake::start().await;

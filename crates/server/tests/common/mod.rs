@@ -75,6 +75,8 @@ pub struct FakeState {
     meta: AtomicUsize,
     /// When each image's body was last completely sent (or failed).
     body_end: Mutex<HashMap<String, Instant>>,
+    /// Conditional requests on `/files/...` answered 304, per name.
+    not_modified: Mutex<HashMap<String, usize>>,
 }
 
 pub struct Fake {
@@ -118,6 +120,17 @@ impl Fake {
             .unwrap_or(0)
     }
 
+    /// Conditional requests for `/files/{name}` answered 304 Not Modified.
+    pub fn not_modified(&self, name: &str) -> usize {
+        self.state
+            .not_modified
+            .lock()
+            .unwrap()
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn body_end(&self, id: &str) -> Option<Instant> {
         self.state.body_end.lock().unwrap().get(id).copied()
     }
@@ -151,14 +164,33 @@ async fn image_record(
 }
 
 async fn image_file(State(st): State<Arc<FakeState>>, UrlPath(id): UrlPath<String>) -> Response {
-    send(st, id).await
+    send(st, id, None).await
 }
 
-async fn plain_file(State(st): State<Arc<FakeState>>, UrlPath(name): UrlPath<String>) -> Response {
-    send(st, name).await
+/// A plain file, with an ETag (its md5) and If-None-Match answered with 304.
+async fn plain_file(
+    State(st): State<Arc<FakeState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    let etag = st
+        .images
+        .lock()
+        .unwrap()
+        .get(&name)
+        .map(|img| format!("\"{}\"", md5_hex(&img.body)));
+    if let Some(etag) = &etag
+        && headers
+            .get(header::IF_NONE_MATCH)
+            .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        *st.not_modified.lock().unwrap().entry(name).or_default() += 1;
+        return StatusCode::NOT_MODIFIED.into_response();
+    }
+    send(st, name, etag).await
 }
 
-async fn send(st: Arc<FakeState>, id: String) -> Response {
+async fn send(st: Arc<FakeState>, id: String, etag: Option<String>) -> Response {
     *st.data.lock().unwrap().entry(id.clone()).or_default() += 1;
     let Some(img) = st.images.lock().unwrap().get(&id).cloned() else {
         return StatusCode::NOT_FOUND.into_response();
@@ -194,11 +226,13 @@ async fn send(st: Arc<FakeState>, id: String) -> Response {
             Some((Ok::<_, std::io::Error>(img.body.slice(pos..end)), end))
         }
     });
-    Response::builder()
+    let mut r = Response::builder()
         .header(header::CONTENT_LENGTH, len)
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .body(Body::from_stream(stream))
-        .unwrap()
+        .header(header::CONTENT_TYPE, "application/octet-stream");
+    if let Some(etag) = etag {
+        r = r.header(header::ETAG, etag);
+    }
+    r.body(Body::from_stream(stream)).unwrap()
 }
 
 /// The server, in-process.
