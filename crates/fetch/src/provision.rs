@@ -166,6 +166,24 @@ impl ImageCache {
         self.request(href, None, glance_token).await
     }
 
+    /// A server `HEAD` on a miss: what the origin would send for `href` (size, checksum,
+    /// validators), without any image data: a HEAD for http(s), the image record for Glance, a
+    /// stat for `file://`.
+    pub async fn origin_head(
+        &self,
+        href: &Href,
+        glance_token: Option<String>,
+    ) -> Result<OriginMeta> {
+        match href {
+            Href::Http(url) => self.http()?.head(url, &Default::default()).await,
+            Href::File(path) => match self.files.get(path, None)? {
+                Response::LocalFile { meta, .. } | Response::Body { meta, .. } => Ok(meta),
+                Response::NotModified => Ok(OriginMeta::default()),
+            },
+            Href::Glance(id) => self.glance(id, glance_token)?.meta(id).await,
+        }
+    }
+
     /// A server miss, step 2: the writer for a download whose origin answered `meta` (its size
     /// and checksum are enforced at commit). The caller holds the key's lock.
     pub fn open_download_writer(

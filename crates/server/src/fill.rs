@@ -185,6 +185,11 @@ impl Fills {
         }
     }
 
+    /// The running fill of `key`, if any.
+    pub fn get(&self, key: &Key) -> Option<Arc<Fill>> {
+        self.map.lock().expect("poisoned").get(key).cloned()
+    }
+
     /// Downloads in progress.
     pub fn in_progress(&self) -> usize {
         self.map.lock().expect("poisoned").len()

@@ -31,7 +31,7 @@ use imgcache_store::{Algorithm, CacheReader, Key, Record};
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::fill::{Origin, Phase, blocking, origin_error, watched};
+use crate::fill::{Fill, Origin, Phase, blocking, origin_error, watched};
 use crate::range::{self, Plan};
 use crate::sendfile::Sendfile;
 use crate::serve_file::{self, Cursor, Follow};
@@ -174,6 +174,9 @@ async fn serve(
         Ok(None) => {}
         Err(e) => return e.into_response(),
     }
+    if head {
+        return head_of_miss(state, &key, &origin, headers).await;
+    }
     // A miss, whatever happens next: this request needed the origin (even if the fill it
     // joined is published by the time it is served, which is then not counted as a hit too).
     state.metrics.misses.inc();
@@ -242,6 +245,43 @@ async fn serve(
         }
     }
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "image is changing; retry").into_response()
+}
+
+/// `HEAD` of an image that is not cached: its headers from the running download if there is
+/// one, else from what the origin says of it (a HEAD, Glance's image record, a stat). A HEAD
+/// never starts a download: probing clients (`curl -I`, size checks before a deploy) must not
+/// pull multi-GiB images into the cache.
+async fn head_of_miss(
+    state: &AppState,
+    key: &Key,
+    origin: &Origin,
+    headers: &HeaderMap,
+) -> Response {
+    if let Some(info) = state.fills.get(key).as_deref().and_then(Fill::info) {
+        let meta = RespMeta {
+            len: info.size,
+            etag: info.checksum.as_ref().map(|c| format!("\"{}\"", c.hex())),
+            last_modified: None,
+            md5: info.checksum.as_ref().and_then(content_md5),
+        };
+        return respond(&meta, headers, true, |_, _| Body::empty());
+    }
+    state.metrics.origin_requests.inc();
+    let meta = match state
+        .fetcher
+        .origin_head(&origin.href, origin.glance_token.clone())
+        .await
+    {
+        Ok(m) => m,
+        Err(e) => return origin_error(e).into_response(),
+    };
+    let meta = RespMeta {
+        len: meta.size,
+        etag: meta.checksum.as_ref().map(|c| format!("\"{}\"", c.hex())),
+        last_modified: meta.validators.last_modified.clone(),
+        md5: meta.checksum.as_ref().and_then(content_md5),
+    };
+    respond(&meta, headers, true, |_, _| Body::empty())
 }
 
 /// Serves a published image, or `None` when it is not cached. With `zero_copy`, the body goes

@@ -20,6 +20,25 @@ async fn miss_then_hit_byte_exact_with_headers_and_ranges() {
     fake.add(ID, Img::new(data.clone()));
     let mut srv = Server::start(&fake, |_| {}).await;
     let c = client();
+    // HEAD on a miss: the headers Glance's record gives, and no download.
+    let r = c
+        .head(srv.image_url(ID))
+        .header("x-auth-token", GOOD_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        data.len().to_string().as_str()
+    );
+    assert_eq!(
+        r.headers()["etag"],
+        format!("\"{}\"", md5_hex(&data)).as_str()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.data_requests(ID), 0, "a HEAD starts no download");
+    assert!(!srv.published(ID).exists());
     let get = |range: Option<&str>, if_range: Option<&str>| {
         let mut r = c.get(srv.image_url(ID)).header("x-auth-token", GOOD_TOKEN);
         if let Some(v) = range {
@@ -387,6 +406,16 @@ async fn fetch_by_href_only_under_allowed_prefixes() {
         c.get(url).send()
     };
     let href = format!("{}/files/a.img", fake.url());
+    // HEAD on a miss: the origin's HEAD, no download.
+    let head_url =
+        reqwest::Url::parse_with_params(&srv.url("/v1/fetch"), &[("href", &href)]).unwrap();
+    let r = c.head(head_url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        data.len().to_string().as_str()
+    );
+    assert_eq!(fake.data_requests("a.img"), 0, "a HEAD starts no download");
     for _ in 0..2 {
         let r = fetch(href.clone()).await.unwrap();
         assert_eq!(r.status(), 200);

@@ -82,9 +82,8 @@ impl GlanceSource {
         })
     }
 
-    /// Glance images are immutable per id, so there is nothing to revalidate: this always
-    /// fetches, and the caller only calls it on a miss.
-    pub async fn get(&self, id: &Uuid) -> Result<Response> {
+    /// The image's record, refused unless it is active (only active images have data).
+    async fn active_image(&self, id: &Uuid) -> Result<GlanceImage> {
         let image = self.image(id).await?;
         if image.status != "active" {
             return Err(FetchError::GlanceNotActive {
@@ -92,6 +91,24 @@ impl GlanceSource {
                 status: image.status,
             });
         }
+        Ok(image)
+    }
+
+    /// What a download of the image would send (size, checksum, format), from its record alone.
+    pub async fn meta(&self, id: &Uuid) -> Result<OriginMeta> {
+        let image = self.active_image(id).await?;
+        Ok(OriginMeta {
+            size: image.size,
+            checksum: image.integrity(),
+            disk_format: image.disk_format.clone(),
+            ..OriginMeta::default()
+        })
+    }
+
+    /// Glance images are immutable per id, so there is nothing to revalidate: this always
+    /// fetches, and the caller only calls it on a miss.
+    pub async fn get(&self, id: &Uuid) -> Result<Response> {
+        let image = self.active_image(id).await?;
         let url = self.url(&format!("/v2/images/{id}/file"))?;
         match self.http.get(&url, None, &self.headers()).await? {
             Response::Body { meta, body } => Ok(Response::Body {

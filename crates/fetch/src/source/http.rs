@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use reqwest::StatusCode;
 use reqwest::header::{
     CONTENT_LENGTH, ETAG, HeaderMap, HeaderName, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH,
     LAST_MODIFIED,
 };
+use reqwest::{Method, StatusCode};
 use url::Url;
 
 use super::{OriginMeta, Response, Validators};
@@ -99,7 +99,7 @@ impl HttpSource {
                 headers.insert(IF_MODIFIED_SINCE, lm);
             }
         }
-        let resp = self.send(url, headers).await?;
+        let resp = self.send(Method::GET, url, headers).await?;
         if resp.status() == StatusCode::NOT_MODIFIED {
             return Ok(Response::NotModified);
         }
@@ -118,9 +118,23 @@ impl HttpSource {
         })
     }
 
+    /// What a GET of `url` would send, from a HEAD: its size and validators, no body.
+    pub async fn head(&self, url: &Url, extra: &HeaderMap) -> Result<OriginMeta> {
+        let resp = self.send(Method::HEAD, url, extra.clone()).await?;
+        Ok(OriginMeta {
+            size: header(resp.headers(), &CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+            validators: Validators {
+                etag: header(resp.headers(), &ETAG),
+                last_modified: header(resp.headers(), &LAST_MODIFIED),
+                mtime_ns: None,
+            },
+            ..OriginMeta::default()
+        })
+    }
+
     /// GETs a small document (JSON, a checksum file) into memory, refusing more than `limit`.
     pub async fn get_small(&self, url: &Url, extra: &HeaderMap, limit: usize) -> Result<Bytes> {
-        let resp = self.send(url, extra.clone()).await?;
+        let resp = self.send(Method::GET, url, extra.clone()).await?;
         let mut body = body_stream(url.clone(), resp);
         let mut buf = Vec::new();
         while let Some(chunk) = body.next().await {
@@ -135,12 +149,17 @@ impl HttpSource {
         Ok(buf.into())
     }
 
-    async fn send(&self, url: &Url, headers: HeaderMap) -> Result<reqwest::Response> {
+    async fn send(
+        &self,
+        method: Method,
+        url: &Url,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response> {
         let mut attempt = 0;
         loop {
             let res = self
                 .client
-                .get(url.clone())
+                .request(method.clone(), url.clone())
                 .headers(headers.clone())
                 .send()
                 .await;

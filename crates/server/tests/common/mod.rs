@@ -167,10 +167,12 @@ async fn image_file(State(st): State<Arc<FakeState>>, UrlPath(id): UrlPath<Strin
     send(st, id, None).await
 }
 
-/// A plain file, with an ETag (its md5) and If-None-Match answered with 304.
+/// A plain file, with an ETag (its md5) and If-None-Match answered with 304; a HEAD is not
+/// counted as a data request.
 async fn plain_file(
     State(st): State<Arc<FakeState>>,
     UrlPath(name): UrlPath<String>,
+    method: axum::http::Method,
     headers: HeaderMap,
 ) -> Response {
     let etag = st
@@ -186,6 +188,16 @@ async fn plain_file(
     {
         *st.not_modified.lock().unwrap().entry(name).or_default() += 1;
         return StatusCode::NOT_MODIFIED.into_response();
+    }
+    if method == axum::http::Method::HEAD {
+        let Some(len) = st.images.lock().unwrap().get(&name).map(|i| i.body.len()) else {
+            return StatusCode::NOT_FOUND.into_response();
+        };
+        let mut r = Response::builder().header(header::CONTENT_LENGTH, len);
+        if let Some(etag) = etag {
+            r = r.header(header::ETAG, etag);
+        }
+        return r.body(Body::empty()).unwrap();
     }
     send(st, name, etag).await
 }
