@@ -25,7 +25,7 @@ use axum::http::StatusCode;
 use futures_util::StreamExt;
 use imgcache_fetch::download::{WrittenHook, stream_into_reporting};
 use imgcache_fetch::pipeline::VerifiedHook;
-use imgcache_fetch::source::{BodyStream, Response};
+use imgcache_fetch::source::{BodyStream, OriginMeta, Response};
 use imgcache_fetch::{FetchError, Href, Quiet};
 use imgcache_store::{Integrity, Key, StoreError};
 use prometheus_client::metrics::counter::Counter;
@@ -73,6 +73,9 @@ pub struct Streaming {
 pub struct Fill {
     pub key: Key,
     phase: watch::Sender<Phase>,
+    /// For [`Phase::Passthrough`]: the origin's answer, handed to the first client that
+    /// streams it (its request is not wasted; later clients ask the origin themselves).
+    passthrough: Mutex<Option<(OriginMeta, BodyStream)>>,
     /// Bytes written so far, updated after every chunk. The `phase` watch only carries it
     /// every [`NOTIFY_STEP`] bytes (waking every reader per chunk costs more CPU than sending
     /// the bytes once many follow one download); readers look here between wake-ups.
@@ -88,6 +91,7 @@ impl Fill {
         Fill {
             key,
             phase: watch::Sender::new(Phase::Starting),
+            passthrough: Mutex::new(None),
             written: Arc::new(AtomicU64::new(0)),
             info: OnceLock::new(),
         }
@@ -95,6 +99,11 @@ impl Fill {
 
     pub fn subscribe(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
+    }
+
+    /// The origin's answer of a [`Phase::Passthrough`] fill, to the first caller only.
+    pub fn take_passthrough(&self) -> Option<(OriginMeta, BodyStream)> {
+        self.passthrough.lock().expect("poisoned").take()
     }
 
     /// The bytes written so far (at least what the last `Streaming` phase said).
@@ -259,6 +268,7 @@ async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phas
     if let Some(size) = meta.size {
         if size > max {
             tracing::info!(key = %fill.key, size, max, "larger than the cache: streamed without caching");
+            *fill.passthrough.lock().expect("poisoned") = Some((meta, body));
             return Ok(Phase::Passthrough);
         }
         // A hard limit: make room before the first byte lands.
@@ -267,6 +277,7 @@ async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phas
         state.metrics.evictions.inc_by(report.evicted.len() as u64);
         if report.size_after + size > max {
             tracing::info!(key = %fill.key, size, "no room (images in use): streamed without caching");
+            *fill.passthrough.lock().expect("poisoned") = Some((meta, body));
             return Ok(Phase::Passthrough);
         }
     }

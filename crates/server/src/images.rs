@@ -24,7 +24,6 @@ use axum::http::header::{
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::StreamExt;
 use imgcache_fetch::source::Response as OriginResponse;
 use imgcache_fetch::{Href, cache_key};
 use imgcache_store::{Algorithm, CacheReader, Key, Record};
@@ -237,7 +236,9 @@ async fn serve(
                     Err(e) => return e.into_response(),
                 }
             }
-            Phase::Passthrough => return passthrough(state, &origin, head).await,
+            Phase::Passthrough => {
+                return passthrough(state, &origin, fill.take_passthrough()).await;
+            }
             Phase::Failed { status, message } => {
                 return ApiError::new(status, message.to_string()).into_response();
             }
@@ -343,19 +344,35 @@ fn hit_meta(rec: &Record) -> RespMeta {
     }
 }
 
-/// The image is too big for the cache: stream it straight from the origin.
-async fn passthrough(state: &AppState, origin: &Origin, head: bool) -> Response {
-    state.metrics.origin_requests.inc();
-    let resp = match state
-        .fetcher
-        .origin_get(&origin.href, origin.glance_token.clone())
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return origin_error(e).into_response(),
-    };
-    let OriginResponse::Body { meta, body } = resp else {
-        return ApiError::new(StatusCode::BAD_GATEWAY, "unexpected origin answer").into_response();
+/// The image is too big for the cache: stream it straight from the origin, with the answer
+/// the fill already got (`given`) or a request of this client's own. The bytes are checked
+/// against the origin's checksum as they pass, and the last chunk is held back until they
+/// match: a corrupt image ends in a cut connection, never a clean response.
+async fn passthrough(
+    state: &AppState,
+    origin: &Origin,
+    given: Option<(
+        imgcache_fetch::source::OriginMeta,
+        imgcache_fetch::source::BodyStream,
+    )>,
+) -> Response {
+    let (meta, body) = match given {
+        Some(g) => g,
+        None => {
+            state.metrics.origin_requests.inc();
+            match state
+                .fetcher
+                .origin_get(&origin.href, origin.glance_token.clone())
+                .await
+            {
+                Ok(OriginResponse::Body { meta, body }) => (meta, body),
+                Ok(_) => {
+                    return ApiError::new(StatusCode::BAD_GATEWAY, "unexpected origin answer")
+                        .into_response();
+                }
+                Err(e) => return origin_error(e).into_response(),
+            }
+        }
     };
     let m = RespMeta {
         len: meta.size,
@@ -372,17 +389,18 @@ async fn passthrough(state: &AppState, origin: &Origin, head: bool) -> Response 
     if let Some(e) = &m.etag {
         r = r.header(ETAG, e);
     }
-    let body = if head {
-        Body::empty()
-    } else {
-        let body = watched(
-            body,
-            state.fills.cancelled(),
-            state.metrics.bytes_from_origin.clone(),
-        );
-        Body::from_stream(body.map(|r| r.map_err(std::io::Error::other)))
-    };
-    r.body(body)
+    let body = watched(
+        body,
+        state.fills.cancelled(),
+        state.metrics.bytes_from_origin.clone(),
+    );
+    let body = crate::verify_stream::verified(
+        body,
+        meta.checksum.clone(),
+        meta.size,
+        state.metrics.checksum_failures.clone(),
+    );
+    r.body(Body::from_stream(body))
         .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
 }
 

@@ -17,6 +17,7 @@ pub mod sendfile;
 pub mod serve_file;
 pub mod state;
 pub mod upstream_auth;
+pub mod verify_stream;
 pub mod workers;
 
 use std::future::Future;

@@ -528,20 +528,49 @@ async fn fetch_hits_are_revalidated_in_the_background() {
     srv.stop().await.unwrap();
 }
 
+/// An image larger than the cache streams from the origin uncached: the first client costs
+/// one origin request (the fill's own, handed over), and a corrupt one is cut, not a clean 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn too_big_for_the_cache_is_streamed_without_caching() {
     let fake = Fake::start().await;
     let data = image_bytes(2 * MIB, 8);
     fake.add(ID, Img::new(data.clone()));
     let mut srv = Server::start(&fake, |c| c.max_size = MIB as u64).await;
-    let r = client()
-        .get(srv.image_url(ID))
-        .header("x-auth-token", GOOD_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let get = || {
+        client()
+            .get(srv.image_url(ID))
+            .header("x-auth-token", GOOD_TOKEN)
+            .send()
+    };
+    let r = get().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), data);
+    assert!(!srv.published(ID).exists());
+    assert_eq!(
+        fake.data_requests(ID),
+        1,
+        "one origin request for one client"
+    );
+    let r = get().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap(), data);
+    assert_eq!(
+        fake.data_requests(ID),
+        2,
+        "not cached: each client streams it"
+    );
+
+    // Glance's checksum does not match what its data sends: the client never gets it whole.
+    fake.add(
+        ID,
+        Img {
+            md5: Some("0".repeat(32)),
+            ..Img::new(data.clone())
+        },
+    );
+    let r = get().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await;
+    assert!(body.is_err(), "a corrupt passthrough must be cut");
     assert!(!srv.published(ID).exists());
     srv.stop().await.unwrap();
 }
