@@ -15,7 +15,7 @@ use crate::error::{FetchError, Result};
 use crate::progress::Progress;
 use crate::source::BodyStream;
 
-const DEPTH: usize = 16;
+const DEPTH: usize = 8;
 
 /// Called from the writer thread with the total bytes written (and so readable from the
 /// `incomplete/` file by other file descriptors) after each chunk.

@@ -74,7 +74,7 @@ impl std::fmt::Debug for Hasher {
 
 /// Chunks queued for the hasher thread of [`CacheWriter::write_bytes`]: with the caller's own
 /// queue, this bounds the memory a download holds (depth × chunk size).
-const HASH_DEPTH: usize = 16;
+const HASH_DEPTH: usize = 8;
 
 /// Where the checksum of the bytes written is computed.
 #[derive(Debug)]
