@@ -613,6 +613,14 @@ pub fn assert_failed_cleanly(env: &Env, key: &Key, dest: &Path) {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(stray.is_empty(), "incomplete/ not empty: {stray:?}");
+    // A child forked by another test of this binary (qemu-img, spawned with a pre_exec hook,
+    // so by fork + exec) holds copies of every descriptor, the key lock's included, until its
+    // exec closes them: under load that window can outlast the fetch. So the lock must be
+    // released soon, not necessarily at once.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while cache.is_being_cached(key).unwrap() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert!(!cache.is_being_cached(key).unwrap(), "key lock still held");
 }
 
