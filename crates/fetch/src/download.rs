@@ -1,10 +1,11 @@
 //! Streaming a body into a cache writer with bounded memory.
 //!
 //! The network side runs on the async runtime; writing runs on a blocking thread and hashing
-//! on a thread of the writer's own ([`CacheWriter::write_bytes`]: the refcounted chunks are
+//! on a thread of the writer's own ([`CacheWriter::write_batch`]: the refcounted chunks are
 //! shared, not copied), so a chunk is written while the one before it is hashed (sha256 at
 //! ~1.8 GB/s would stall the runtime's I/O otherwise, and in series with the writes halve the
-//! rate). Between the threads are channels of a few chunks, so memory stays bounded whatever
+//! rate). Chunks cross between the threads in batches of those the network had ready (fewer
+//! thread wake-ups), through channels a few batches deep, so memory stays bounded whatever
 //! the image size.
 
 use bytes::Bytes;
@@ -15,7 +16,11 @@ use crate::error::{FetchError, Result};
 use crate::progress::Progress;
 use crate::source::BodyStream;
 
-const DEPTH: usize = 8;
+/// Batches queued for the writer thread.
+const DEPTH: usize = 4;
+/// Most chunks in one batch: those the body had ready at once (`ready_chunks` never waits to
+/// fill a batch), handed to the writer and the hasher in one go.
+const BATCH: usize = 4;
 
 /// Called from the writer thread with the total bytes written (and so readable from the
 /// `incomplete/` file by other file descriptors) after each chunk.
@@ -38,16 +43,16 @@ pub async fn stream_into(
 /// so readers following the download know how far they may read the growing file.
 pub async fn stream_into_reporting(
     mut writer: CacheWriter,
-    mut body: BodyStream,
+    body: BodyStream,
     expected_len: Option<u64>,
     origin: &str,
     progress: &dyn Progress,
     written: Option<WrittenHook>,
 ) -> Result<CacheWriter> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(DEPTH);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(DEPTH);
     let sink = tokio::task::spawn_blocking(move || -> (CacheWriter, Option<FetchError>) {
-        while let Some(chunk) = rx.blocking_recv() {
-            if let Err(e) = writer.write_bytes(chunk) {
+        while let Some(batch) = rx.blocking_recv() {
+            if let Err(e) = writer.write_batch(batch) {
                 let path = writer.path().to_path_buf();
                 return (writer, Some(FetchError::io("write", path, e)));
             }
@@ -61,29 +66,34 @@ pub async fn stream_into_reporting(
     let mut got: u64 = 0;
     let mut failure = None;
     progress.start(expected_len);
-    while let Some(chunk) = body.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                failure = Some(e);
+    let mut body = body.ready_chunks(BATCH);
+    'body: while let Some(items) = body.next().await {
+        let mut batch = Vec::with_capacity(items.len());
+        for chunk in items {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            got += chunk.len() as u64;
+            if let Some(expected) = expected_len
+                && got > expected
+            {
+                failure = Some(FetchError::Length {
+                    url: origin.to_string(),
+                    expected,
+                    got,
+                });
                 break;
             }
-        };
-        got += chunk.len() as u64;
-        if let Some(expected) = expected_len
-            && got > expected
-        {
-            failure = Some(FetchError::Length {
-                url: origin.to_string(),
-                expected,
-                got,
-            });
-            break;
+            progress.advance(chunk.len() as u64);
+            batch.push(chunk);
         }
-        progress.advance(chunk.len() as u64);
         // A send error means the writer thread stopped on an error: it reports it below.
-        if tx.send(chunk).await.is_err() {
-            break;
+        if tx.send(batch).await.is_err() || failure.is_some() {
+            break 'body;
         }
     }
     drop(tx);

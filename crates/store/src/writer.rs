@@ -72,9 +72,9 @@ impl std::fmt::Debug for Hasher {
     }
 }
 
-/// Chunks queued for the hasher thread of [`CacheWriter::write_bytes`]: with the caller's own
-/// queue, this bounds the memory a download holds (depth × chunk size).
-const HASH_DEPTH: usize = 8;
+/// Batches of chunks queued for the hasher thread of [`CacheWriter::write_batch`]: with the
+/// caller's own queue, this bounds the memory a download holds (depth × batch size).
+const HASH_DEPTH: usize = 4;
 
 /// Where the checksum of the bytes written is computed.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ enum Digest {
     /// On a thread of its own, fed refcounted chunks ([`CacheWriter::write_bytes`]), so that
     /// hashing and writing run in parallel.
     Thread {
-        tx: SyncSender<Bytes>,
+        tx: SyncSender<Vec<Bytes>>,
         handle: JoinHandle<Hasher>,
     },
 }
@@ -96,13 +96,15 @@ impl Digest {
             Digest::Inline(h) => h,
             t @ Digest::Thread { .. } => return Ok(t),
         };
-        let (tx, rx) = sync_channel::<Bytes>(HASH_DEPTH);
+        let (tx, rx) = sync_channel::<Vec<Bytes>>(HASH_DEPTH);
         let handle = std::thread::Builder::new()
             .name("imgcache-hash".into())
             .spawn(move || {
                 // Ends when the writer drops its sender (commit, or the writer dropped).
-                while let Ok(chunk) = rx.recv() {
-                    hasher.update(&chunk);
+                while let Ok(batch) = rx.recv() {
+                    for chunk in &batch {
+                        hasher.update(chunk);
+                    }
                 }
                 hasher
             })?;
@@ -394,7 +396,16 @@ impl CacheWriter {
     /// wait for the hasher (this call blocks when it falls behind), so memory stays bounded.
     /// May be mixed with [`Write`]; [`CacheWriter::commit`] joins the hasher.
     pub fn write_bytes(&mut self, chunk: Bytes) -> io::Result<()> {
-        if chunk.is_empty() {
+        self.write_batch(vec![chunk])
+    }
+
+    /// [`CacheWriter::write_bytes`] for several chunks at once: one hand-over to the hasher
+    /// thread for the lot. Handing over costs a thread wake-up each time either side waits,
+    /// which at line rate is a real share of a download's CPU; batches of the chunks the
+    /// network had ready cut that several-fold.
+    pub fn write_batch(&mut self, mut chunks: Vec<Bytes>) -> io::Result<()> {
+        chunks.retain(|c| !c.is_empty());
+        if chunks.is_empty() {
             return Ok(());
         }
         if self.file.is_none() {
@@ -413,21 +424,23 @@ impl CacheWriter {
         let Digest::Thread { tx, .. } = self.hasher.insert(digest) else {
             unreachable!("threaded")
         };
-        if tx.send(chunk.clone()).is_err() {
+        if tx.send(chunks.clone()).is_err() {
             return Err(self.lose(io::Error::other("the hasher thread stopped")));
         }
-        let mut buf = &chunk[..];
-        while !buf.is_empty() {
-            match self.write_file(buf) {
-                Ok(0) => {
-                    return Err(self.lose(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "failed to write whole buffer",
-                    )));
+        for chunk in &chunks {
+            let mut buf = &chunk[..];
+            while !buf.is_empty() {
+                match self.write_file(buf) {
+                    Ok(0) => {
+                        return Err(self.lose(io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            "failed to write whole buffer",
+                        )));
+                    }
+                    Ok(n) => buf = &buf[n..],
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
                 }
-                Ok(n) => buf = &buf[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
             }
         }
         Ok(())
@@ -537,7 +550,9 @@ impl Write for CacheWriter {
                 h.update(&buf[..n]);
                 true
             }
-            Some(Digest::Thread { tx, .. }) => tx.send(Bytes::copy_from_slice(&buf[..n])).is_ok(),
+            Some(Digest::Thread { tx, .. }) => {
+                tx.send(vec![Bytes::copy_from_slice(&buf[..n])]).is_ok()
+            }
             None => true,
         };
         if !sent {
