@@ -20,13 +20,13 @@ async fn miss_then_hit_byte_exact_with_headers_and_ranges() {
     fake.add(ID, Img::new(data.clone()));
     let mut srv = Server::start(&fake, |_| {}).await;
     let c = client();
+    let head = || {
+        c.head(srv.image_url(ID))
+            .header("x-auth-token", GOOD_TOKEN)
+            .send()
+    };
     // HEAD on a miss: the headers Glance's record gives, and no download.
-    let r = c
-        .head(srv.image_url(ID))
-        .header("x-auth-token", GOOD_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let r = head().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["content-length"],
@@ -84,12 +84,7 @@ async fn miss_then_hit_byte_exact_with_headers_and_ranges() {
     assert_eq!(fake.data_requests(ID), 1);
 
     // HEAD: headers only.
-    let r = c
-        .head(srv.image_url(ID))
-        .header("x-auth-token", GOOD_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let r = head().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["content-length"],
@@ -504,25 +499,15 @@ async fn fetch_hits_are_revalidated_in_the_background() {
     tokio::time::sleep(interval).await;
     assert_eq!(get().await, v2);
     assert!(common_wait(|| fake.data_requests("r.img") == 3).await);
-    let mut failed = false;
+    let mut failures = 0;
     for _ in 0..100 {
-        let m = c
-            .get(srv.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.lines()
-            .any(|l| l == "imgcache_revalidation_failures_total 1")
-        {
-            failed = true;
+        failures = metric(&srv, "imgcache_revalidation_failures_total").await;
+        if failures > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(failed, "the failed revalidation is counted");
+    assert_eq!(failures, 1, "the failed revalidation is counted");
     assert_eq!(read(&published), v2.as_ref(), "the cached copy is intact");
     assert_eq!(get().await, v2);
     srv.stop().await.unwrap();
@@ -745,7 +730,8 @@ fn head_without_date(head: &[String]) -> Vec<String> {
     h
 }
 
-async fn sendfile_bytes(srv: &Server) -> u64 {
+/// A counter's value on `/metrics` (0 when absent).
+async fn metric(srv: &Server, name: &str) -> u64 {
     let text = client()
         .get(srv.url("/metrics"))
         .send()
@@ -755,8 +741,12 @@ async fn sendfile_bytes(srv: &Server) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("imgcache_served_sendfile_bytes_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+async fn sendfile_bytes(srv: &Server) -> u64 {
+    metric(srv, "imgcache_served_sendfile_bytes_total").await
 }
 
 /// Plain HTTP/1.1 goes out with sendfile, on a miss (following the growing file) and on hits:

@@ -103,15 +103,7 @@ impl HttpSource {
         if resp.status() == StatusCode::NOT_MODIFIED {
             return Ok(Response::NotModified);
         }
-        let meta = OriginMeta {
-            size: header(resp.headers(), &CONTENT_LENGTH).and_then(|v| v.parse().ok()),
-            validators: Validators {
-                etag: header(resp.headers(), &ETAG),
-                last_modified: header(resp.headers(), &LAST_MODIFIED),
-                mtime_ns: None,
-            },
-            ..OriginMeta::default()
-        };
+        let meta = origin_meta(resp.headers());
         Ok(Response::Body {
             meta,
             body: body_stream(url.clone(), resp),
@@ -121,15 +113,7 @@ impl HttpSource {
     /// What a GET of `url` would send, from a HEAD: its size and validators, no body.
     pub async fn head(&self, url: &Url, extra: &HeaderMap) -> Result<OriginMeta> {
         let resp = self.send(Method::HEAD, url, extra.clone()).await?;
-        Ok(OriginMeta {
-            size: header(resp.headers(), &CONTENT_LENGTH).and_then(|v| v.parse().ok()),
-            validators: Validators {
-                etag: header(resp.headers(), &ETAG),
-                last_modified: header(resp.headers(), &LAST_MODIFIED),
-                mtime_ns: None,
-            },
-            ..OriginMeta::default()
-        })
+        Ok(origin_meta(resp.headers()))
     }
 
     /// GETs a small document (JSON, a checksum file) into memory, refusing more than `limit`.
@@ -184,6 +168,19 @@ impl HttpSource {
             tokio::time::sleep(wait).await;
             attempt += 1;
         }
+    }
+}
+
+/// What a response's headers say about the image: its size and validators.
+fn origin_meta(h: &HeaderMap) -> OriginMeta {
+    OriginMeta {
+        size: header(h, &CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+        validators: Validators {
+            etag: header(h, &ETAG),
+            last_modified: header(h, &LAST_MODIFIED),
+            mtime_ns: None,
+        },
+        ..OriginMeta::default()
     }
 }
 
