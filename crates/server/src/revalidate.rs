@@ -60,6 +60,9 @@ impl Revalidations {
             match st.fetcher.download(&origin.href_raw, None).await {
                 Ok(new) if new.last_modified != old.last_modified => {
                     tracing::info!(%key, href = %origin.href, size = new.size, "origin changed: cached copy replaced");
+                    if new.size > old.size {
+                        st.prune_wake.notify_one(); // the cache may now be over its limit
+                    }
                 }
                 Ok(_) => tracing::debug!(%key, "revalidated: unchanged"),
                 Err(e) => {
