@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::error::ApiError;
+use crate::fill_elsewhere::Turn;
 use crate::state::AppState;
 
 /// Where a fill is.
@@ -104,6 +105,24 @@ impl Fill {
     /// The origin's answer of a [`Phase::Passthrough`] fill, to the first caller only.
     pub fn take_passthrough(&self) -> Option<(OriginMeta, BodyStream)> {
         self.passthrough.lock().expect("poisoned").take()
+    }
+
+    /// Readers may start: the file they follow, and what the origin said of it.
+    pub(crate) fn start_streaming(&self, streaming: Streaming) {
+        let _ = self.info.set(streaming);
+        self.phase.send_replace(Phase::Streaming { written: 0 });
+    }
+
+    /// `n` bytes are in the file: readers see it at once through the count, and are woken
+    /// for the first bytes (time to first byte) and then every [`NOTIFY_STEP`]. `notified`
+    /// is the caller's record of the last wake-up.
+    pub(crate) fn report_written(&self, n: u64, notified: &AtomicU64) {
+        self.written.store(n, Ordering::Release);
+        let last = notified.load(Ordering::Relaxed);
+        if last == 0 || n.saturating_sub(last) >= NOTIFY_STEP {
+            notified.store(n, Ordering::Relaxed);
+            self.phase.send_replace(Phase::Streaming { written: n });
+        }
     }
 
     /// The bytes written so far (at least what the last `Streaming` phase said).
@@ -229,10 +248,11 @@ impl Fills {
 
 /// The download task. Ok(final phase) or the error new readers answer with.
 async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phase, ApiError> {
-    let cache = state.cache.clone();
-    let key = fill.key.clone();
-    // Another process writing this key holds its flock: wait for it, then find it published.
-    let lock = blocking(move || cache.lock_key(&key)).await?;
+    // Another process writing this key holds its flock: follow its file until it is done.
+    let lock = match crate::fill_elsewhere::lock_or_follow(state, fill).await? {
+        Turn::Ours(lock) => lock,
+        Turn::Followed(phase) => return Ok(phase),
+    };
     let cache = state.cache.clone();
     let key = fill.key.clone();
     if blocking(move || cache.get_record(&key)).await?.is_some() {
@@ -287,27 +307,18 @@ async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phas
         .map_err(origin_error)?;
     let file = File::open(writer.path())
         .map_err(|e| ApiError::internal(format!("open {}: {e}", writer.path().display())))?;
-    let _ = fill.info.set(Streaming {
+    fill.start_streaming(Streaming {
         file: Arc::new(file),
         size: meta.size,
         checksum: meta.checksum.clone(),
     });
-    fill.phase.send_replace(Phase::Streaming { written: 0 });
 
     state.metrics.inflight_downloads.inc();
     let _inflight = scopeguard(&state.metrics.inflight_downloads);
     let hook: WrittenHook = {
         let f = fill.clone();
         let notified = AtomicU64::new(0);
-        Arc::new(move |n| {
-            f.written.store(n, Ordering::Release);
-            // The first bytes at once (time to first byte), then every NOTIFY_STEP.
-            let last = notified.load(Ordering::Relaxed);
-            if last == 0 || n - last >= NOTIFY_STEP {
-                notified.store(n, Ordering::Relaxed);
-                f.phase.send_replace(Phase::Streaming { written: n });
-            }
-        })
+        Arc::new(move |n| f.report_written(n, &notified))
     };
     let body = watched(
         body,

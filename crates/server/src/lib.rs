@@ -7,6 +7,7 @@ pub mod cache_api;
 pub mod config;
 pub mod error;
 pub mod fill;
+pub mod fill_elsewhere;
 pub mod health;
 pub mod images;
 pub mod metrics;

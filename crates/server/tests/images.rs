@@ -433,6 +433,94 @@ async fn fetch_by_href_only_under_allowed_prefixes() {
     srv.stop().await.unwrap();
 }
 
+/// Another process (here: another `Cache` handle, whose flock conflicts the same way) is
+/// downloading an image: clients of the server are streamed from its `incomplete/` file while it
+/// writes, without a download of the server's own, and get the last byte only once the other
+/// writer has published; if that writer fails instead, every client is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_download_by_another_process_is_streamed_while_it_runs() {
+    use std::io::Write;
+    let fake = Fake::start().await;
+    let data = image_bytes(4 * MIB + 3, 31);
+    fake.add(ID, Img::new(data.clone()));
+    let fake2 = image_bytes(2 * MIB, 32);
+    fake.add(ID2, Img::new(fake2.clone()));
+    let mut srv = Server::start(&fake, |_| {}).await;
+    let other =
+        imgcache_store::Cache::open(srv.cache_dir(), imgcache_store::DriverKind::Sqlite).unwrap();
+
+    for (id, body, publish) in [(ID, data.clone(), true), (ID2, fake2.clone(), false)] {
+        let key = imgcache_store::Key::new(id).unwrap();
+        let mut w = other.open_for_write(&key).unwrap().expect("key lock");
+        let half = body.len() / 2;
+        w.write_all(&body[..half]).unwrap();
+        let url = srv.image_url(id);
+        let client_task = tokio::spawn(async move {
+            let r = client()
+                .get(url)
+                .header("x-auth-token", GOOD_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let mut s = r.bytes_stream();
+            let mut got = Vec::new();
+            let mut first = None;
+            while let Some(chunk) = s.next().await {
+                match chunk {
+                    Ok(c) => {
+                        if first.is_none() && !c.is_empty() {
+                            first = Some(Instant::now());
+                        }
+                        got.extend_from_slice(&c);
+                    }
+                    Err(_) => return (got, first, false),
+                }
+            }
+            (got, first, true)
+        });
+        // The client gets the bytes written so far while the other writer is still at it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rest_at = Instant::now();
+        w.write_all(&body[half..]).unwrap();
+        if publish {
+            w.commit().unwrap();
+        } else {
+            drop(w); // a failed download: to invalid/, nothing published
+        }
+        let (got, first, clean) = client_task.await.unwrap();
+        assert!(
+            first.expect("bytes") < rest_at,
+            "{id}: streamed before the writer finished"
+        );
+        if publish {
+            assert!(clean, "{id}: a complete response");
+            assert!(
+                got == body.as_ref(),
+                "{id}: the other writer's bytes, exactly"
+            );
+        } else {
+            assert!(!clean, "{id}: a failed writer cuts the client");
+            assert!(got.len() < body.len());
+        }
+        assert_eq!(
+            fake.data_requests(id),
+            0,
+            "{id}: no download of the server's own"
+        );
+    }
+    // Published by the other writer: a hit now.
+    let r = client()
+        .get(srv.image_url(ID))
+        .header("x-auth-token", GOOD_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), data);
+    assert_eq!(fake.data_requests(ID), 0);
+    srv.stop().await.unwrap();
+}
+
 /// `/v1/fetch` hits older than the revalidation interval are served at once from the cache
 /// while one conditional request checks the origin in the background: a 304 keeps the copy, a
 /// changed origin replaces it, a failed new download leaves the old copy served.

@@ -96,6 +96,12 @@ impl Cache {
         Ok(self.key_lock(key, true)?.expect("blocking lock"))
     }
 
+    /// [`Cache::lock_key`] without waiting: `None` while another writer (in this process or
+    /// another) holds it.
+    pub fn try_lock_key(&self, key: &Key) -> Result<Option<FileLock>> {
+        self.key_lock(key, false)
+    }
+
     /// A writer for a key whose lock the caller already holds (from [`Cache::lock_key`]).
     /// Always writes, replacing any published image on commit.
     pub fn open_for_write_locked(

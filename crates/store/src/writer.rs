@@ -133,11 +133,20 @@ impl CacheWriter {
         opts: WriteOptions,
     ) -> Result<Self> {
         let path = cache.get_image_filepath(&key, Status::Incomplete);
-        // We hold the key lock, so a file already here is a leftover of a dead writer: truncate.
+        // We hold the key lock, so a file already here is a leftover of a dead writer. It is
+        // unlinked, not truncated: a process following this download (a server tailing
+        // `incomplete/<key>` while another process writes it) may have opened the leftover,
+        // and must never see its bytes become the new image's; a new inode is only ever the
+        // new image, and what it followed is not what gets published.
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(StoreError::io("remove leftover", &path, e));
+            }
+            _ => {}
+        }
         let file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&path)
             .ctx("create", &path)?;
         let algorithm = opts
