@@ -3,7 +3,8 @@
 //! The first miss for a key puts a [`Fill`] in the in-process map and spawns its download task;
 //! later misses for the same key find it there and follow it. Other processes sharing the cache
 //! directory are kept out by the store's per-key flock, which the download task holds from
-//! before it asks the origin until the image is published or discarded.
+//! before it asks the origin until the image is published or discarded; while another process
+//! holds it, the fill follows that process's file instead ([`crate::fill_elsewhere`]).
 //!
 //! Readers follow the writer through a `watch` of the fill's [`Phase`]: the writer thread
 //! reports the bytes *written* to `incomplete/<key>` after each chunk, and each reader reads
