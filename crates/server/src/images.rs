@@ -420,15 +420,12 @@ fn respond(
     head: bool,
     body: impl FnOnce(u64, Option<u64>) -> Body,
 ) -> Response {
-    let plan = match meta.len {
-        Some(len) => range::plan(
-            req,
-            len,
-            meta.etag.as_deref(),
-            meta.last_modified.as_deref(),
-        ),
-        None => Plan::Full,
-    };
+    let plan = range::plan(
+        req,
+        meta.len,
+        meta.etag.as_deref(),
+        meta.last_modified.as_deref(),
+    );
     let mut h = HeaderMap::new();
     h.insert(
         CONTENT_TYPE,
@@ -453,7 +450,10 @@ fn respond(
             );
             return resp;
         }
-        (Plan::Partial { start, end }, Some(len)) => {
+        (Plan::Partial { start, end }, len) => {
+            // `*`: the complete length is not known yet (RFC 9110 §14.4); a range past the
+            // image's real end is then cut, since its length was promised.
+            let len = len.map_or_else(|| "*".to_string(), |l| l.to_string());
             h.insert(
                 CONTENT_RANGE,
                 HeaderValue::from_str(&format!("bytes {start}-{}/{len}", end - 1)).expect("ascii"),

@@ -16,6 +16,22 @@ pub enum Plan {
     Unsatisfiable,
 }
 
+/// Parses one `Range` header value against a body whose length is not known yet (a download
+/// whose origin gave none, or one another process runs): only a closed range (`bytes=A-B`) can
+/// be answered, as `Content-Range: bytes A-B/*`; anything else gets the whole body.
+pub fn parse_unknown_len(value: &str) -> Plan {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Plan::Full;
+    };
+    match parse_one(spec.trim()) {
+        Some(One::FromTo(start, last)) if !spec.contains(',') => Plan::Partial {
+            start,
+            end: last.saturating_add(1),
+        },
+        _ => Plan::Full,
+    }
+}
+
 /// Parses one `Range` header value against a body of `len` bytes.
 pub fn parse(value: &str, len: u64) -> Plan {
     let Some(spec) = value.trim().strip_prefix("bytes=") else {
@@ -75,7 +91,7 @@ fn parse_one(p: &str) -> Option<One> {
 /// representation — an entity tag by strong comparison, or a date equal to Last-Modified.
 pub fn plan(
     headers: &HeaderMap,
-    len: u64,
+    len: Option<u64>,
     etag: Option<&str>,
     last_modified: Option<&str>,
 ) -> Plan {
@@ -98,12 +114,35 @@ pub fn plan(
             return Plan::Full;
         }
     }
-    parse(range, len)
+    match len {
+        Some(len) => parse(range, len),
+        None => parse_unknown_len(range),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_length_serves_closed_ranges_only() {
+        assert_eq!(
+            parse_unknown_len("bytes=100-199"),
+            Plan::Partial {
+                start: 100,
+                end: 200
+            }
+        );
+        for whole in [
+            "bytes=100-",
+            "bytes=-10",
+            "bytes=0-1,5-9",
+            "bytes=9-1",
+            "pages=1-2",
+        ] {
+            assert_eq!(parse_unknown_len(whole), Plan::Full, "{whole}");
+        }
+    }
 
     #[test]
     fn single_ranges() {
@@ -162,15 +201,15 @@ mod tests {
         h.insert(RANGE, "bytes=0-0".parse().unwrap());
         h.insert(IF_RANGE, "\"abc\"".parse().unwrap());
         assert_eq!(
-            plan(&h, 10, Some("\"abc\""), None),
+            plan(&h, Some(10), Some("\"abc\""), None),
             Plan::Partial { start: 0, end: 1 }
         );
-        assert_eq!(plan(&h, 10, Some("\"xyz\""), None), Plan::Full);
+        assert_eq!(plan(&h, Some(10), Some("\"xyz\""), None), Plan::Full);
         h.insert(IF_RANGE, "Tue, 15 Nov 1994 08:12:31 GMT".parse().unwrap());
         assert_eq!(
-            plan(&h, 10, None, Some("Tue, 15 Nov 1994 08:12:31 GMT")),
+            plan(&h, Some(10), None, Some("Tue, 15 Nov 1994 08:12:31 GMT")),
             Plan::Partial { start: 0, end: 1 }
         );
-        assert_eq!(plan(&h, 10, None, None), Plan::Full);
+        assert_eq!(plan(&h, Some(10), None, None), Plan::Full);
     }
 }

@@ -73,6 +73,8 @@ impl Cursor {
             if self.end.is_some_and(|e| self.pos >= e) {
                 return None;
             }
+            // Never past the response's own end: a range ending before the bytes written.
+            let limit = self.end.map_or(limit, |e| limit.min(e));
             if limit > self.pos {
                 let n = (limit - self.pos).min(max as u64) as usize;
                 return Some(Ok((self.pos, n)));
@@ -100,8 +102,16 @@ impl Cursor {
         let phase = f.phase.borrow_and_update().clone();
         match phase {
             Phase::Done { size } | Phase::Verified { size } => {
-                if self.end.is_none() {
-                    self.end = Some(size);
+                match self.end {
+                    None => self.end = Some(size),
+                    // A range asked for before the size was known reaches past the image.
+                    Some(end) if end > size => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the range ends at {end}, past the image's {size} bytes"),
+                        ));
+                    }
+                    Some(_) => {}
                 }
                 Ok(size)
             }

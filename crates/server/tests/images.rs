@@ -479,6 +479,25 @@ async fn a_download_by_another_process_is_streamed_while_it_runs() {
             }
             (got, first, true)
         });
+        // Ranges while the size is unknown: a closed one is served (`/*`), one past the end
+        // is cut once the end is known.
+        let ranged = |range: String| {
+            let url = srv.image_url(id);
+            tokio::spawn(async move {
+                let r = client()
+                    .get(url)
+                    .header("x-auth-token", GOOD_TOKEN)
+                    .header("range", range)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let content_range = r.headers()["content-range"].to_str().unwrap().to_string();
+                (status, content_range, r.bytes().await.ok())
+            })
+        };
+        let inside = ranged("bytes=100-199".into());
+        let past = ranged(format!("bytes={}-{}", body.len(), body.len() + 9));
         // The client gets the bytes written so far while the other writer is still at it.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rest_at = Instant::now();
@@ -493,6 +512,13 @@ async fn a_download_by_another_process_is_streamed_while_it_runs() {
             first.expect("bytes") < rest_at,
             "{id}: streamed before the writer finished"
         );
+        // A range waits only for its own bytes (as with any download it follows).
+        let (status, content_range, bytes) = inside.await.unwrap();
+        assert_eq!((status, content_range.as_str()), (206, "bytes 100-199/*"));
+        assert_eq!(bytes.unwrap(), body.slice(100..200));
+        let (status, _, past_bytes) = past.await.unwrap();
+        assert_eq!(status, 206);
+        assert!(past_bytes.is_none(), "{id}: a range past the end is cut");
         if publish {
             assert!(clean, "{id}: a complete response");
             assert!(
