@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 
-use common::{origin, serve, sigterm};
+use common::{origin, origin_paced, serve, sigterm};
 use std::time::{Duration, Instant};
 
 /// A minimal HTTP/1.1 client (no dependency for one GET): status, headers, body.
@@ -158,4 +158,81 @@ fn a_miss_and_a_hit_are_counted_once_each_even_when_the_fill_is_instant() {
         "{metrics}"
     );
     assert!(metrics.contains("imgcache_cache_hits_total 1"), "{metrics}");
+}
+
+/// Two processes, one download: an `imgcache fetch` is pulling an image when a client asks
+/// `imgcache serve` (same cache directory) for it. The server streams the fetch's file to the
+/// client while it is written, the origin sees one request, and both get the exact bytes.
+#[test]
+fn serve_streams_a_download_another_process_is_running() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cache = dir.path().join("cache");
+    let body: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 251) as u8).collect();
+    // About 1.6 s for the whole body.
+    let (url, count) = origin_paced(body.clone(), 256 << 10, Duration::from_millis(50));
+    let href = format!("{url}/images/a.img");
+    let server = serve(&cache, "http", &["--allow-href-prefix", &url]);
+    let dest = dir.path().join("a.img");
+    let mut fetch = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args(["fetch", "-q", &href])
+        .arg(&dest)
+        .spawn()
+        .unwrap();
+    // Wait for the fetch's file to have bytes.
+    let incomplete = cache.join("incomplete");
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until
+        && !std::fs::read_dir(&incomplete).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() > 0))
+        })
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET /v1/fetch?href={href} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut fetch_running_at_first_bytes = None;
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if fetch_running_at_first_bytes.is_none()
+            && let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n")
+            && raw.len() > split + 4
+        {
+            fetch_running_at_first_bytes = Some(fetch.try_wait().unwrap().is_none());
+        }
+    }
+    assert!(fetch.wait().unwrap().success(), "imgcache fetch failed");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut got = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        got = dechunk(&got);
+    }
+    assert!(got == body, "the client's bytes differ");
+    assert_eq!(
+        fetch_running_at_first_bytes,
+        Some(true),
+        "the client got bytes while the other process was still downloading"
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), body);
+    assert_eq!(count.load(Ordering::SeqCst), 1, "one origin request in all");
 }

@@ -11,6 +11,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Serves `body` at any path, counting requests.
 pub fn origin(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
+    origin_paced(body, usize::MAX, std::time::Duration::ZERO)
+}
+
+/// [`origin`], sending the body `chunk` bytes at a time, `delay` apart.
+pub fn origin_paced(
+    body: Vec<u8>,
+    chunk: usize,
+    delay: std::time::Duration,
+) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let count = Arc::new(AtomicUsize::new(0));
@@ -30,9 +39,15 @@ pub fn origin(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
-            let _ = stream
-                .write_all(head.as_bytes())
-                .and_then(|_| stream.write_all(&body));
+            if stream.write_all(head.as_bytes()).is_err() {
+                continue;
+            }
+            for piece in body.chunks(chunk) {
+                if stream.write_all(piece).is_err() {
+                    break;
+                }
+                std::thread::sleep(delay);
+            }
         }
     });
     (url, count)
