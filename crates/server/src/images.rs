@@ -193,12 +193,7 @@ async fn serve(
                 let Some(info) = fill.info() else {
                     return ApiError::internal("download has no file").into_response();
                 };
-                let meta = RespMeta {
-                    len: info.size,
-                    etag: info.checksum.as_ref().map(|c| format!("\"{}\"", c.hex())),
-                    last_modified: None,
-                    md5: info.checksum.as_ref().and_then(content_md5),
-                };
+                let meta = RespMeta::new(info.size, info.checksum.as_ref(), None);
                 let file = info.file.clone();
                 let total = info.size;
                 let written = fill.written();
@@ -259,12 +254,7 @@ async fn head_of_miss(
     headers: &HeaderMap,
 ) -> Response {
     if let Some(info) = state.fills.get(key).as_deref().and_then(Fill::info) {
-        let meta = RespMeta {
-            len: info.size,
-            etag: info.checksum.as_ref().map(|c| format!("\"{}\"", c.hex())),
-            last_modified: None,
-            md5: info.checksum.as_ref().and_then(content_md5),
-        };
+        let meta = RespMeta::new(info.size, info.checksum.as_ref(), None);
         return respond(&meta, headers, true, |_, _| Body::empty());
     }
     state.metrics.origin_requests.inc();
@@ -276,12 +266,11 @@ async fn head_of_miss(
         Ok(m) => m,
         Err(e) => return origin_error(e).into_response(),
     };
-    let meta = RespMeta {
-        len: meta.size,
-        etag: meta.checksum.as_ref().map(|c| format!("\"{}\"", c.hex())),
-        last_modified: meta.validators.last_modified.clone(),
-        md5: meta.checksum.as_ref().and_then(content_md5),
-    };
+    let meta = RespMeta::new(
+        meta.size,
+        meta.checksum.as_ref(),
+        meta.validators.last_modified.clone(),
+    );
     respond(&meta, headers, true, |_, _| Body::empty())
 }
 
@@ -336,12 +325,11 @@ async fn hit(
 
 fn hit_meta(rec: &Record) -> RespMeta {
     let published = UNIX_EPOCH + Duration::from_secs_f64(rec.last_modified.max(0.0));
-    RespMeta {
-        len: Some(rec.size),
-        etag: rec.checksum.as_ref().map(|c| format!("\"{}\"", c.hex())),
-        last_modified: Some(httpdate::fmt_http_date(published)),
-        md5: rec.checksum.as_ref().and_then(content_md5),
-    }
+    RespMeta::new(
+        Some(rec.size),
+        rec.checksum.as_ref(),
+        Some(httpdate::fmt_http_date(published)),
+    )
 }
 
 /// The image is too big for the cache: stream it straight from the origin, with the answer
@@ -374,12 +362,7 @@ async fn passthrough(
             }
         }
     };
-    let m = RespMeta {
-        len: meta.size,
-        etag: meta.checksum.as_ref().map(|c| format!("\"{}\"", c.hex())),
-        last_modified: None,
-        md5: meta.checksum.as_ref().and_then(content_md5),
-    };
+    let m = RespMeta::new(meta.size, meta.checksum.as_ref(), None);
     let mut r = Response::builder()
         .status(StatusCode::OK)
         .header(CONTENT_TYPE, "application/octet-stream");
@@ -411,6 +394,22 @@ struct RespMeta {
     etag: Option<String>,
     last_modified: Option<String>,
     md5: Option<String>,
+}
+
+impl RespMeta {
+    /// The image's checksum is its ETag (and its Content-MD5 when it is an md5).
+    fn new(
+        len: Option<u64>,
+        checksum: Option<&imgcache_store::Integrity>,
+        last_modified: Option<String>,
+    ) -> RespMeta {
+        RespMeta {
+            len,
+            etag: checksum.map(|c| format!("\"{}\"", c.hex())),
+            last_modified,
+            md5: checksum.and_then(content_md5),
+        }
+    }
 }
 
 /// Status, headers and body for a request, with `Range`/`If-Range` applied.
