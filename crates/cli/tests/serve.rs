@@ -158,6 +158,17 @@ fn a_miss_and_a_hit_are_counted_once_each_even_when_the_fill_is_instant() {
         "{metrics}"
     );
     assert!(metrics.contains("imgcache_cache_hits_total 1"), "{metrics}");
+    // The record agrees (Glance's `hits` in /v2/cache): one hit, the second request.
+    let cache =
+        imgcache_store::Cache::open(dir.path().join("cache"), imgcache_store::DriverKind::Sqlite)
+            .unwrap();
+    let hits: Vec<u64> = cache
+        .get_cached_images()
+        .unwrap()
+        .iter()
+        .map(|r| r.hits)
+        .collect();
+    assert_eq!(hits, [1]);
 }
 
 /// Two processes, one download: an `imgcache fetch` is pulling an image when a client asks

@@ -296,7 +296,12 @@ async fn hit(
             Body::empty()
         })));
     }
-    let Some(reader): Option<CacheReader> = blocking(move || cache.open_for_read(&k)).await? else {
+    // The miss that just published the image is not a hit, in the metrics or in the record.
+    let open = move || match count_hit {
+        true => cache.open_for_read(&k),
+        false => cache.open_for_read_uncounted(&k),
+    };
+    let Some(reader): Option<CacheReader> = blocking(open).await? else {
         return Ok(None);
     };
     if count_hit {

@@ -223,6 +223,16 @@ impl Cache {
     /// Opens a published image for reading: counts a hit and updates `last_accessed`.
     /// `None` when it is not cached. While the reader is open, prune and clean leave the file be.
     pub fn open_for_read(&self, key: &Key) -> Result<Option<CacheReader>> {
+        self.open_for_read_counted(key, true)
+    }
+
+    /// [`Cache::open_for_read`] that does not count a hit (nor update the last access): for
+    /// serving the image to the client whose miss just brought it into the cache.
+    pub fn open_for_read_uncounted(&self, key: &Key) -> Result<Option<CacheReader>> {
+        self.open_for_read_counted(key, false)
+    }
+
+    fn open_for_read_counted(&self, key: &Key, count: bool) -> Result<Option<CacheReader>> {
         let path = self.get_image_filepath(key, Status::Active);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -239,6 +249,12 @@ impl Cache {
         // Counting the hit is a write; a database held locked by another process for longer
         // than the busy timeout must not turn a cached image into an error, so serve it
         // uncounted (reads still work in WAL mode) and say so in the log.
+        if !count {
+            return Ok(self
+                .driver()
+                .get(key)?
+                .map(|record| CacheReader::new(file, record, path)));
+        }
         let record = match self.driver().record_hit(key, &file, now()) {
             Ok(r) => r,
             Err(e @ StoreError::Database { .. }) => {

@@ -437,6 +437,18 @@ fn open_for_read_counts_hit_and_updates_last_accessed(kind: DriverKind) {
 
     let data = pattern(4, 1 << 20);
     let published = publish(&cache, "img", &data);
+    // Uncounted (the server's read for the miss that published it): bytes, no hit, no access.
+    let mut r = cache.open_for_read_uncounted(&key("img")).unwrap().unwrap();
+    assert_eq!(r.record().hits, 0);
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).unwrap();
+    assert!(got == data);
+    drop(r);
+    let stored = cache.get_record(&key("img")).unwrap().unwrap();
+    assert_eq!(
+        (stored.hits, stored.last_accessed),
+        (0, published.last_accessed)
+    );
     let t0 = now();
     let mut r = cache.open_for_read(&key("img")).unwrap().unwrap();
     let t1 = now();
