@@ -132,6 +132,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub formats: FormatArgs,
     /// Address to listen on [env: IMGCACHE_LISTEN] [config: listen] [default: 127.0.0.1:9292]
     #[arg(long, value_name = "ADDR", value_parser = listen_parser)]
     pub listen: Option<std::net::SocketAddr>,
@@ -176,6 +178,30 @@ pub enum LogFormat {
     Json,
 }
 
+/// The formats an image may have at all: one flag for `fetch` and `serve`.
+#[derive(Debug, Args)]
+pub struct FormatArgs {
+    /// Image formats accepted at all, comma-separated [default: fetch raw,gpt,qcow2,iso;
+    /// serve: every format the inspector knows (unsafe images are refused either way)]
+    #[arg(long, value_name = "FMT,...", value_delimiter = ',')]
+    pub permitted_formats: Vec<String>,
+}
+
+impl FormatArgs {
+    /// The policy the flag asks for; `None` when it is not given.
+    pub fn policy(&self) -> anyhow::Result<Option<imgcache_fetch::formats::Policy>> {
+        if self.permitted_formats.is_empty() {
+            return Ok(None);
+        }
+        let permitted = self
+            .permitted_formats
+            .iter()
+            .map(|f| f.parse::<imgcache_fetch::formats::Format>())
+            .collect::<Result<_, _>>()?;
+        Ok(Some(imgcache_fetch::formats::Policy { permitted }))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct FetchArgs {
     /// Image href: http(s)://..., file:///path, a Glance image UUID or glance://UUID
@@ -190,9 +216,8 @@ pub struct FetchArgs {
     /// ari): the content must match it [default: Glance's disk_format for image ids]
     #[arg(long, value_name = "FMT")]
     pub format: Option<String>,
-    /// Image formats accepted at all, comma-separated [default: raw,gpt,qcow2,iso]
-    #[arg(long, value_name = "FMT,...", value_delimiter = ',')]
-    pub permitted_formats: Vec<String>,
+    #[command(flatten)]
+    pub formats: FormatArgs,
     /// Cache zstd-compressed downloads as they are instead of decompressing them
     #[arg(long)]
     pub no_zstd: bool,
@@ -217,6 +242,7 @@ pub struct FetchArgs {
     #[arg(long, value_name = "DIR")]
     pub allow_file_dir: Vec<PathBuf>,
     /// Use an http(s) master without asking the origin within this time of its last check
+    /// (default 0s: one conditional request on every call, as Ironic does)
     #[arg(long, value_parser = duration_parser)]
     pub revalidate_interval: Option<Duration>,
     /// Extra CA certificates (PEM) to trust

@@ -50,7 +50,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9292";
 /// Ironic's master-image cache TTL default: 7 days.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Within this time of its last validation an http(s) master is used without asking the origin.
-pub const DEFAULT_REVALIDATE_INTERVAL: Duration = Duration::from_secs(60);
+/// `imgcache fetch` asks the origin on every call whether the master is current (one
+/// conditional request), as Ironic's `fetch_image` does.
+pub const DEFAULT_FETCH_REVALIDATE_INTERVAL: Duration = Duration::ZERO;
+/// `imgcache serve` serves `/v1/fetch` hits and checks them in the background at most this often.
+pub const DEFAULT_SERVE_REVALIDATE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A `[caches.NAME]` table: one named provisioning cache (Ironic's master dirs).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -261,7 +265,8 @@ pub struct Settings {
     pub glance_url: Option<String>,
     pub glance_token: Option<String>,
     pub allow_file_dirs: Vec<PathBuf>,
-    pub revalidate_interval: Duration,
+    /// `None`: each command's default (fetch: every call; serve: 60 s).
+    pub revalidate_interval: Option<Duration>,
     pub ca_bundle: Option<PathBuf>,
     pub insecure: bool,
     /// `imgcache serve`: address to listen on.
@@ -329,7 +334,7 @@ impl Settings {
             glance_url: l.glance_url,
             glance_token: l.glance_token,
             allow_file_dirs: l.allow_file_dirs.unwrap_or_default(),
-            revalidate_interval: l.revalidate_interval.unwrap_or(DEFAULT_REVALIDATE_INTERVAL),
+            revalidate_interval: l.revalidate_interval,
             ca_bundle: l.ca_bundle,
             insecure: l.insecure.unwrap_or(false),
             listen: match l.listen {
@@ -626,7 +631,7 @@ mod tests {
         assert_eq!(s.ttl, Duration::from_secs(3 * 86400));
         assert_eq!(s.glance_url.as_deref(), Some("http://glance:9292"));
         assert_eq!(s.allow_file_dirs, vec![PathBuf::from("/srv/images")]);
-        assert_eq!(s.revalidate_interval, Duration::from_secs(300));
+        assert_eq!(s.revalidate_interval, Some(Duration::from_secs(300)));
         let names: Vec<_> = s.caches.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["iso", "instance"], "highest priority first");
         assert_eq!(s.caches[0].max_size, 20 * GIB, "Ironic's default size");
@@ -747,7 +752,7 @@ mod tests {
                 glance_url: None,
                 glance_token: None,
                 allow_file_dirs: vec![],
-                revalidate_interval: DEFAULT_REVALIDATE_INTERVAL,
+                revalidate_interval: None,
                 ca_bundle: None,
                 insecure: false,
                 listen: "127.0.0.1:9292".parse().unwrap(),

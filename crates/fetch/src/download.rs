@@ -72,6 +72,16 @@ pub async fn stream_into_reporting(
         for chunk in items {
             let chunk = match chunk {
                 Ok(c) => c,
+                // The origin's connection broke mid-body: a truncated image.
+                Err(FetchError::Origin { url, reason }) => {
+                    failure = Some(FetchError::Truncated {
+                        url,
+                        got,
+                        expected: expected_len,
+                        reason,
+                    });
+                    break;
+                }
                 Err(e) => {
                     failure = Some(e);
                     break;

@@ -31,6 +31,15 @@ pub enum FetchError {
         got: u64,
     },
 
+    /// The body ended early: the connection was cut or reset after `got` bytes.
+    #[error("origin {url} cut the body after {got} bytes{}: {reason}", expected.map(|e| format!(" of {e}")).unwrap_or_default())]
+    Truncated {
+        url: String,
+        got: u64,
+        expected: Option<u64>,
+        reason: String,
+    },
+
     #[error(
         "checksum mismatch for {href}: expected {expected}, got {actual}; the download was moved to invalid/"
     )]
@@ -66,8 +75,21 @@ pub enum FetchError {
     #[error(transparent)]
     Convert(#[from] crate::convert::ConvertError),
 
+    /// The image is larger than the room the cache could make for it (its limit, or what
+    /// is not in use); nothing was evicted for it.
+    #[error("{href}: {size} bytes do not fit the cache (max size {max_size}); nothing was evicted")]
+    TooLarge {
+        href: String,
+        size: u64,
+        max_size: u64,
+    },
+
     #[error("destination {path}: {reason}")]
     Dest { path: PathBuf, reason: String },
+
+    /// Stopped on purpose (the server is shutting down).
+    #[error("{0}")]
+    Cancelled(String),
 
     #[error("configuration: {0}")]
     Config(String),
@@ -103,3 +125,22 @@ impl FetchError {
 }
 
 pub type Result<T, E = FetchError> = std::result::Result<T, E>;
+
+impl FetchError {
+    /// Why the admission pipeline refused an image, as a metric label; `None` for failures
+    /// that are not a verdict on the image (origin down, disk full, a bad destination).
+    pub fn refusal(&self) -> Option<&'static str> {
+        match self {
+            FetchError::Image { .. } => Some("unsafe_image"),
+            FetchError::Checksum { .. }
+            | FetchError::Store(StoreError::ChecksumMismatch { .. }) => Some("checksum"),
+            FetchError::Length { .. } | FetchError::Store(StoreError::SizeMismatch { .. }) => {
+                Some("size")
+            }
+            FetchError::Truncated { .. } => Some("truncated"),
+            FetchError::Decompress { .. } => Some("decompress"),
+            FetchError::TooLarge { .. } => Some("too_large"),
+            _ => None,
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! imgcache's fetch layer: sources (http, file, Glance), checksums, and Ironic-style
 //! provisioning (`fetch_image` by hard link, clean-up) on top of the store.
 
+pub mod admit;
 pub mod checksum;
 pub mod convert;
 pub mod download;
@@ -8,6 +9,7 @@ pub mod error;
 pub mod formats;
 pub mod href;
 pub mod inspect_stream;
+pub mod meta;
 pub mod pipeline;
 pub mod place;
 pub mod progress;
@@ -15,9 +17,11 @@ pub mod provision;
 pub mod source;
 pub mod zstd;
 
+pub use admit::{Admission, Admitted, Hooks, RoomPolicy, StreamInfo};
 pub use checksum::ChecksumSpec;
 pub use error::{FetchError, Result};
 pub use href::{Href, cache_key};
+pub use meta::{Freshness, ImageMeta};
 pub use place::Placement;
 pub use progress::{Progress, Quiet};
 pub use provision::{FetchOptions, FetchReport, ImageCache, Outcome, SourceConfig};

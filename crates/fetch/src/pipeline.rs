@@ -7,7 +7,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use imgcache_store::{CacheWriter, Integrity, Record, Registry, StoreError};
+use imgcache_store::{CacheReader, CacheWriter, Integrity, Record, Registry, StoreError};
 
 use crate::convert::{ConvertOptions, conversion_space, convert_to_raw, needs_conversion};
 use crate::error::{FetchError, Result};
@@ -17,13 +17,8 @@ use crate::progress::Progress;
 use crate::source::BodyStream;
 use crate::zstd::{self, InputDigest, ZSTD_MAGIC};
 
-/// Property: the format the inspector detected in the published bytes.
-pub const PROP_FORMAT: &str = "format";
-/// Property: the image's virtual size, where its format says it.
-pub const PROP_VIRTUAL_SIZE: &str = "virtual_size";
-/// Properties of a converted (or decompressed) image: what the source sent.
-pub const PROP_SOURCE_FORMAT: &str = "source_format";
-pub const PROP_SOURCE_CHECKSUM: &str = "source_checksum";
+use crate::meta::{FORMAT as PROP_FORMAT, SOURCE_CHECKSUM as PROP_SOURCE_CHECKSUM};
+use crate::meta::{SOURCE_FORMAT as PROP_SOURCE_FORMAT, VIRTUAL_SIZE as PROP_VIRTUAL_SIZE};
 
 /// How images are checked and transformed; part of [`crate::SourceConfig`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,9 +135,10 @@ pub struct Finish<'a> {
 
 /// Finishes a complete download: decompresses a zstd file that came in as is (a `file://`
 /// source), inspects the file again, checks the declared and permitted formats, converts it
-/// to raw when `force_raw` asks and the format needs it, and commits. On any error the writer
+/// to raw when `force_raw` asks and the format needs it, and commits, handing back the
+/// published image open for reading. On any error the writer
 /// is dropped (its file goes to `invalid/`) and nothing is published.
-pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<Record> {
+pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<CacheReader> {
     let href = f.href.to_string();
     let path = writer.path().to_path_buf();
     let mut on_verified = f.on_verified;
@@ -194,7 +190,7 @@ pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<Record> {
             if let Some(v) = converted.virtual_size {
                 writer.set_prop(PROP_VIRTUAL_SIZE, &v.to_string());
             }
-            writer.commit()
+            writer.commit_open_notify(|_| {})
         })
         .await
         .map_err(|e| checksum_error(&href, e));
@@ -208,7 +204,7 @@ pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<Record> {
         writer.set_prop(PROP_SOURCE_FORMAT, "zstd");
     }
     blocking(move || {
-        writer.commit_notify(|rec| {
+        writer.commit_open_notify(|rec| {
             if let Some(hook) = on_verified {
                 hook(rec);
             }

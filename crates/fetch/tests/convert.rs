@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
+use imgcache_fetch::ImageMeta;
 use imgcache_fetch::convert::{ConvertError, ConvertOptions};
 use imgcache_fetch::formats::{DiskFormat, Format, FormatError, Policy};
-use imgcache_fetch::pipeline::{
-    ImageOptions, PROP_FORMAT, PROP_SOURCE_CHECKSUM, PROP_SOURCE_FORMAT,
-};
+use imgcache_fetch::pipeline::ImageOptions;
 use imgcache_fetch::{ChecksumSpec, FetchError, FetchOptions, ImageCache, Outcome, Progress};
 use imgcache_store::{Algorithm, Integrity, Status};
 
@@ -158,11 +157,17 @@ async fn force_raw_converts_each_format_like_qemu_img() {
             "{format}: the record holds the raw bytes' checksum"
         );
         assert_eq!(
-            rec.props.get(PROP_SOURCE_FORMAT).map(String::as_str),
+            ImageMeta::from_props(&rec.props).source_format.as_deref(),
             Some(format)
         );
-        assert_eq!(rec.props.get(PROP_FORMAT).map(String::as_str), Some("raw"));
-        assert!(rec.props.contains_key(PROP_SOURCE_CHECKSUM), "{format}");
+        assert_eq!(
+            ImageMeta::from_props(&rec.props).format.as_deref(),
+            Some("raw")
+        );
+        assert!(
+            ImageMeta::from_props(&rec.props).source_checksum.is_some(),
+            "{format}"
+        );
         // The conversion reported its progress in bytes of the virtual size, up to 100%.
         let phases = progress.0.lock().unwrap().clone();
         let conversion = phases.last().unwrap();
@@ -218,9 +223,12 @@ async fn raw_and_iso_are_never_converted() {
         let key = key_of(&href, true);
         assert_linked(&env.master(&key), &dest, &bytes);
         let rec = env.cache().get_record(&key).unwrap().unwrap();
-        assert_eq!(rec.props.get(PROP_FORMAT).map(String::as_str), Some(format));
+        assert_eq!(
+            ImageMeta::from_props(&rec.props).format.as_deref(),
+            Some(format)
+        );
         assert!(
-            !rec.props.contains_key(PROP_SOURCE_FORMAT),
+            ImageMeta::from_props(&rec.props).source_format.is_none(),
             "{name} was converted"
         );
         assert_eq!(rec.checksum, Some(Integrity::of(Algorithm::Sha256, &bytes)));
@@ -388,12 +396,12 @@ async fn zstd_downloads_are_decompressed_and_checked_as_sent() {
     assert_linked(&env.master(&key), &dest, &qcow);
     let rec = env.cache().get_record(&key).unwrap().unwrap();
     assert_eq!(
-        rec.props.get(PROP_FORMAT).map(String::as_str),
+        ImageMeta::from_props(&rec.props).format.as_deref(),
         Some("qcow2")
     );
     assert_eq!(
-        rec.props.get(PROP_SOURCE_CHECKSUM),
-        Some(&sent.to_string()),
+        ImageMeta::from_props(&rec.props).source_checksum,
+        Some(sent.clone()),
         "the compressed bytes' checksum is kept"
     );
 

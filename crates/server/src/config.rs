@@ -33,6 +33,9 @@ pub struct ServerConfig {
     /// TLS certificate chain and key (PEM); plain HTTP when unset.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Formats an image may have at all (every format by default: Glance accepted it);
+    /// unsafe images are refused whatever this says.
+    pub permitted_formats: Vec<imgcache_fetch::formats::Format>,
 }
 
 impl ServerConfig {
@@ -54,6 +57,7 @@ impl ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             tls_cert: None,
             tls_key: None,
+            permitted_formats: imgcache_fetch::formats::Format::ALL.to_vec(),
         }
     }
 }

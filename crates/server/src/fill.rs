@@ -24,10 +24,8 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use futures_util::StreamExt;
-use imgcache_fetch::download::{WrittenHook, stream_into_reporting};
-use imgcache_fetch::pipeline::VerifiedHook;
-use imgcache_fetch::source::{BodyStream, OriginMeta, Response};
-use imgcache_fetch::{FetchError, Href, Quiet};
+use imgcache_fetch::source::{BodyStream, OriginMeta};
+use imgcache_fetch::{Admission, Admitted, FetchError, Hooks, Href, ImageMeta, StreamInfo};
 use imgcache_store::{Integrity, Key, StoreError};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
@@ -144,6 +142,9 @@ pub struct Origin {
     pub href_raw: String,
     /// Token for an upstream Glance download (the configured one wins when set).
     pub glance_token: Option<String>,
+    /// A background check of a cached copy: one conditional request with its validators
+    /// (a changed image replaces it), instead of a miss's unconditional one.
+    pub revalidate: bool,
 }
 
 /// The fills in progress.
@@ -247,105 +248,92 @@ impl Fills {
     }
 }
 
-/// The download task. Ok(final phase) or the error new readers answer with.
+/// The download task: the key's permit (or another process's download, followed), the
+/// origin's answer, and the admission pipeline, which is the only code that writes it into
+/// the cache. Ok(final phase) or the error new readers answer with.
 async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phase, ApiError> {
     // Another process writing this key holds its flock: follow its file until it is done.
-    let lock = match crate::fill_elsewhere::lock_or_follow(state, fill).await? {
+    let permit = match crate::fill_elsewhere::lock_or_follow(state, fill).await? {
         Turn::Ours(lock) => lock,
         Turn::Followed(phase) => return Ok(phase),
     };
     let cache = state.cache.clone();
     let key = fill.key.clone();
-    if blocking(move || cache.get_record(&key)).await?.is_some() {
-        return Ok(Phase::Published);
-    }
+    let rec = blocking(move || cache.get_record(&key)).await?;
+    // A revalidation asks with the copy's validators; a miss that finds the image published
+    // (by the writer it waited for) is done.
+    let held = match (&rec, origin.revalidate) {
+        (Some(_), false) => return Ok(Phase::Published),
+        (Some(rec), true) => {
+            Some(ImageMeta::from_props(&rec.props).validators).filter(|v| !v.is_empty())
+        }
+        (None, _) => None,
+    };
     state.metrics.origin_requests.inc();
     let response = state
         .fetcher
-        .origin_get(&origin.href, origin.glance_token.clone())
+        .request(&origin.href, held.as_ref(), origin.glance_token.clone())
         .await
         .map_err(origin_error)?;
-    let (meta, body) = match response {
-        Response::Body { meta, body } => (meta, body),
-        Response::LocalFile { .. } => {
-            // A file:// source: linked (or copied) into place by the fetch layer, which
-            // takes the key lock itself.
-            drop(lock);
-            state
-                .fetcher
-                .download(&origin.href_raw, None)
-                .await
-                .map_err(origin_error)?;
-            return Ok(Phase::Published);
-        }
-        Response::NotModified => {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "origin answered 304 to an unconditional request",
-            ));
-        }
-    };
-    let max = state.config.max_size;
-    if let Some(size) = meta.size {
-        if size > max {
-            tracing::info!(key = %fill.key, size, max, "larger than the cache: streamed without caching");
-            *fill.passthrough.lock().expect("poisoned") = Some((meta, body));
-            return Ok(Phase::Passthrough);
-        }
-        // A hard limit: make room before the first byte lands.
-        let cache = state.cache.clone();
-        let report = blocking(move || cache.prune(max - size)).await?;
-        state.metrics.evictions.inc_by(report.evicted.len() as u64);
-        if report.size_after + size > max {
-            tracing::info!(key = %fill.key, size, "no room (images in use): streamed without caching");
-            *fill.passthrough.lock().expect("poisoned") = Some((meta, body));
-            return Ok(Phase::Passthrough);
-        }
-    }
-    let writer = state
-        .fetcher
-        .open_download_writer(&fill.key, lock, &origin.href_raw, &meta)
-        .map_err(origin_error)?;
-    let file = File::open(writer.path())
-        .map_err(|e| ApiError::internal(format!("open {}: {e}", writer.path().display())))?;
-    fill.start_streaming(Streaming {
-        file: Arc::new(file),
-        size: meta.size,
-        checksum: meta.checksum.clone(),
-    });
-
-    state.metrics.inflight_downloads.inc();
-    let _inflight = scopeguard(&state.metrics.inflight_downloads);
-    let hook: WrittenHook = {
-        let f = fill.clone();
-        let notified = AtomicU64::new(0);
-        Arc::new(move |n| f.report_written(n, &notified))
-    };
-    let body = watched(
-        body,
-        state.fills.cancelled(),
-        state.metrics.bytes_from_origin.clone(),
-    );
-    let origin_name = origin.href.to_string();
-    let writer = stream_into_reporting(writer, body, meta.size, &origin_name, &Quiet, Some(hook))
-        .await
-        .map_err(origin_error)?;
-    // Readers get the last byte as soon as the bytes are verified; fsync, record and rename
-    // (the file is durable before it is published) finish after.
+    let _inflight = InFlight::new(&state.metrics.inflight_downloads);
     let verified = Arc::new(AtomicBool::new(false));
-    let on_verified: VerifiedHook = {
-        let (f, verified) = (fill.clone(), verified.clone());
-        Box::new(move |rec| {
-            verified.store(true, Ordering::Release);
-            f.phase.send_replace(Phase::Verified { size: rec.size });
-        })
+    let hooks = Hooks {
+        progress: None,
+        streaming: Some({
+            let f = fill.clone();
+            Box::new(move |s: StreamInfo| {
+                f.start_streaming(Streaming {
+                    file: Arc::new(s.file),
+                    size: s.size,
+                    checksum: s.checksum,
+                })
+            })
+        }),
+        written: Some({
+            let f = fill.clone();
+            let notified = AtomicU64::new(0);
+            Arc::new(move |n| f.report_written(n, &notified))
+        }),
+        // Readers get the last byte as soon as the bytes are verified; fsync, record and
+        // rename (the file is durable before it is published) finish after.
+        verified: Some({
+            let (f, verified) = (fill.clone(), verified.clone());
+            Box::new(move |rec| {
+                verified.store(true, Ordering::Release);
+                f.phase.send_replace(Phase::Verified { size: rec.size });
+            })
+        }),
+        body: Some({
+            let (cancel, counter) = (
+                state.fills.cancelled(),
+                state.metrics.bytes_from_origin.clone(),
+            );
+            Box::new(move |body| watched(body, cancel, counter))
+        }),
     };
-    let committed = state
-        .fetcher
-        .commit_download_notify(writer, &origin.href, on_verified)
-        .await;
-    let rec = match committed {
-        Ok(rec) => rec,
+    let adm = Admission {
+        key: fill.key.clone(),
+        href: origin.href.clone(),
+        href_raw: origin.href_raw.clone(),
+        permit,
+        declared: None,
+        checksum: None,
+        force_raw: false,
+        hooks,
+    };
+    match state.fetcher.admit(adm, response).await {
+        Ok(Admitted::Published(reader)) => {
+            let size = reader.record().size;
+            drop(reader);
+            state.prune_wake.notify_one();
+            Ok(Phase::Done { size })
+        }
+        Ok(Admitted::Unchanged(_)) => Ok(Phase::Published),
+        Ok(Admitted::Passthrough { meta, body, room }) => {
+            tracing::info!(key = %fill.key, size = ?meta.size, ?room, "does not fit the cache: streamed without caching");
+            *fill.passthrough.lock().expect("poisoned") = Some((meta, body));
+            Ok(Phase::Passthrough)
+        }
         Err(e) => {
             if verified.load(Ordering::Acquire) {
                 // Clients that already had every byte got the right image; it is just not
@@ -353,30 +341,24 @@ async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phas
                 // make it to the disk.
                 tracing::warn!(key = %fill.key, error = %e, "verified download served but not cached: publishing failed");
             }
-            if matches!(e, FetchError::Checksum { .. }) {
-                state.metrics.checksum_failures.inc();
-            }
-            return Err(origin_error(e));
-        }
-    };
-    if meta.size.is_none() && rec.size > 0 {
-        // Size learnt only now: bring the cache back under its limit.
-        let cache = state.cache.clone();
-        if let Ok(report) = blocking(move || cache.prune(max)).await {
-            state.metrics.evictions.inc_by(report.evicted.len() as u64);
+            state.metrics.count_refusal(&e);
+            Err(origin_error(e))
         }
     }
-    Ok(Phase::Done { size: rec.size })
 }
 
-struct GaugeGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-impl Drop for GaugeGuard<'_> {
+/// Counts a download in flight for as long as it lives.
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+impl<'a> InFlight<'a> {
+    fn new(g: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        InFlight(g)
+    }
+}
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
-}
-fn scopeguard(g: &prometheus_client::metrics::gauge::Gauge) -> GaugeGuard<'_> {
-    GaugeGuard(g)
 }
 
 /// The origin's body, counted, and cut with an error when the server shuts down (so the
@@ -394,10 +376,7 @@ pub fn watched(body: BodyStream, cancel: watch::Receiver<bool>, counter: Counter
                 tokio::select! {
                     biased;
                     _ = stop => Some((
-                        Err(FetchError::Origin {
-                            url: "(shutdown)".into(),
-                            reason: "the server is shutting down".into(),
-                        }),
+                        Err(FetchError::Cancelled("the server is shutting down".into())),
                         None,
                     )),
                     item = body.next() => match item {

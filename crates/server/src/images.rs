@@ -79,6 +79,7 @@ async fn glance_file(
         href,
         href_raw: uuid.hyphenated().to_string(),
         glance_token: token,
+        revalidate: false,
     };
     let zero_copy = zero_copy.map(|Extension(z)| z);
     serve(
@@ -144,6 +145,7 @@ async fn fetch(
         href,
         href_raw,
         glance_token: None,
+        revalidate: false,
     };
     let zero_copy = zero_copy.map(|Extension(z)| z);
     serve(
@@ -355,7 +357,7 @@ async fn passthrough(
             state.metrics.origin_requests.inc();
             match state
                 .fetcher
-                .origin_get(&origin.href, origin.glance_token.clone())
+                .request(&origin.href, None, origin.glance_token.clone())
                 .await
             {
                 Ok(OriginResponse::Body { meta, body }) => (meta, body),

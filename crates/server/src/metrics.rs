@@ -1,7 +1,9 @@
 //! Prometheus metrics (prometheus-client), rendered in the text exposition format on `/metrics`.
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -19,6 +21,8 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     pub evictions: Counter,
     pub checksum_failures: Counter,
+    /// Images the admission pipeline refused, by reason (unsafe_image, checksum, size, ...).
+    pub refusals: Family<Refusal, Counter>,
     pub revalidations: Counter,
     pub revalidation_failures: Counter,
     pub request_seconds: Histogram,
@@ -39,6 +43,7 @@ impl Metrics {
             cache_entries: Gauge::default(),
             evictions: Counter::default(),
             checksum_failures: Counter::default(),
+            refusals: Family::default(),
             revalidations: Counter::default(),
             revalidation_failures: Counter::default(),
             request_seconds: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
@@ -106,6 +111,11 @@ impl Metrics {
             m.checksum_failures.clone(),
         );
         registry.register(
+            "refused_images",
+            "Downloads the admission pipeline refused (nothing was published), by reason",
+            m.refusals.clone(),
+        );
+        registry.register(
             "request_duration_seconds",
             "HTTP request latency",
             m.request_seconds.clone(),
@@ -150,6 +160,25 @@ impl Metrics {
         self.cache_entries
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
         Ok(())
+    }
+}
+
+/// The label of [`Metrics::refusals`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Refusal {
+    pub reason: &'static str,
+}
+
+impl Metrics {
+    /// Counts a failed download that was a verdict on the image (see
+    /// [`imgcache_fetch::FetchError::refusal`]); every entrance's failures come here.
+    pub fn count_refusal(&self, e: &imgcache_fetch::FetchError) {
+        if let Some(reason) = e.refusal() {
+            self.refusals.get_or_create(&Refusal { reason }).inc();
+            if reason == "checksum" {
+                self.checksum_failures.inc();
+            }
+        }
     }
 }
 

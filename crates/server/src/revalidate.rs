@@ -2,8 +2,9 @@
 //!
 //! A plain http(s) or `file://` origin can change behind a cached copy (Glance images cannot).
 //! A hit whose copy is older than the revalidation interval is served from the cache at once,
-//! and a background task asks the origin whether it changed ([`ImageCache::download`]: one
-//! conditional request under the key lock; a 304 only refreshes the check time). A changed
+//! and a background fill asks the origin whether it changed (one conditional request under
+//! the key lock, through the admission pipeline like any miss; a 304 only refreshes the
+//! check time). A changed
 //! image is downloaded, verified and renamed over the old one: responses already sending the
 //! old copy finish with it (they hold its descriptor), later ones get the new one. An origin
 //! that is down, or a new download that fails, leaves the cached copy in place and served.
@@ -11,8 +12,6 @@
 //! At most one check per key runs at a time, and a key is not checked again within the
 //! interval, whatever the origin answered: a busy image costs its origin one request per
 //! interval, not one per hit.
-//!
-//! [`ImageCache::download`]: imgcache_fetch::ImageCache::download
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -20,7 +19,7 @@ use std::time::Instant;
 
 use imgcache_store::{Key, Record};
 
-use crate::fill::Origin;
+use crate::fill::{Origin, Phase};
 use crate::state::AppState;
 
 #[derive(Default)]
@@ -33,7 +32,7 @@ impl Revalidations {
     /// Starts a background check of `key` if its copy `rec` is due for one and none ran
     /// within the interval.
     pub fn maybe_start(&self, state: &AppState, key: &Key, rec: &Record, origin: &Origin) {
-        if !state.fetcher.revalidation_due(rec, &origin.href) {
+        if state.fetcher.freshness(rec, &origin.href) != imgcache_fetch::Freshness::Revalidate {
             return;
         }
         let interval = state.fetcher.revalidate_interval();
@@ -54,20 +53,41 @@ impl Revalidations {
         let (st, key, origin, old) = (state.clone(), key.clone(), origin.clone(), rec.clone());
         tokio::spawn(async move {
             st.metrics.revalidations.inc();
-            if matches!(origin.href, imgcache_fetch::Href::Http(_)) {
-                st.metrics.origin_requests.inc();
-            }
-            match st.fetcher.download(&origin.href_raw, None).await {
-                Ok(new) if new.last_modified != old.last_modified => {
-                    tracing::info!(%key, href = %origin.href, size = new.size, "origin changed: cached copy replaced");
-                    if new.size > old.size {
+            let origin = Origin {
+                revalidate: true,
+                ..origin
+            };
+            // A fill like a miss's (the same key lock and admission pipeline), asking with
+            // the copy's validators.
+            let fill = st.fills.join_or_start(&st, &key, origin.clone());
+            let mut rx = fill.subscribe();
+            let end = rx
+                .wait_for(|p| {
+                    matches!(
+                        p,
+                        Phase::Done { .. }
+                            | Phase::Published
+                            | Phase::Passthrough
+                            | Phase::Failed { .. }
+                    )
+                })
+                .await
+                .map(|p| p.clone());
+            match end {
+                Ok(Phase::Done { size }) => {
+                    tracing::info!(%key, href = %origin.href, size, "origin changed: cached copy replaced");
+                    if size > old.size {
                         st.prune_wake.notify_one(); // the cache may now be over its limit
                     }
                 }
-                Ok(_) => tracing::debug!(%key, "revalidated: unchanged"),
-                Err(e) => {
+                Ok(Phase::Published) => tracing::debug!(%key, "revalidated: unchanged"),
+                Ok(Phase::Failed { message, .. }) => {
                     st.metrics.revalidation_failures.inc();
-                    tracing::warn!(%key, href = %origin.href, error = %e, "revalidation failed: still serving the cached copy");
+                    tracing::warn!(%key, href = %origin.href, error = %message, "revalidation failed: still serving the cached copy");
+                }
+                other => {
+                    st.metrics.revalidation_failures.inc();
+                    tracing::warn!(%key, href = %origin.href, phase = ?other.ok(), "revalidation did not replace the cached copy");
                 }
             }
         });

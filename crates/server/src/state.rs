@@ -43,16 +43,18 @@ impl AppState {
             &config.sources,
         )?
         // A caching server hands out the bytes its origin sent: no zstd decompression (clients
-        // following a download read the file as it is written), and every format is permitted
-        // (Glance accepted it); unsafe images (backing files, extents naming host files, ...)
-        // are still refused.
+        // following a download read the file as it is written), and the permitted formats are
+        // the configured ones (by default all: Glance accepted them); unsafe images (backing
+        // files, extents naming host files, ...) are refused whatever they say.
         .with_images(imgcache_fetch::pipeline::ImageOptions {
             policy: imgcache_fetch::formats::Policy {
-                permitted: imgcache_fetch::formats::Format::ALL.to_vec(),
+                permitted: config.permitted_formats.clone(),
             },
             zstd: false,
             ..Default::default()
-        });
+        })
+        // The max size is a hard limit: room is reserved before a download writes.
+        .with_room(imgcache_fetch::RoomPolicy::HardLimit(config.max_size));
         let upstream_auth = crate::upstream_auth::UpstreamAuth::new(
             config.sources.glance_url.clone(),
             fetcher.http_source()?,

@@ -6,7 +6,9 @@
 //! writer, so its partial file goes to `invalid/` and nothing is published.
 //!
 //! - **Prefetcher**: drains the queue (`queue/`, files, so a restart resumes it), oldest first.
-//!   Per image: download from the upstream Glance, then `delete_queued_image`. A failed image
+//!   Per image: a fill from the upstream Glance (the same path as a client's miss, so the
+//!   image is inspected and verified like any other, and clients asking meanwhile follow
+//!   it), then `delete_queued_image`. A failed image
 //!   stays queued and is retried with its own exponential backoff (never a spin), so one bad
 //!   image does not hold up the others; an id upstream does not know (404), or that is no
 //!   Glance image id at all, is dropped from the queue with a warning. Woken by
@@ -17,24 +19,20 @@
 //! - **Cleaner**: every `clean_interval`, `clean(stall_time)`: stalled incomplete files, invalid
 //!   files, records whose file vanished.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use imgcache_fetch::download::stream_into;
-use imgcache_fetch::source::glance::GlanceSource;
-use imgcache_fetch::source::http::HttpSource;
-use imgcache_fetch::source::{BodyStream, Response};
-use imgcache_fetch::{FetchError, Quiet};
-use imgcache_store::{Key, PruneReport, StoreError, WriteOptions};
+use imgcache_fetch::Href;
+use imgcache_store::{Key, PruneReport, StoreError};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::error::ApiError;
+use crate::fill::{Origin, Phase};
 use crate::state::AppState;
 
 /// A worker step that failed is retried after this, doubling up to [`STEP_BACKOFF_MAX`].
@@ -265,9 +263,8 @@ struct Retry {
 async fn prefetcher(state: AppState, mut stop: watch::Receiver<bool>) {
     let mut step_backoff = Backoff::new(STEP_BACKOFF, STEP_BACKOFF_MAX);
     let mut retries: HashMap<String, Retry> = HashMap::new();
-    let mut http: Option<HttpSource> = None;
     loop {
-        let wait = match prefetch_pass(&state, &mut stop, &mut retries, &mut http).await {
+        let wait = match prefetch_pass(&state, &mut stop, &mut retries).await {
             Ok(None) => return, // stopped
             Ok(Some(next_due)) => {
                 step_backoff.reset();
@@ -301,7 +298,6 @@ async fn prefetch_pass(
     state: &AppState,
     stop: &mut watch::Receiver<bool>,
     retries: &mut HashMap<String, Retry>,
-    http: &mut Option<HttpSource>,
 ) -> anyhow::Result<Option<Option<Instant>>> {
     let cache = state.cache.clone();
     let queued = blocking(move || cache.get_queued_images()).await?;
@@ -317,16 +313,9 @@ async fn prefetch_pass(
             next_due = Some(next_due.map_or(r.next_at, |d| d.min(r.next_at)));
             continue;
         }
-        // Built on first use: loading the CA roots is not free, and most servers never prefetch.
-        let client = match http {
-            Some(c) => c.clone(),
-            None => http
-                .insert(HttpSource::new(state.config.sources.http.clone())?)
-                .clone(),
-        };
         let res = tokio::select! {
             _ = stopped(stop) => return Ok(None),
-            r = guarded_item(prefetch_one(state.clone(), client, id.clone())) => r,
+            r = guarded_item(prefetch_one(state.clone(), id.clone())) => r,
         };
         match res {
             Ok(outcome) => {
@@ -363,18 +352,10 @@ where
     }
 }
 
-/// Decrements the in-flight gauge however the download ends.
-struct InFlight(Arc<crate::metrics::Metrics>);
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.inflight_downloads.dec();
-    }
-}
-
-/// Downloads one queued image from the upstream Glance into the cache: under the image's key
-/// lock (so a concurrent client fill or another process's download is never duplicated), with
-/// the size and checksum upstream declares enforced at commit.
-async fn prefetch_one(state: AppState, http: HttpSource, id: String) -> anyhow::Result<Prefetched> {
+/// Prefetches one queued image: a fill like any client's miss (the same key lock, admission
+/// pipeline and in-process coalescing, so clients asking for the image meanwhile follow it),
+/// with nobody reading it.
+async fn prefetch_one(state: AppState, id: String) -> anyhow::Result<Prefetched> {
     let key = Key::new(&id)?;
     let Ok(uuid) = Uuid::parse_str(&id) else {
         tracing::warn!(image_id = %id, "not a Glance image id; dropped from the queue");
@@ -385,69 +366,45 @@ async fn prefetch_one(state: AppState, http: HttpSource, id: String) -> anyhow::
     if blocking(move || cache.is_cached(&k)).await? {
         return Ok(Prefetched::Done);
     }
-    let Some(base) = state.config.sources.glance_url.clone() else {
+    if state.config.sources.glance_url.is_none() {
         anyhow::bail!("no upstream Glance configured (--glance-url)");
-    };
-    let cache = state.cache.clone();
-    let k = key.clone();
-    let lock = blocking(move || cache.lock_key(&k)).await?;
-    let cache = state.cache.clone();
-    let k = key.clone();
-    if blocking(move || cache.is_cached(&k)).await? {
-        return Ok(Prefetched::Done); // another writer published it while we waited
     }
-
-    let metrics = state.metrics.clone();
-    metrics.inflight_downloads.inc();
-    let _inflight = InFlight(metrics.clone());
     let started = std::time::Instant::now();
-    let glance = GlanceSource::new(base, state.config.sources.glance_token.clone(), http);
-    metrics.origin_requests.inc();
-    let response = match glance.get(&uuid).await {
-        Ok(r) => r,
-        Err(e @ FetchError::Status { status: 404, .. }) => {
-            tracing::warn!(image_id = %id, error = %e, "upstream has no such image; dropped from the queue");
-            return Ok(Prefetched::Dropped);
+    let origin = Origin {
+        href: Href::Glance(uuid),
+        href_raw: uuid.hyphenated().to_string(),
+        glance_token: None,
+        revalidate: false,
+    };
+    let fill = state.fills.join_or_start(&state, &key, origin);
+    let mut rx = fill.subscribe();
+    let end = rx
+        .wait_for(|p| {
+            matches!(
+                p,
+                Phase::Done { .. } | Phase::Published | Phase::Passthrough | Phase::Failed { .. }
+            )
+        })
+        .await
+        .map(|p| p.clone())
+        .map_err(|_| anyhow::anyhow!("the download vanished"))?;
+    match end {
+        Phase::Done { size } => {
+            tracing::info!(image_id = %id, size, seconds = started.elapsed().as_secs_f64(), "prefetched");
+            Ok(Prefetched::Done)
         }
-        Err(e) => return Err(e.into()),
-    };
-    let Response::Body { meta, body } = response else {
-        anyhow::bail!("upstream answered an unconditional request with no body");
-    };
-    let mut props = BTreeMap::new();
-    props.insert("href".to_string(), format!("glance://{id}"));
-    if let Some(f) = &meta.disk_format {
-        props.insert("disk_format".to_string(), f.clone());
+        Phase::Published => Ok(Prefetched::Done),
+        Phase::Passthrough => {
+            tracing::warn!(image_id = %id, max_size = state.config.max_size, "larger than the cache can hold; dropped from the queue");
+            Ok(Prefetched::Dropped)
+        }
+        Phase::Failed { status, message } if status == axum::http::StatusCode::NOT_FOUND => {
+            tracing::warn!(image_id = %id, error = %message, "upstream has no such image; dropped from the queue");
+            Ok(Prefetched::Dropped)
+        }
+        Phase::Failed { message, .. } => Err(anyhow::anyhow!("{message}")),
+        _ => unreachable!("waited for an end"),
     }
-    let wopts = WriteOptions {
-        expected: meta.checksum.clone(),
-        expected_size: meta.size,
-        replace: true,
-        props,
-        ..WriteOptions::default()
-    };
-    let writer = state.cache.open_for_write_locked(&key, lock, wopts)?;
-    let counted = metrics.clone();
-    let body: BodyStream = Box::pin(body.inspect(move |chunk| {
-        if let Ok(b) = chunk {
-            counted.bytes_from_origin.inc_by(b.len() as u64);
-        }
-    }));
-    let origin = format!("glance://{id}");
-    let writer = stream_into(writer, body, meta.size, &origin, &Quiet).await?;
-    let rec = match tokio::task::spawn_blocking(move || writer.commit()).await? {
-        Ok(rec) => rec,
-        Err(e @ StoreError::ChecksumMismatch { .. }) => {
-            metrics.checksum_failures.inc();
-            return Err(e.into());
-        }
-        Err(e) => return Err(e.into()),
-    };
-    tracing::info!(image_id = %id, size = rec.size, seconds = started.elapsed().as_secs_f64(), "prefetched");
-    if rec.size > state.config.max_size {
-        tracing::warn!(image_id = %id, size = rec.size, max_size = state.config.max_size, "image larger than the cache's max size; the pruner will evict it");
-    }
-    Ok(Prefetched::Done)
 }
 
 #[cfg(test)]

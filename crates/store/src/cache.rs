@@ -27,6 +27,8 @@ struct Inner {
     layout: Layout,
     driver: Box<dyn Driver>,
     kind: DriverKind,
+    /// Room held by this process's writers ([`crate::room`]).
+    reserved: Arc<crate::room::Reserved>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -67,6 +69,7 @@ impl Cache {
                 layout,
                 driver,
                 kind,
+                reserved: Arc::default(),
             }),
         }
     }
@@ -82,6 +85,9 @@ impl Cache {
     }
     pub fn driver_kind(&self) -> DriverKind {
         self.inner.kind
+    }
+    pub(crate) fn reserved(&self) -> Arc<crate::room::Reserved> {
+        self.inner.reserved.clone()
     }
 
     /// The global lock: shared by publishers for the instant of a publish, exclusive for

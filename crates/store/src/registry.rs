@@ -106,6 +106,23 @@ impl Registry {
             return Ok(reports);
         }
         let dev = device(directory)?;
+        // An image that could not fit even with every evictable master gone evicts nothing:
+        // emptying the caches and failing anyway would only cost every other deploy its hit.
+        let mut reclaimable = available;
+        for spec in self
+            .caches
+            .iter()
+            .filter(|s| device(s.cache.root()).ok() == Some(dev))
+        {
+            reclaimable += spec.cache.evictable_bytes()? + spec.cache.leftover_bytes()?;
+        }
+        if reclaimable < required {
+            return Err(StoreError::InsufficientDiskSpace {
+                path: directory.to_path_buf(),
+                required,
+                available,
+            });
+        }
         for spec in &self.caches {
             if device(spec.cache.root())? != dev {
                 continue;

@@ -17,6 +17,7 @@ use crate::integrity::{Algorithm, Hasher, Integrity};
 use crate::key::Key;
 use crate::layout::Status;
 use crate::lock::{FileLock, Mode};
+use crate::reader::CacheReader;
 use crate::record::{Record, now};
 
 #[derive(Clone, Debug)]
@@ -322,9 +323,18 @@ impl CacheWriter {
     /// that publish them (which may still fail: then nothing is published, as with `commit`).
     /// A server uses it to release a verified download to its clients without waiting for the
     /// disk.
-    pub fn commit_notify(mut self, verified: impl FnOnce(&Record)) -> Result<Record> {
+    pub fn commit_notify(self, verified: impl FnOnce(&Record)) -> Result<Record> {
+        self.commit_open_notify(verified)
+            .map(|r| r.record().clone())
+    }
+
+    /// [`CacheWriter::commit_notify`] that hands back the published image already open for
+    /// reading: its shared flock is taken before the rename, so no prune or clean-up can evict
+    /// it between publishing and the caller's use (a hard link into a deploy, a response).
+    /// The open does not count as a hit.
+    pub fn commit_open_notify(mut self, verified: impl FnOnce(&Record)) -> Result<CacheReader> {
         match self.try_commit(verified) {
-            Ok(rec) => Ok(rec),
+            Ok(reader) => Ok(reader),
             Err(e) => {
                 self.disk_full |= e.is_disk_full();
                 self.discard();
@@ -333,7 +343,7 @@ impl CacheWriter {
         }
     }
 
-    fn try_commit(&mut self, verified: impl FnOnce(&Record)) -> Result<Record> {
+    fn try_commit(&mut self, verified: impl FnOnce(&Record)) -> Result<CacheReader> {
         // A failed write (ENOSPC, EIO, ...) left a short file or a hole: publishing it would
         // record the checksum of the wrong bytes. ENOSPC/EDQUOT come back as `DiskFull`.
         let actual = self.verify()?;
@@ -353,6 +363,10 @@ impl CacheWriter {
         self.cache.driver().stage(&record, file)?;
         file.sync_all().ctx("fsync", &self.path)?;
         let dest = self.cache.get_image_filepath(&self.key, Status::Active);
+        // The reader handed back: locked shared before the rename, so the image is in use from
+        // the instant it is published.
+        let held = File::open(&self.path).ctx("open", &self.path)?;
+        crate::lock::lock_file(&held, Mode::Shared, true).ctx("lock", &self.path)?;
         let _g = self.cache.global_lock(Mode::Shared)?;
         // Never rename over a file the store has no record of: it is not ours to replace.
         self.cache.check_not_foreign(&self.key)?;
@@ -373,7 +387,7 @@ impl CacheWriter {
             tracing::warn!(path = %self.path.display(), error = %e, "could not remove the staged link");
         }
         sync_dir(self.cache.root())?;
-        Ok(record)
+        Ok(CacheReader::new(held, record, dest))
     }
 
     /// Gives up: the partial file goes to `invalid/`, nothing is recorded.

@@ -9,6 +9,8 @@ mod manage;
 mod provision;
 mod serve;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use imgcache_store::{Cache, Key};
 
@@ -22,8 +24,9 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// How the sources are reached (fetch and serve share it).
-    pub fn sources(&self) -> Result<imgcache_fetch::SourceConfig> {
+    /// How the sources are reached (fetch and serve share it); `revalidate_default` is the
+    /// command's revalidation interval when none is configured.
+    pub fn sources(&self, revalidate_default: Duration) -> Result<imgcache_fetch::SourceConfig> {
         let s = &self.settings;
         let glance_url = s
             .glance_url
@@ -40,7 +43,7 @@ impl Ctx {
             allowed_file_dirs: s.allow_file_dirs.clone(),
             glance_url,
             glance_token: s.glance_token.clone(),
-            revalidate_interval: s.revalidate_interval,
+            revalidate_interval: s.revalidate_interval.unwrap_or(revalidate_default),
         })
     }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use imgcache_fetch::convert::ConvertOptions;
-use imgcache_fetch::formats::{DiskFormat, Format, Policy};
+use imgcache_fetch::formats::DiskFormat;
 use imgcache_fetch::pipeline::ImageOptions;
 use imgcache_fetch::{ChecksumSpec, FetchOptions, ImageCache, Progress};
 use imgcache_store::registry::{PRIORITY_INSTANCE, free_space};
@@ -84,7 +84,7 @@ impl Progress for Bar {
 pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
     let reg = Arc::new(registry(ctx)?);
     let spec = pick(&reg, args.cache.as_deref())?.clone();
-    let sources = ctx.sources()?;
+    let sources = ctx.sources(crate::config::DEFAULT_FETCH_REVALIDATE_INTERVAL)?;
     let checksum = args
         .checksum
         .as_deref()
@@ -155,14 +155,8 @@ fn image_options(args: &FetchArgs) -> Result<ImageOptions> {
         },
         ..ImageOptions::default()
     };
-    if !args.permitted_formats.is_empty() {
-        images.policy = Policy {
-            permitted: args
-                .permitted_formats
-                .iter()
-                .map(|f| f.parse::<Format>())
-                .collect::<Result<_, _>>()?,
-        };
+    if let Some(policy) = args.formats.policy()? {
+        images.policy = policy;
     }
     Ok(images)
 }

@@ -13,7 +13,7 @@ pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
     config.driver = s.driver;
     config.max_size = s.max_size;
     config.stall_time = s.stall_time;
-    config.sources = ctx.sources()?;
+    config.sources = ctx.sources(crate::config::DEFAULT_SERVE_REVALIDATE_INTERVAL)?;
     config.admin_token = s.admin_token.clone();
     config.allow_href_prefixes = s.allow_href_prefixes.clone();
     config.shutdown_grace = args.shutdown_grace;
@@ -21,6 +21,9 @@ pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
     config.auth_cache_ttl = args.auth_cache_ttl;
     config.tls_cert = args.tls_cert;
     config.tls_key = args.tls_key;
+    if let Some(policy) = args.formats.policy()? {
+        config.permitted_formats = policy.permitted;
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -68,9 +68,15 @@ impl Drop for Server {
 /// Starts `imgcache --cache-dir CACHE serve --listen 127.0.0.1:0 ARGS...`; `scheme` is what
 /// the first stdout line announces (`http`, or `https` with `--tls-cert`).
 pub fn serve(cache: &Path, scheme: &str, args: &[&str]) -> Server {
+    serve_env(cache, scheme, args, &[])
+}
+
+/// [`serve`] with these environment variables set (the rest of the environment is cleared).
+pub fn serve_env(cache: &Path, scheme: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_imgcache"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
         .arg("--cache-dir")
         .arg(cache)
         .args(["serve", "--listen", "127.0.0.1:0"])

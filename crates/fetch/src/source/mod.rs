@@ -51,34 +51,7 @@ pub enum Response {
     },
 }
 
-pub(crate) const PROP_HREF: &str = "href";
-pub(crate) const PROP_ETAG: &str = "etag";
-pub(crate) const PROP_LAST_MODIFIED: &str = "origin_last_modified";
-pub(crate) const PROP_MTIME_NS: &str = "origin_mtime_ns";
-pub(crate) const PROP_VALIDATED_AT: &str = "validated_at";
-pub(crate) const PROP_DISK_FORMAT: &str = "disk_format";
-
 impl Validators {
-    pub(crate) fn from_props(props: &std::collections::BTreeMap<String, String>) -> Self {
-        Validators {
-            etag: props.get(PROP_ETAG).cloned(),
-            last_modified: props.get(PROP_LAST_MODIFIED).cloned(),
-            mtime_ns: props.get(PROP_MTIME_NS).and_then(|v| v.parse().ok()),
-        }
-    }
-
-    pub(crate) fn to_props(&self, props: &mut std::collections::BTreeMap<String, String>) {
-        if let Some(v) = &self.etag {
-            props.insert(PROP_ETAG.into(), v.clone());
-        }
-        if let Some(v) = &self.last_modified {
-            props.insert(PROP_LAST_MODIFIED.into(), v.clone());
-        }
-        if let Some(v) = self.mtime_ns {
-            props.insert(PROP_MTIME_NS.into(), v.to_string());
-        }
-    }
-
     pub fn is_empty(&self) -> bool {
         self.etag.is_none() && self.last_modified.is_none() && self.mtime_ns.is_none()
     }

@@ -1,0 +1,443 @@
+//! The admission pipeline: the one door through which an origin's bytes enter the cache.
+//!
+//! Every entrance (a server miss on `/v2` or `/v1/fetch`, the prefetcher, a background
+//! revalidation, the server's `file://` path, `imgcache fetch` with or without `--raw`) takes
+//! the key's write permit, asks its origin, and hands the answer here. [`ImageCache::admit`]
+//! applies, in this order and for all of them:
+//! 1. room: a reservation under the hard size limit ([`RoomPolicy::HardLimit`], the server),
+//!    or free disk space across the registry's caches ([`RoomPolicy::DiskSpace`], Ironic's
+//!    provisioning); an image that cannot fit evicts nothing and is handed back to be
+//!    streamed uncached (or refused);
+//! 2. zstd decompression and streaming inspection against the declared format (the caller's,
+//!    else Glance's `disk_format`) and the permitted formats ([`pipeline::prepare`]);
+//! 3. length and checksum (the caller's, else the origin's) as the bytes are written;
+//! 4. final inspection, conversion to raw, typed metadata and the commit ([`pipeline::finish`]).
+//!
+//! Redirects and the allow-list are the HTTP source's, below this (each hop re-checked).
+//! The caller's hooks see the bytes as they are written (readers following a download) and
+//! the moment they are verified; nothing is visible in the cache before the commit.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+use imgcache_store::record::now;
+use imgcache_store::{CacheReader, FileLock, Integrity, Key, Reservation, Room, WriteOptions};
+
+use crate::download::{WrittenHook, stream_into_reporting};
+use crate::error::{FetchError, Result};
+use crate::formats::DiskFormat;
+use crate::href::Href;
+use crate::meta::ImageMeta;
+use crate::pipeline::{self, VerifiedHook};
+use crate::progress::{Progress, Quiet};
+use crate::provision::{ImageCache, blocking};
+use crate::source::{BodyStream, OriginMeta, Response};
+
+/// How a download makes room in the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoomPolicy {
+    /// `max_size` is a hard limit: room is reserved before the first byte (evicting least
+    /// recently used images when that makes enough), an unannounced length grows its
+    /// reservation as it is written, and what cannot fit is handed back uncached.
+    HardLimit(u64),
+    /// Ironic's: free disk space is made across the caches on the filesystem (with a
+    /// registry), and the size cap is restored by clean-up after the download.
+    DiskSpace,
+}
+
+/// A reservation for an unannounced length grows by at least this much at a time.
+const GROW_STEP: u64 = 64 << 20;
+
+/// What the admission needs besides the origin's answer.
+pub struct Admission {
+    pub key: Key,
+    pub href: Href,
+    /// The href as the client gave it (recorded in the image's metadata).
+    pub href_raw: String,
+    /// The key's write permit: held until the image is published or discarded.
+    pub permit: FileLock,
+    /// The format the caller declares (`--format`); else the origin's (Glance's `disk_format`).
+    pub declared: Option<DiskFormat>,
+    /// A checksum the caller vouches for; else the origin's.
+    pub checksum: Option<Integrity>,
+    /// Convert to raw (Ironic's `force_raw`).
+    pub force_raw: bool,
+    pub hooks: Hooks,
+}
+
+/// The caller's view of a download in progress.
+#[derive(Default)]
+pub struct Hooks {
+    pub progress: Option<Arc<dyn Progress>>,
+    /// Bytes are about to flow into the file: a read-only descriptor of it (valid after the
+    /// rename that publishes it), and the size and checksum the origin announced.
+    pub streaming: Option<Box<dyn FnOnce(StreamInfo) + Send>>,
+    /// The bytes written so far, after each batch.
+    pub written: Option<WrittenHook>,
+    /// The bytes passed every check and are about to be published.
+    pub verified: Option<VerifiedHook>,
+    /// Wraps the origin's body before anything reads it (the server counts its bytes and
+    /// cuts it at shutdown).
+    pub body: Option<Box<dyn FnOnce(BodyStream) -> BodyStream + Send>>,
+}
+
+pub struct StreamInfo {
+    pub file: File,
+    pub size: Option<u64>,
+    pub checksum: Option<Integrity>,
+}
+
+/// How an admission ended (its failures are errors: nothing was published).
+pub enum Admitted {
+    /// The origin confirmed the copy held (a 304, an unchanged mtime); it is open for reading,
+    /// or `None` if it was evicted while being checked.
+    Unchanged(Option<CacheReader>),
+    /// Verified and published; open for reading (its flock keeps eviction away).
+    Published(CacheReader),
+    /// It does not fit the cache: the origin's answer, untouched, for the caller to stream
+    /// uncached. Nothing was evicted for it.
+    Passthrough {
+        meta: OriginMeta,
+        body: BodyStream,
+        room: Room,
+    },
+}
+
+impl ImageCache {
+    /// Admits the origin's answer `response` for `adm.key` (see the module docs).
+    pub async fn admit(&self, adm: Admission, response: Response) -> Result<Admitted> {
+        let (meta, body) = match response {
+            Response::NotModified => return self.unchanged(adm).await,
+            Response::Body { meta, body } => (meta, body),
+            Response::LocalFile { meta, path } => {
+                let meta = OriginMeta {
+                    checksum: adm.checksum.clone().or(meta.checksum),
+                    ..meta
+                };
+                return self.admit_local(adm, meta, path).await;
+            }
+        };
+        self.admit_body(adm, meta, body).await
+    }
+
+    /// A 304 or an unchanged file: the check time is refreshed, the copy opened.
+    async fn unchanged(&self, adm: Admission) -> Result<Admitted> {
+        let cache = self.cache().clone();
+        let key = adm.key;
+        let reader = blocking(move || {
+            cache.set_prop(&key, ImageMeta::VALIDATED_AT, &now().to_string())?;
+            cache.open_for_read_uncounted(&key)
+        })
+        .await?;
+        drop(adm.permit);
+        Ok(Admitted::Unchanged(reader))
+    }
+
+    /// The room for `size` bytes (`None`: not announced), or the reason there is none.
+    async fn room(
+        &self,
+        size: Option<u64>,
+    ) -> Result<std::result::Result<Option<Reservation>, Room>> {
+        match (self.room_policy(), size) {
+            (RoomPolicy::HardLimit(max), Some(size)) => {
+                let cache = self.cache().clone();
+                match blocking(move || cache.reserve(size, max)).await? {
+                    Room::Reserved(r) => {
+                        if !r.evicted.is_empty() {
+                            tracing::info!(evicted = r.evicted.len(), size, "made room");
+                        }
+                        Ok(Ok(Some(r)))
+                    }
+                    refused => Ok(Err(refused)),
+                }
+            }
+            (RoomPolicy::HardLimit(max), None) => {
+                let cache = self.cache().clone();
+                match blocking(move || cache.reserve(0, max)).await? {
+                    Room::Reserved(r) => Ok(Ok(Some(r))),
+                    refused => Ok(Err(refused)),
+                }
+            }
+            (RoomPolicy::DiskSpace, Some(size)) => {
+                self.make_disk_space(size).await?;
+                Ok(Ok(None))
+            }
+            (RoomPolicy::DiskSpace, None) => Ok(Ok(None)),
+        }
+    }
+
+    async fn admit_body(
+        &self,
+        mut adm: Admission,
+        meta: OriginMeta,
+        body: BodyStream,
+    ) -> Result<Admitted> {
+        let origin = adm.href.to_string();
+        let declared = pipeline::declared(adm.declared, meta.disk_format.as_deref(), &origin)?;
+        let body = match adm.hooks.body.take() {
+            Some(wrap) => wrap(body),
+            None => body,
+        };
+        let reservation = match self.room(meta.size).await? {
+            Ok(r) => r,
+            Err(room) => {
+                tracing::info!(key = %adm.key, size = ?meta.size, ?room, "does not fit the cache");
+                return Ok(Admitted::Passthrough { meta, body, room });
+            }
+        };
+        let expected = adm.checksum.clone().or_else(|| meta.checksum.clone());
+        let prepared = pipeline::prepare(
+            body,
+            meta.size,
+            expected.clone(),
+            declared,
+            self.images(),
+            &origin,
+        )
+        .await?;
+        // A zstd body's length and checksum are of the compressed bytes: its stream checks them.
+        let (expected, size) = match prepared.compressed {
+            Some(_) => (None, None),
+            None => (expected, meta.size),
+        };
+        let record_meta = self.record_meta(&adm.href_raw, &meta);
+        let wopts = WriteOptions {
+            expected: expected.clone(),
+            expected_size: size,
+            replace: true,
+            props: record_meta.to_props(),
+            ..WriteOptions::default()
+        };
+        let cache = self.cache().clone();
+        let (key, permit) = (adm.key.clone(), adm.permit);
+        let writer = blocking(move || cache.open_for_write_locked(&key, permit, wopts)).await?;
+        if let Some(streaming) = adm.hooks.streaming.take() {
+            let file =
+                File::open(writer.path()).map_err(|e| FetchError::io("open", writer.path(), e))?;
+            streaming(StreamInfo {
+                file,
+                size,
+                checksum: expected.clone(),
+            });
+        }
+        // An unannounced length grows its reservation as it is written; past what the cache
+        // can make room for, the download stops (nothing fills the disk).
+        let reservation = Arc::new(Mutex::new(reservation));
+        let over = Arc::new(AtomicBool::new(false));
+        let written = self.room_watch(
+            reservation.clone(),
+            over.clone(),
+            size,
+            adm.hooks.written.take(),
+        );
+        let body = stop_when(prepared.body, over, &origin, self.room_policy());
+        let progress: Arc<dyn Progress> = adm
+            .hooks
+            .progress
+            .clone()
+            .unwrap_or_else(|| Arc::new(Quiet));
+        let writer =
+            stream_into_reporting(writer, body, size, &origin, progress.as_ref(), written).await?;
+        let finish = pipeline::Finish {
+            href: &origin,
+            declared,
+            force_raw: adm.force_raw,
+            images: self.images(),
+            progress: progress.as_ref(),
+            registry: self.registry(),
+            decompressed: prepared.compressed.is_some(),
+            source_checksum: prepared.compressed.as_ref().and_then(|d| d.get().cloned()),
+            on_verified: adm.hooks.verified.take(),
+        };
+        let reader = pipeline::finish(writer, finish).await?;
+        // Published: its bytes count in the cache size now.
+        drop(reservation);
+        Ok(Admitted::Published(reader))
+    }
+
+    /// A `file://` source: hard-linked into the cache when on its filesystem (no bytes
+    /// copied; inspected and verified in full before publishing), streamed like a download
+    /// otherwise.
+    async fn admit_local(
+        &self,
+        mut adm: Admission,
+        meta: OriginMeta,
+        path: std::path::PathBuf,
+    ) -> Result<Admitted> {
+        let origin = adm.href.to_string();
+        let declared = pipeline::declared(adm.declared, meta.disk_format.as_deref(), &origin)?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| FetchError::io("open", &path, e))?;
+        let stat = file
+            .metadata()
+            .await
+            .map_err(|e| FetchError::io("stat", &path, e))?;
+        let size = stat.len();
+        let meta = OriginMeta {
+            size: Some(size),
+            ..meta
+        };
+        let same_fs = std::fs::metadata(self.cache().root()).is_ok_and(|m| {
+            std::os::unix::fs::MetadataExt::dev(&m) == std::os::unix::fs::MetadataExt::dev(&stat)
+        });
+        if !same_fs {
+            // Another filesystem: streamed like any download (inspected on the way).
+            return self.admit_body(adm, meta, file_stream(file, &path)).await;
+        }
+        let reservation = match self.room(meta.size).await? {
+            Ok(r) => r,
+            Err(room) => {
+                let body = file_stream(file, &path);
+                return Ok(Admitted::Passthrough { meta, body, room });
+            }
+        };
+        let wopts = WriteOptions {
+            expected: meta.checksum.clone(),
+            expected_size: None,
+            replace: true,
+            props: self.record_meta(&adm.href_raw, &meta).to_props(),
+            ..WriteOptions::default()
+        };
+        let cache = self.cache().clone();
+        let (key, src) = (adm.key.clone(), path.clone());
+        let permit = adm.permit;
+        let writer = blocking(move || {
+            let mut writer = cache.open_for_write_locked(&key, permit, wopts)?;
+            if !writer.fill_by_link(&src)? {
+                return Err(imgcache_store::StoreError::io(
+                    "hard link",
+                    &src,
+                    std::io::Error::other("crosses filesystems"),
+                ));
+            }
+            Ok(writer)
+        })
+        .await?;
+        if let Some(streaming) = adm.hooks.streaming.take()
+            && let Ok(f) = File::open(writer.path())
+        {
+            streaming(StreamInfo {
+                file: f,
+                size: Some(size),
+                checksum: meta.checksum.clone(),
+            });
+        }
+        if let Some(written) = &adm.hooks.written {
+            written(writer.bytes_written());
+        }
+        let progress: Arc<dyn Progress> = adm
+            .hooks
+            .progress
+            .clone()
+            .unwrap_or_else(|| Arc::new(Quiet));
+        let finish = pipeline::Finish {
+            href: &origin,
+            declared,
+            force_raw: adm.force_raw,
+            images: self.images(),
+            progress: progress.as_ref(),
+            registry: self.registry(),
+            decompressed: false,
+            source_checksum: None,
+            on_verified: adm.hooks.verified.take(),
+        };
+        let reader = pipeline::finish(writer, finish).await?;
+        drop(reservation);
+        Ok(Admitted::Published(reader))
+    }
+
+    /// The record's metadata for a download of `href_raw` that the origin described as `meta`.
+    fn record_meta(&self, href_raw: &str, meta: &OriginMeta) -> ImageMeta {
+        ImageMeta {
+            href: Some(href_raw.to_string()),
+            validators: meta.validators.clone(),
+            validated_at: Some(now()),
+            disk_format: meta.disk_format.clone(),
+            ..ImageMeta::default()
+        }
+    }
+
+    /// The written-bytes hook: grows the reservation of an unannounced length (raising `over`
+    /// when the cache cannot make more room), then tells the caller's hook.
+    fn room_watch(
+        &self,
+        reservation: Arc<Mutex<Option<Reservation>>>,
+        over: Arc<AtomicBool>,
+        size: Option<u64>,
+        inner: Option<WrittenHook>,
+    ) -> Option<WrittenHook> {
+        let RoomPolicy::HardLimit(max) = self.room_policy() else {
+            return inner;
+        };
+        if size.is_some() {
+            return inner;
+        }
+        let cache = self.cache().clone();
+        Some(Arc::new(move |n: u64| {
+            let mut held = reservation.lock().expect("poisoned");
+            if let Some(r) = held.as_mut()
+                && n > r.bytes()
+            {
+                let more = (n - r.bytes()).max(GROW_STEP.min(max.saturating_sub(r.bytes())));
+                if !matches!(r.grow(&cache, more, max), Ok(true)) && n > r.bytes() {
+                    over.store(true, Ordering::Release);
+                }
+            }
+            drop(held);
+            if let Some(h) = &inner {
+                h(n);
+            }
+        }))
+    }
+}
+
+/// Ends `body` with [`FetchError::TooLarge`] once `over` is raised.
+fn stop_when(
+    body: BodyStream,
+    over: Arc<AtomicBool>,
+    origin: &str,
+    policy: RoomPolicy,
+) -> BodyStream {
+    let RoomPolicy::HardLimit(max_size) = policy else {
+        return body;
+    };
+    let origin = origin.to_string();
+    let mut seen = 0u64;
+    Box::pin(body.map(move |chunk| {
+        if over.load(Ordering::Acquire) {
+            return Err(FetchError::TooLarge {
+                href: origin.clone(),
+                size: seen,
+                max_size,
+            });
+        }
+        if let Ok(c) = &chunk {
+            seen += c.len() as u64;
+        }
+        chunk
+    }))
+}
+
+/// A local file as a stream of 1 MiB chunks.
+pub(crate) fn file_stream(file: tokio::fs::File, path: &std::path::Path) -> BodyStream {
+    use tokio::io::AsyncReadExt;
+    let path = path.to_path_buf();
+    Box::pin(futures_util::stream::unfold(Some(file), move |state| {
+        let path = path.clone();
+        async move {
+            let mut file = state?;
+            let mut buf = vec![0u8; 1 << 20];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(bytes::Bytes::from(buf)), Some(file)))
+                }
+                Err(e) => Some((Err(FetchError::io("read", &path, e)), None)),
+            }
+        }
+    }))
+}
