@@ -5,7 +5,6 @@ pub mod checksum;
 pub mod convert;
 pub mod download;
 pub mod error;
-pub mod formats;
 pub mod href;
 pub mod inspect_stream;
 pub mod pipeline;
@@ -14,6 +13,10 @@ pub mod progress;
 pub mod provision;
 pub mod source;
 pub mod zstd;
+
+/// The format inspector, a crate of its own; re-exported so `imgcache_fetch::formats::...`
+/// and `crate::formats::...` paths keep working.
+pub use imgcache_formats as formats;
 
 pub use checksum::ChecksumSpec;
 pub use error::{FetchError, Result};
