@@ -6,7 +6,6 @@ pub mod checksum;
 pub mod convert;
 pub mod download;
 pub mod error;
-pub mod formats;
 pub mod href;
 pub mod inspect_stream;
 pub mod meta;
@@ -18,6 +17,10 @@ pub mod source;
 pub mod zstd;
 
 pub use admit::{Admission, Admitted, Hooks, RoomPolicy, StreamInfo};
+/// The format inspector, a crate of its own; re-exported so `imgcache_fetch::formats::...`
+/// and `crate::formats::...` paths keep working.
+pub use imgcache_formats as formats;
+
 pub use checksum::ChecksumSpec;
 pub use error::{FetchError, Result};
 pub use href::{Href, cache_key};

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Result, anyhow};
 use imgcache_fetch::convert::conversion_space;
-use imgcache_fetch::formats::{Detected, DiskFormat, report_file};
+use imgcache_formats::{Detected, DiskFormat, report_file};
 use serde::Serialize;
 use serde_json::Value;
 

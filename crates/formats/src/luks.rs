@@ -5,9 +5,9 @@
 
 use serde::Serialize;
 
-use super::inspector::{Found, HeaderProbe};
-use super::region::{Region, ascii_field, be_u16, be_u32};
-use super::{Check, Facts, Format, FormatError};
+use crate::inspector::{Found, HeaderProbe};
+use crate::region::{Region, ascii_field, be_u16, be_u32};
+use crate::{Check, Facts, Format, FormatError};
 
 const MAGIC: &[u8] = b"LUKS\xba\xbe";
 const HEADER: usize = 112;

@@ -3,9 +3,9 @@
 
 use serde::Serialize;
 
-use super::inspector::{Claim, Found, Probe};
-use super::region::{Region, le_u16, le_u32};
-use super::{Check, Facts, Format, FormatError};
+use crate::inspector::{Claim, Found, Probe};
+use crate::region::{Region, le_u16, le_u32};
+use crate::{Check, Facts, Format, FormatError};
 
 const SECTOR: usize = 512;
 const SIGNATURE: u16 = 0xAA55;

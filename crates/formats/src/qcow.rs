@@ -9,9 +9,9 @@
 
 use serde::Serialize;
 
-use super::inspector::{Claim, Found, HeaderProbe, Probe};
-use super::region::{Region, be_u32, be_u64, le_u32, le_u64, magic};
-use super::{Check, Facts, Format, FormatError};
+use crate::inspector::{Claim, Found, HeaderProbe, Probe};
+use crate::region::{Region, be_u32, be_u64, le_u32, le_u64, magic};
+use crate::{Check, Facts, Format, FormatError};
 
 const QCOW2_MAGIC: &[u8] = b"QFI\xfb";
 /// Version 3's minimum header; version 2's is 72 bytes.

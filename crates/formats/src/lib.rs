@@ -24,7 +24,7 @@
 //! [`Inspector::feed`] at once, so a download can be abandoned early.
 //!
 //! ```no_run
-//! use imgcache_fetch::formats::{Format, Inspector, Policy};
+//! use imgcache_formats::{Format, Inspector, Policy};
 //! # fn chunks() -> Vec<Vec<u8>> { vec![] }
 //! let mut inspector = Inspector::new(Some(Format::Qcow2));
 //! for chunk in chunks() {
@@ -32,7 +32,7 @@
 //! }
 //! let detected = inspector.finish()?; // fails on any safety verdict
 //! Policy::default().check(&detected, None)?; // permitted formats
-//! # Ok::<(), imgcache_fetch::formats::FormatError>(())
+//! # Ok::<(), imgcache_formats::FormatError>(())
 //! ```
 
 mod error;

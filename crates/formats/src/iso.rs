@@ -2,9 +2,9 @@
 
 use serde::Serialize;
 
-use super::inspector::{Claim, Found, Probe};
-use super::region::{Region, ascii_field, le_u16, le_u32};
-use super::{Check, Facts, Format, FormatError};
+use crate::inspector::{Claim, Found, Probe};
+use crate::region::{Region, ascii_field, le_u16, le_u32};
+use crate::{Check, Facts, Format, FormatError};
 
 const DESCRIPTOR_AT: u64 = 32 * 1024;
 /// Up to the logical block size at 128..130.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use imgcache_fetch::formats::{
+use imgcache_formats::{
     Detected, DiskFormat, Facts, Format, FormatError, Inspector, MAX_BUFFERED, Policy,
     inspect_file, report_file,
 };

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::{DiskFormat, Format};
+use crate::{DiskFormat, Format};
 
 /// A refusal from the format inspector (or its policy). Every variant names the reason an
 /// operator needs to act on; none of them is retried by the fetch layer.

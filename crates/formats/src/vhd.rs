@@ -2,9 +2,9 @@
 
 use serde::Serialize;
 
-use super::inspector::{Claim, Found, HeaderProbe, Probe};
-use super::region::{Region, ascii_field, be_u32, be_u64, le_u16, le_u32, le_u64, magic};
-use super::{Check, Facts, Format, FormatError};
+use crate::inspector::{Claim, Found, HeaderProbe, Probe};
+use crate::region::{Region, ascii_field, be_u32, be_u64, le_u16, le_u32, le_u64, magic};
+use crate::{Check, Facts, Format, FormatError};
 
 const VPC_MAGIC: &[u8] = b"conectix";
 /// The (copy of the) footer at the start of a dynamic VHD.

@@ -7,9 +7,9 @@
 
 use serde::Serialize;
 
-use super::inspector::{Claim, Found, Probe};
-use super::region::{EndRegion, Region, le_u32, le_u64, magic};
-use super::{Check, Facts, Format, FormatError};
+use crate::inspector::{Claim, Found, Probe};
+use crate::region::{EndRegion, Region, le_u32, le_u64, magic};
+use crate::{Check, Facts, Format, FormatError};
 
 const MAGIC: &[u8] = b"KDMV";
 const SECTOR: u64 = 512;

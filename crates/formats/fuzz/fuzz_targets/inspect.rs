@@ -1,10 +1,10 @@
 //! Fuzz the format inspector: any bytes, cut into chunks of a size the input picks, must not
 //! panic, must stay within the memory bound, and must give the answer a single chunk gives.
 //!
-//! Run: `cargo +nightly fuzz run inspect` in crates/fetch/fuzz (seed corpus: any images).
+//! Run: `cargo +nightly fuzz run inspect` in crates/formats/fuzz (seed corpus: any images).
 #![no_main]
 
-use imgcache_fetch::formats::{Detected, FormatError, Inspector, MAX_BUFFERED};
+use imgcache_formats::{Detected, FormatError, Inspector, MAX_BUFFERED};
 use libfuzzer_sys::fuzz_target;
 
 fn run(data: &[u8], chunk: usize) -> Result<Detected, FormatError> {

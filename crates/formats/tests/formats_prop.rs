@@ -2,7 +2,7 @@
 //! never holds more than `MAX_BUFFERED` bytes, and gives the same answer however the stream is
 //! cut into chunks.
 
-use imgcache_fetch::formats::{Detected, Format, FormatError, Inspector, MAX_BUFFERED};
+use imgcache_formats::{Detected, Format, FormatError, Inspector, MAX_BUFFERED};
 use proptest::prelude::*;
 
 fn put(buf: &mut Vec<u8>, at: usize, bytes: &[u8]) {

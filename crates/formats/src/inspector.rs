@@ -1,8 +1,8 @@
 //! The streaming core: every format's probe sees the stream side by side, in one pass.
 
-use super::region::{Region, magic};
-use super::{Check, Detected, DiskFormat, Facts, Format, FormatError};
-use super::{iso, luks, partition, qcow, vdi, vhd, vmdk};
+use crate::region::{Region, magic};
+use crate::{Check, Detected, DiskFormat, Facts, Format, FormatError};
+use crate::{iso, luks, partition, qcow, vdi, vhd, vmdk};
 
 /// The most bytes an [`Inspector`] ever holds, whatever it is fed: the largest set of regions
 /// the formats watch at once (a VMDK descriptor of at most 1 MiB is the biggest), with headroom.

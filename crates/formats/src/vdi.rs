@@ -2,9 +2,9 @@
 
 use serde::Serialize;
 
-use super::inspector::{Found, HeaderProbe};
-use super::region::{Region, le_u32, le_u64};
-use super::{Check, Facts, Format, FormatError};
+use crate::inspector::{Found, HeaderProbe};
+use crate::region::{Region, le_u32, le_u64};
+use crate::{Check, Facts, Format, FormatError};
 
 const SIGNATURE_AT: usize = 0x40;
 const SIGNATURE: [u8; 4] = 0xBEDA_107Fu32.to_le_bytes();
