@@ -147,11 +147,21 @@ fn body_of(obj: &Obj, extra: HeaderMap) -> Response {
     let len = obj.body.len();
     let sent = obj.body.slice(..obj.cut_at.unwrap_or(len));
     let cut = obj.cut_at.is_some();
-    let chunks = futures_util::stream::iter(
-        [Ok(sent)]
-            .into_iter()
-            .chain(cut.then(|| Err(std::io::Error::other("origin cut the body")))),
-    );
+    // The cut comes after the head and the bytes before it are on the wire (hyper drops a
+    // response whose body fails before anything was flushed, which is not a truncation).
+    let chunks = futures_util::stream::unfold(0u8, move |step| {
+        let sent = sent.clone();
+        async move {
+            match step {
+                0 => Some((Ok(sent), 1)),
+                1 if cut => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Some((Err(std::io::Error::other("origin cut the body")), 2))
+                }
+                _ => None,
+            }
+        }
+    });
     let mut r = Response::builder().header(header::CONTENT_LENGTH, len);
     for (k, v) in &extra {
         r = r.header(k, v);

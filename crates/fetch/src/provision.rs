@@ -270,9 +270,7 @@ impl ImageCache {
         // download find it published and fresh once they get the lock. A master evicted
         // while it was being revalidated is simply downloaded on the next turn.
         for _ in 0..3 {
-            let cache = self.spec.cache.clone();
-            let k = key.clone();
-            let permit = blocking(move || cache.lock_key(&k)).await?;
+            let permit = self.wait_for_permit(&key).await?;
             if let Some(reader) = self.open_fresh(&key, &href).await? {
                 drop(permit);
                 return self.link(reader, dest, Outcome::Hit).await;
@@ -347,6 +345,26 @@ impl ImageCache {
             size: rec.size,
             checksum: rec.checksum,
         })
+    }
+
+    /// The key's write permit; while another process holds it, waits as long as that
+    /// writer's file keeps growing, and gives up once it has not grown for the origin read
+    /// timeout ([`imgcache_store::Stall`]): a hung writer never holds a deploy forever.
+    async fn wait_for_permit(&self, key: &Key) -> Result<imgcache_store::FileLock> {
+        let mut stall = imgcache_store::Stall::new(key, self.sources.http.read_timeout);
+        let mut said = false;
+        loop {
+            let (cache, k) = (self.spec.cache.clone(), key.clone());
+            if let Some(permit) = blocking(move || cache.try_lock_key(&k)).await? {
+                return Ok(permit);
+            }
+            if !said {
+                tracing::info!(%key, "another process is downloading this image; waiting for it");
+                said = true;
+            }
+            stall.observe(self.spec.cache.incomplete_len(key))?;
+            tokio::time::sleep(imgcache_store::key_lock::POLL).await;
+        }
     }
 
     async fn record(&self, key: &Key) -> Result<Option<Record>> {

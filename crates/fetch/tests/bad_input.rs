@@ -123,8 +123,12 @@ async fn connection_reset_mid_body() {
     let key = key_of(&href, false);
     let dest = env.dest("reset");
     let err = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
-    assert!(matches!(err, FetchError::Origin { .. }), "{err:?}");
+    assert!(
+        matches!(err, FetchError::Truncated { got, expected: Some(e), .. } if got == MIB as u64 && e == 4 * MIB as u64),
+        "{err:?}"
+    );
     assert!(err.to_string().contains(&href), "names the origin: {err}");
+    assert!(err.to_string().contains("reset"), "says why: {err}");
     assert_eq!(origin.counts("/reset.img").total(), 1);
     assert_failed_cleanly(&env, &key, &dest);
     let kept = invalid_len(&env, &key).expect("partial download kept in invalid/");
@@ -146,7 +150,10 @@ async fn body_shorter_than_content_length() {
     let dest = env.dest("short");
     let err = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
     assert!(
-        matches!(err, FetchError::Origin { .. } | FetchError::Length { .. }),
+        matches!(
+            err,
+            FetchError::Truncated { .. } | FetchError::Length { .. }
+        ),
         "{err:?}"
     );
     assert_failed_cleanly(&env, &key, &dest);
@@ -237,7 +244,7 @@ async fn origin_stalling_past_the_read_timeout() {
     let err = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
     let took = started.elapsed();
     assert!(took < Duration::from_secs(5), "gave up after {took:?}");
-    assert!(matches!(err, FetchError::Origin { .. }), "{err:?}");
+    assert!(matches!(err, FetchError::Truncated { .. }), "{err:?}");
     assert!(
         err.to_string().to_lowercase().contains("timed out"),
         "says it timed out: {err}"

@@ -22,17 +22,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
 
 use axum::http::StatusCode;
-use imgcache_store::{FileLock, Status};
+use imgcache_store::key_lock::POLL;
+use imgcache_store::{FileLock, Stall, Status};
 
 use crate::error::ApiError;
 use crate::fill::{Fill, Phase, Streaming, blocking};
 use crate::state::AppState;
-
-/// How often the other writer's file and lock are looked at.
-const POLL: Duration = Duration::from_millis(20);
 
 pub enum Turn {
     /// The key's lock: this process downloads (or finds the image published).
@@ -51,6 +48,8 @@ pub async fn lock_or_follow(state: &AppState, fill: &Arc<Fill>) -> Result<Turn, 
     let mut followed: Option<(Arc<File>, u64)> = None;
     let mut seen = 0u64;
     let notified = AtomicU64::new(0);
+    // A writer whose file stops growing for the origin read timeout is taken to be hung.
+    let mut stall = Stall::new(&key, state.config.sources.http.read_timeout);
     loop {
         let (c, k) = (cache.clone(), key.clone());
         if let Some(lock) = blocking(move || c.try_lock_key(&k)).await? {
@@ -106,6 +105,9 @@ pub async fn lock_or_follow(state: &AppState, fill: &Arc<Fill>) -> Result<Turn, 
                     fill.report_written(seen, &notified);
                 }
             }
+        }
+        if let Err(e) = stall.observe(cache.incomplete_len(&key)) {
+            return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()));
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}

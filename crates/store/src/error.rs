@@ -89,6 +89,18 @@ pub enum StoreError {
     #[error("image {0} is being written by another writer")]
     Busy(String),
 
+    /// Another process holds the key's lock and its file has not grown for `stalled`.
+    #[error(
+        "gave up waiting for {key}: the process downloading it made no progress for {}s (waited {}s in all); is it hung?",
+        stalled.as_secs(),
+        waited.as_secs()
+    )]
+    WriterStalled {
+        key: String,
+        stalled: std::time::Duration,
+        waited: std::time::Duration,
+    },
+
     #[error("invalid checksum {0:?}: expected ALGO:HEX with ALGO one of md5, sha256, sha512")]
     BadIntegrity(String),
 
