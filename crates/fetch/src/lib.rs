@@ -1,6 +1,7 @@
 //! imgcache's fetch layer: sources (http, file, Glance), checksums, and Ironic-style
 //! provisioning (`fetch_image` by hard link, clean-up) on top of the store.
 
+pub mod allow;
 pub mod checksum;
 pub mod convert;
 pub mod download;
@@ -15,6 +16,7 @@ pub mod provision;
 pub mod source;
 pub mod zstd;
 
+pub use allow::{AllowList, BadPrefix, Refusal};
 pub use checksum::ChecksumSpec;
 pub use error::{FetchError, Result};
 pub use href::{Href, cache_key};
