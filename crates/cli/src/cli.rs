@@ -143,7 +143,7 @@ pub struct ServeArgs {
     /// X-Auth-Token that grants the cache-management API [env: IMGCACHE_ADMIN_TOKEN] [config: admin_token]
     #[arg(long, value_name = "SECRET")]
     pub admin_token: Option<String>,
-    /// /v1/fetch serves only hrefs starting with PREFIX (repeatable) [env: IMGCACHE_ALLOW_HREF_PREFIXES, space-separated] [config: allow_href_prefixes]
+    /// /v1/fetch serves only hrefs under the URL PREFIX (scheme, host, port exact; path on a segment boundary; every redirect re-checked) (repeatable) [env: IMGCACHE_ALLOW_HREF_PREFIXES, space-separated] [config: allow_href_prefixes]
     #[arg(long = "allow-href-prefix", value_name = "PREFIX")]
     pub allow_href_prefix: Vec<String>,
     /// Hard limit on the cache's size, e.g. 10G [env: IMGCACHE_MAX_SIZE] [config: max_size] [default: 10G]

@@ -273,7 +273,8 @@ pub struct Settings {
     pub listen: std::net::SocketAddr,
     /// `imgcache serve`: the `X-Auth-Token` that grants the cache-management API.
     pub admin_token: Option<String>,
-    /// `imgcache serve`: `/v1/fetch` serves only hrefs starting with one of these.
+    /// `imgcache serve`: `/v1/fetch` serves only hrefs under one of these URL prefixes (see
+    /// `imgcache_fetch::AllowList`).
     pub allow_href_prefixes: Vec<String>,
     /// Named provisioning caches, highest priority first.
     pub caches: Vec<NamedCache>,

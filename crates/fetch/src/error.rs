@@ -24,6 +24,19 @@ pub enum FetchError {
     #[error("origin {url}: {reason}")]
     Origin { url: String, reason: String },
 
+    /// A redirect the origin answered was not followed: its target is not http(s), carries
+    /// userinfo, or is outside the allowed href prefixes. Never retried.
+    #[error("origin {from} redirected to {to}: redirect refused: {reason}")]
+    RedirectRefused {
+        from: String,
+        to: String,
+        reason: crate::allow::Refusal,
+    },
+
+    /// More than [`MAX_REDIRECTS`](crate::source::http::MAX_REDIRECTS) redirects in a row.
+    #[error("origin {url}: more than {max} redirects, not followed")]
+    TooManyRedirects { url: String, max: usize },
+
     #[error("origin {url} sent {got} bytes, expected {expected}: truncated or overlong body")]
     Length {
         url: String,

@@ -2,6 +2,7 @@
 //! provisioning (`fetch_image` by hard link, clean-up) on top of the store.
 
 pub mod admit;
+pub mod allow;
 pub mod checksum;
 pub mod convert;
 pub mod download;
@@ -21,6 +22,7 @@ pub use admit::{Admission, Admitted, Hooks, RoomPolicy, StreamInfo};
 /// and `crate::formats::...` paths keep working.
 pub use imgcache_formats as formats;
 
+pub use allow::{AllowList, BadPrefix, Refusal};
 pub use checksum::ChecksumSpec;
 pub use error::{FetchError, Result};
 pub use href::{Href, cache_key};

@@ -37,6 +37,10 @@ pub struct SourceConfig {
     /// An http(s) or file master younger than this (since its last validation) is used
     /// without asking the origin; older ones are revalidated with one conditional request.
     pub revalidate_interval: Duration,
+    /// When set, `http(s)` hrefs follow only redirects to URLs it permits (the href itself is
+    /// the caller's to check). Glance and checksum-file requests are not constrained by it;
+    /// every request follows at most 5 redirects, none to a URL with userinfo.
+    pub allow: Option<Arc<crate::allow::AllowList>>,
 }
 
 impl Default for SourceConfig {
@@ -47,6 +51,7 @@ impl Default for SourceConfig {
             glance_url: None,
             glance_token: None,
             revalidate_interval: Duration::from_secs(60),
+            allow: None,
         }
     }
 }
@@ -142,7 +147,12 @@ impl ImageCache {
         glance_token: Option<String>,
     ) -> Result<Response> {
         match href {
-            Href::Http(url) => self.http()?.get(url, held, &Default::default()).await,
+            Href::Http(url) => {
+                let allow = self.sources.allow.as_deref();
+                self.http()?
+                    .get_allowed(url, held, &Default::default(), allow)
+                    .await
+            }
             Href::File(path) => self.files.get(path, held),
             Href::Glance(id) => self.glance(id, glance_token)?.get(id).await,
         }
@@ -167,7 +177,12 @@ impl ImageCache {
         glance_token: Option<String>,
     ) -> Result<OriginMeta> {
         match href {
-            Href::Http(url) => self.http()?.head(url, &Default::default()).await,
+            Href::Http(url) => {
+                let allow = self.sources.allow.as_deref();
+                self.http()?
+                    .head_allowed(url, &Default::default(), allow)
+                    .await
+            }
             Href::File(path) => match self.files.get(path, None)? {
                 Response::LocalFile { meta, .. } | Response::Body { meta, .. } => Ok(meta),
                 Response::NotModified => Ok(OriginMeta::default()),

@@ -20,7 +20,11 @@ pub struct ServerConfig {
     pub sources: SourceConfig,
     /// `X-Auth-Token` value that grants the cache-management API.
     pub admin_token: Option<String>,
-    /// `/v1/fetch?href=` only serves hrefs starting with one of these (no open proxy).
+    /// `/v1/fetch?href=` only serves hrefs under one of these URL prefixes (no open proxy),
+    /// compared on parsed URLs: scheme, host and port exact, the path on a segment boundary
+    /// (see [`imgcache_fetch::AllowList`]); every redirect hop is checked the same way. Kept
+    /// as configured; the server parses them at start, and a prefix that does not parse is
+    /// an error.
     pub allow_href_prefixes: Vec<String>,
     /// How long an upstream "this token may see this image" answer is reused.
     pub auth_cache_ttl: Duration,

@@ -405,6 +405,11 @@ pub fn origin_error(e: FetchError) -> ApiError {
         FetchError::BadHref { .. } | FetchError::UnsupportedScheme { .. } => {
             ApiError::bad_request(e.to_string())
         }
+        // The origin (or a redirect it answered) pointed somewhere not allowed: a bad
+        // gateway, whose reason the client sees; nothing was asked of the target.
+        FetchError::RedirectRefused { .. } | FetchError::TooManyRedirects { .. } => {
+            ApiError::new(StatusCode::BAD_GATEWAY, e.to_string())
+        }
         FetchError::NoGlance { .. } => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }

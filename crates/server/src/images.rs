@@ -111,33 +111,23 @@ async fn fetch(
     if href_raw.len() > MAX_HREF || href_raw.contains('\0') {
         return ApiError::bad_request("invalid href").into_response();
     }
-    let allowed = |s: &str| {
-        state
-            .config
-            .allow_href_prefixes
-            .iter()
-            .any(|p| !p.is_empty() && s.starts_with(p.as_str()))
-    };
-    if !allowed(&href_raw) {
-        return ApiError::new(StatusCode::FORBIDDEN, "href is not under an allowed prefix")
-            .into_response();
-    }
     let href = match Href::parse(&href_raw) {
         Ok(h) => h,
         Err(e) => return ApiError::bad_request(e.to_string()).into_response(),
     };
-    // The normalised URL must be allowed too: `http://ok/images/../../private` is not under
-    // `http://ok/images/` once `..` is resolved.
-    let normalised = match &href {
-        Href::Http(u) => u.to_string(),
-        Href::File(p) => format!("file://{}", p.display()),
-        Href::Glance(_) => {
-            return ApiError::bad_request("Glance image ids are served at /v2/images/{id}/file")
-                .into_response();
-        }
+    if matches!(href, Href::Glance(_)) {
+        return ApiError::bad_request("Glance image ids are served at /v2/images/{id}/file")
+            .into_response();
+    }
+    // Checked on the parsed, normalised URL (the one `Href::parse` read): scheme, host and
+    // port exact, the path on a segment boundary, `..` resolved, no userinfo. The origin's
+    // redirects are checked against the same list as they are followed.
+    let url = match url::Url::parse(href_raw.trim()) {
+        Ok(u) => u,
+        Err(e) => return ApiError::bad_request(format!("invalid href: {e}")).into_response(),
     };
-    if !allowed(&normalised) {
-        return ApiError::new(StatusCode::FORBIDDEN, "href is not under an allowed prefix")
+    if let Err(refusal) = state.allow.permits(&url) {
+        return ApiError::new(StatusCode::FORBIDDEN, format!("href refused: {refusal}"))
             .into_response();
     }
     let key = cache_key(&href, &href_raw, false);

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use imgcache_fetch::AllowList;
 use imgcache_store::Cache;
 use tokio::sync::Notify;
 
@@ -27,10 +28,19 @@ pub struct AppState {
     pub upstream_auth: Arc<crate::upstream_auth::UpstreamAuth>,
     /// Background checks of `/v1/fetch` hits against their origin.
     pub revalidations: Arc<crate::revalidate::Revalidations>,
+    /// `allow_href_prefixes`, parsed: what `/v1/fetch` hrefs, and every redirect their
+    /// origins answer, must be under.
+    pub allow: Arc<AllowList>,
 }
 
 impl AppState {
     pub fn new(config: ServerConfig) -> anyhow::Result<AppState> {
+        let allow = Arc::new(AllowList::new(&config.allow_href_prefixes)?);
+        // The fetch layer checks every redirect of an http(s) href against the same list.
+        let sources = imgcache_fetch::SourceConfig {
+            allow: Some(allow.clone()),
+            ..config.sources.clone()
+        };
         let cache = Cache::open(&config.cache_dir, config.driver)?;
         let fetcher = imgcache_fetch::ImageCache::new(
             imgcache_store::CacheSpec {
@@ -40,7 +50,7 @@ impl AppState {
                 ttl: std::time::Duration::MAX,
                 priority: imgcache_store::registry::PRIORITY_INSTANCE,
             },
-            &config.sources,
+            &sources,
         )?
         // A caching server hands out the bytes its origin sent: no zstd decompression (clients
         // following a download read the file as it is written), and the permitted formats are
@@ -71,6 +81,7 @@ impl AppState {
             fetcher: Arc::new(fetcher),
             upstream_auth: Arc::new(upstream_auth),
             revalidations: Arc::default(),
+            allow,
         })
     }
 }

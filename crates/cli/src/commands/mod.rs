@@ -44,6 +44,8 @@ impl Ctx {
             glance_url,
             glance_token: s.glance_token.clone(),
             revalidate_interval: s.revalidate_interval.unwrap_or(revalidate_default),
+            // `fetch` has no prefix list; `serve` builds one from `allow_href_prefixes`.
+            allow: None,
         })
     }
 

@@ -4,6 +4,14 @@
 //! one round trip, and a changed image starts streaming in the same response, where Ironic
 //! does a HEAD and then a GET. Connection errors and 5xx answers are retried with exponential
 //! backoff; 4xx answers never are.
+//!
+//! Redirects are followed here, not by reqwest: at most [`MAX_REDIRECTS`] hops, each target
+//! resolved against the URL that answered and checked before it is asked (http or https, no
+//! userinfo, and under the request's [`AllowList`] when it has one), so an open redirect under
+//! an allowed prefix cannot reach anything outside it. A refused hop is
+//! [`FetchError::RedirectRefused`] and is never retried. Every hop gets the same request
+//! headers (the conditional ones, `Range`), except that credentials (`Authorization`,
+//! `X-Auth-Token`, cookies) are dropped once a hop leaves the origin they were meant for.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,14 +19,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::header::{
-    CONTENT_LENGTH, ETAG, HeaderMap, HeaderName, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH,
-    LAST_MODIFIED,
+    AUTHORIZATION, CONTENT_LENGTH, COOKIE, ETAG, HeaderMap, HeaderName, HeaderValue,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, LOCATION, PROXY_AUTHORIZATION,
 };
 use reqwest::{Method, StatusCode};
 use url::Url;
 
 use super::{OriginMeta, Response, Validators};
+use crate::allow::{AllowList, Refusal, check_userinfo, redacted};
 use crate::error::{FetchError, Result};
+
+/// The most redirects one request follows (each hop checked, see the module docs); the next
+/// redirect after these is [`FetchError::TooManyRedirects`].
+pub const MAX_REDIRECTS: usize = 5;
 
 #[derive(Clone, Debug)]
 pub struct HttpOptions {
@@ -62,6 +75,8 @@ impl HttpSource {
             .connect_timeout(opts.connect_timeout)
             .read_timeout(opts.read_timeout)
             .user_agent(concat!("imgcache/", env!("CARGO_PKG_VERSION")))
+            // Redirects are followed by `send`, which checks every hop.
+            .redirect(reqwest::redirect::Policy::none())
             .tls_danger_accept_invalid_certs(opts.insecure);
         if let Some(path) = &opts.ca_bundle {
             let pem = std::fs::read(path).map_err(|e| FetchError::io("read CA bundle", path, e))?;
@@ -82,6 +97,17 @@ impl HttpSource {
         held: Option<&Validators>,
         extra: &HeaderMap,
     ) -> Result<Response> {
+        self.get_allowed(url, held, extra, None).await
+    }
+
+    /// [`HttpSource::get`], following only redirects `allow` permits (when given).
+    pub async fn get_allowed(
+        &self,
+        url: &Url,
+        held: Option<&Validators>,
+        extra: &HeaderMap,
+        allow: Option<&AllowList>,
+    ) -> Result<Response> {
         let mut headers = extra.clone();
         if let Some(v) = held {
             if let Some(etag) = v
@@ -99,7 +125,7 @@ impl HttpSource {
                 headers.insert(IF_MODIFIED_SINCE, lm);
             }
         }
-        let resp = self.send(Method::GET, url, headers).await?;
+        let resp = self.send(Method::GET, url, headers, allow).await?;
         if resp.status() == StatusCode::NOT_MODIFIED {
             return Ok(Response::NotModified);
         }
@@ -112,13 +138,23 @@ impl HttpSource {
 
     /// What a GET of `url` would send, from a HEAD: its size and validators, no body.
     pub async fn head(&self, url: &Url, extra: &HeaderMap) -> Result<OriginMeta> {
-        let resp = self.send(Method::HEAD, url, extra.clone()).await?;
+        self.head_allowed(url, extra, None).await
+    }
+
+    /// [`HttpSource::head`], following only redirects `allow` permits (when given).
+    pub async fn head_allowed(
+        &self,
+        url: &Url,
+        extra: &HeaderMap,
+        allow: Option<&AllowList>,
+    ) -> Result<OriginMeta> {
+        let resp = self.send(Method::HEAD, url, extra.clone(), allow).await?;
         Ok(origin_meta(resp.headers()))
     }
 
     /// GETs a small document (JSON, a checksum file) into memory, refusing more than `limit`.
     pub async fn get_small(&self, url: &Url, extra: &HeaderMap, limit: usize) -> Result<Bytes> {
-        let resp = self.send(Method::GET, url, extra.clone()).await?;
+        let resp = self.send(Method::GET, url, extra.clone(), None).await?;
         let mut body = body_stream(url.clone(), resp);
         let mut buf = Vec::new();
         while let Some(chunk) = body.next().await {
@@ -133,11 +169,67 @@ impl HttpSource {
         Ok(buf.into())
     }
 
+    /// The final answer to `method url`: a success or a 304, after at most [`MAX_REDIRECTS`]
+    /// redirects, each checked by [`check_hop`] before it is followed.
     async fn send(
         &self,
         method: Method,
         url: &Url,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
+        allow: Option<&AllowList>,
+    ) -> Result<reqwest::Response> {
+        let mut current = url.clone();
+        let mut hops = 0;
+        loop {
+            let resp = self.send_once(&method, &current, &headers).await?;
+            if !is_redirect(&resp) {
+                return Ok(resp);
+            }
+            let location = resp.headers().get(LOCATION).expect("is_redirect");
+            let next = match location.to_str() {
+                Ok(l) => current
+                    .join(l)
+                    .map_err(|e| (l.to_string(), Refusal::Unparsable(e.to_string()))),
+                Err(_) => Err((
+                    String::from_utf8_lossy(location.as_bytes()).into_owned(),
+                    Refusal::Unparsable("not ASCII".into()),
+                )),
+            };
+            let next = next.map_err(|(to, reason)| FetchError::RedirectRefused {
+                from: redacted(&current),
+                to,
+                reason,
+            })?;
+            if hops >= MAX_REDIRECTS {
+                return Err(FetchError::TooManyRedirects {
+                    url: redacted(url),
+                    max: MAX_REDIRECTS,
+                });
+            }
+            check_hop(&next, allow).map_err(|reason| FetchError::RedirectRefused {
+                from: redacted(&current),
+                to: redacted(&next),
+                reason,
+            })?;
+            if !same_origin(&current, &next) {
+                for h in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION] {
+                    headers.remove(h);
+                }
+                headers.remove(X_AUTH_TOKEN);
+            }
+            tracing::debug!(from = %redacted(&current), to = %next, status = resp.status().as_u16(), "following a redirect");
+            current = next;
+            hops += 1;
+        }
+    }
+
+    /// One request, retried on connection errors and 5xx. A success, a 304 and a redirect
+    /// (a 3xx with a `Location`) are answers.
+    async fn send_once(
+        &self,
+        method: &Method,
+        url: &Url,
+        headers: &HeaderMap,
     ) -> Result<reqwest::Response> {
         let mut attempt = 0;
         loop {
@@ -148,7 +240,11 @@ impl HttpSource {
                 .send()
                 .await;
             let err = match res {
-                Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_MODIFIED => {
+                Ok(r)
+                    if r.status().is_success()
+                        || r.status() == StatusCode::NOT_MODIFIED
+                        || is_redirect(&r) =>
+                {
                     return Ok(r);
                 }
                 Ok(r) => FetchError::Status {
@@ -169,6 +265,33 @@ impl HttpSource {
             attempt += 1;
         }
     }
+}
+
+const X_AUTH_TOKEN: &str = "x-auth-token";
+
+/// A redirect that can be followed: 301, 302, 303, 307 or 308 with a `Location`. The method
+/// is kept (only GET and HEAD are sent).
+fn is_redirect(r: &reqwest::Response) -> bool {
+    matches!(r.status().as_u16(), 301 | 302 | 303 | 307 | 308) && r.headers().contains_key(LOCATION)
+}
+
+/// Whether a redirect to `next` may be followed: http or https, no userinfo, and permitted
+/// by `allow` when there is one.
+fn check_hop(next: &Url, allow: Option<&AllowList>) -> std::result::Result<(), Refusal> {
+    if !matches!(next.scheme(), "http" | "https") {
+        return Err(Refusal::Scheme(next.scheme().to_string()));
+    }
+    check_userinfo(next)?;
+    match allow {
+        Some(a) => a.permits(next),
+        None => Ok(()),
+    }
+}
+
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host() == b.host()
+        && a.port_or_known_default() == b.port_or_known_default()
 }
 
 /// What a response's headers say about the image: its size and validators.

@@ -58,6 +58,11 @@ pub enum Behave {
     },
     /// Chunked transfer encoding: no Content-Length, so the client cannot preallocate.
     Chunked,
+    /// A redirect: `status` (301, 302, 303, 307, 308) with this `Location`, verbatim.
+    Redirect {
+        status: u16,
+        location: String,
+    },
     // Raw listener only:
     /// Content-Length of the whole body, `after` bytes, then a TCP RST.
     Reset {
@@ -103,6 +108,13 @@ impl Route {
     pub fn behave(mut self, b: Behave) -> Route {
         self.behave = b;
         self
+    }
+    /// A 302 to `location`.
+    pub fn redirect(location: &str) -> Route {
+        Route::new(Bytes::new()).behave(Behave::Redirect {
+            status: 302,
+            location: location.to_string(),
+        })
     }
 }
 
@@ -335,6 +347,13 @@ async fn serve(st: Arc<State>, req: axum::extract::Request) -> Response {
     match route.behave {
         Behave::Status(code) => return status_response(code),
         Behave::FailThen { status, failures } if failures > 0 => return status_response(status),
+        Behave::Redirect { status, location } => {
+            return Response::builder()
+                .status(StatusCode::from_u16(status).unwrap())
+                .header(header::LOCATION, location)
+                .body(Body::empty())
+                .unwrap();
+        }
         _ => {}
     }
     if conditional {

@@ -77,6 +77,10 @@ pub struct FakeState {
     body_end: Mutex<HashMap<String, Instant>>,
     /// Conditional requests on `/files/...` answered 304, per name.
     not_modified: Mutex<HashMap<String, usize>>,
+    /// `/redirect/{name}` answers 302 to this Location.
+    redirects: Mutex<HashMap<String, String>>,
+    /// Every request, on any path.
+    requests: AtomicUsize,
 }
 
 pub struct Fake {
@@ -91,6 +95,8 @@ impl Fake {
             .route("/v2/images/{id}", get(image_record))
             .route("/v2/images/{id}/file", get(image_file))
             .route("/files/{name}", get(plain_file))
+            .route("/redirect/{name}", get(redirect))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), count))
             .with_state(state.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -131,8 +137,42 @@ impl Fake {
             .unwrap_or(0)
     }
 
+    /// `GET /redirect/{name}` answers `302 Found` with `Location: location` (verbatim).
+    pub fn redirect(&self, name: &str, location: &str) {
+        self.state
+            .redirects
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), location.to_string());
+    }
+
+    /// Requests of any kind on any path so far.
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
     pub fn body_end(&self, id: &str) -> Option<Instant> {
         self.state.body_end.lock().unwrap().get(id).copied()
+    }
+}
+
+async fn count(
+    State(st): State<Arc<FakeState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    st.requests.fetch_add(1, Ordering::SeqCst);
+    next.run(req).await
+}
+
+async fn redirect(State(st): State<Arc<FakeState>>, UrlPath(name): UrlPath<String>) -> Response {
+    match st.redirects.lock().unwrap().get(&name) {
+        Some(location) => Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, location)
+            .body(Body::empty())
+            .unwrap(),
+        None => StatusCode::NOT_FOUND.into_response(),
     }
 }
 
