@@ -583,8 +583,12 @@ fn every_entrance_refuses_every_bad_image() {
             "--permitted-formats",
             "raw,gpt,qcow2,iso",
         ],
-        // Every /v1/fetch hit is revalidated (in the background).
-        &[("IMGCACHE_REVALIDATE_INTERVAL", "0s")],
+        // Every /v1/fetch hit is revalidated (in the background); the prefetcher has no
+        // client, so it downloads with the service token.
+        &[
+            ("IMGCACHE_REVALIDATE_INTERVAL", "0s"),
+            ("IMGCACHE_GLANCE_TOKEN", TOKEN),
+        ],
     );
     let world = World {
         origin_url,
@@ -624,4 +628,93 @@ fn every_entrance_refuses_every_bad_image() {
     let refusals = tried.iter().filter(|l| l.contains("refused")).count();
     assert_eq!(refusals, 6 * 7 - 2, "every applicable pair was tried");
     eprintln!("one door: {refusals} refusals over {} pairs", tried.len());
+}
+
+/// Hit paths open the master before deciding from it and link it while it is open: a fetch
+/// racing an eviction links a whole master or downloads again, and never fails.
+#[test]
+fn fetch_racing_prune_never_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let body = raw_image(1 << 20, 99);
+    let (origin, _) = common::origin(body.to_vec());
+    let url = format!("{origin}/race.img");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let imgcache = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_imgcache"))
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Prime the cache so the prune loop has something to evict from the start.
+    let first = imgcache(&["fetch", "-q", &url, tmp.path().join("d0").to_str().unwrap()]);
+    assert!(first.status.success(), "{first:?}");
+    let prunes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pruner = {
+        let (stop, prunes, cache) = (stop.clone(), prunes.clone(), cache.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let out = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+                    .arg("--cache-dir")
+                    .arg(&cache)
+                    .args(["prune", "--max-size", "0"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "prune: {out:?}");
+                prunes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..4)
+        .map(|t| {
+            let (cache, url, failures, dir) = (
+                cache.clone(),
+                url.clone(),
+                failures.clone(),
+                tmp.path().to_path_buf(),
+            );
+            let body = body.clone();
+            std::thread::spawn(move || {
+                for i in 0..75 {
+                    let dest = dir.join(format!("d{t}-{i}"));
+                    let out = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+                        .arg("--cache-dir")
+                        .arg(&cache)
+                        .args(["fetch", "-q", &url])
+                        .arg(&dest)
+                        .output()
+                        .unwrap();
+                    let exact = std::fs::read(&dest).is_ok_and(|b| b == body);
+                    if !out.status.success() || !exact {
+                        failures.lock().unwrap().push(format!(
+                            "{}: exact {exact}: {}",
+                            dest.display(),
+                            String::from_utf8_lossy(&out.stderr)
+                        ));
+                    }
+                    // The deploy is done with it: the master is evictable again.
+                    let _ = std::fs::remove_file(&dest);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    pruner.join().unwrap();
+    let failures = failures.lock().unwrap();
+    eprintln!(
+        "fetch racing prune: 300 fetches, {} prunes alongside, {} failures",
+        prunes.load(std::sync::atomic::Ordering::Relaxed),
+        failures.len()
+    );
+    assert!(
+        prunes.load(std::sync::atomic::Ordering::Relaxed) >= 10,
+        "the race ran"
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
 }
