@@ -299,7 +299,8 @@ fn checksum_mismatch_publishes_nothing() {
         let img = env.image("a.img", 5000);
         let wrong = format!("sha256:{}", "0".repeat(64));
         let out = env.run(&["add", "k", img.to_str().unwrap(), "--checksum", &wrong]);
-        assert_one_line_error(&out, 1, "checksum mismatch for k");
+        let err = assert_one_line_error(&out, 1, "checksum mismatch for file://");
+        assert!(err.contains("a.img") && err.contains(&wrong), "{err}");
         assert_eq!(env.json(&["list"]), serde_json::json!([]));
         assert_eq!(env.json(&["stats"])["invalid"], 1);
 
@@ -565,4 +566,25 @@ fn concurrent_adds_publish_once() {
         assert_eq!(s["incomplete"], 0);
         assert_eq!(s["invalid"], 0);
     }
+}
+
+/// `add` enters through the admission pipeline too: an unsafe image is refused, whatever the
+/// operator's intent, and nothing is published.
+#[test]
+fn add_refuses_an_unsafe_image() {
+    let env = Env::new(DRIVERS[0]);
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; 65536]).unwrap();
+    let img = dir.path().join("backed.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = env.run(&["add", "k", img.to_str().unwrap()]);
+    assert_one_line_error(&out, 1, "backing file");
+    assert_eq!(env.json(&["list"]), serde_json::json!([]));
 }

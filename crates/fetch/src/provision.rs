@@ -362,6 +362,59 @@ impl ImageCache {
         })
     }
 
+    /// `imgcache add KEY FILE`: an operator's local file enters through the same door as any
+    /// download (inspected, verified against `checksum`, published), copied rather than
+    /// linked (the operator may remove the source). `None` when `key` is already cached.
+    pub async fn add_file(
+        &self,
+        key: &Key,
+        path: &Path,
+        checksum: Option<Integrity>,
+        progress: Option<Arc<dyn Progress>>,
+    ) -> Result<Option<Record>> {
+        let permit = self.wait_for_permit(key).await?;
+        if self.record(key).await?.is_some() {
+            return Ok(None);
+        }
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| FetchError::io("open", path, e))?;
+        let stat = file
+            .metadata()
+            .await
+            .map_err(|e| FetchError::io("stat", path, e))?;
+        let meta = OriginMeta {
+            // A regular file's length is known: preallocated, and a file that changes size
+            // while it is copied is caught.
+            size: stat.is_file().then_some(stat.len()),
+            ..OriginMeta::default()
+        };
+        let response = Response::Body {
+            meta,
+            body: crate::admit::file_stream(file, path),
+        };
+        let adm = Admission {
+            key: key.clone(),
+            href: Href::File(path.to_path_buf()),
+            href_raw: path.display().to_string(),
+            permit,
+            declared: None,
+            checksum,
+            force_raw: false,
+            hooks: Hooks {
+                progress,
+                ..Hooks::default()
+            },
+        };
+        match self.admit(adm, response).await? {
+            Admitted::Published(reader) => Ok(Some(reader.record().clone())),
+            Admitted::Unchanged(_) => Ok(None),
+            Admitted::Passthrough { meta, room, .. } => {
+                Err(too_large(&Href::File(path.to_path_buf()), meta.size, &room))
+            }
+        }
+    }
+
     /// The key's write permit; while another process holds it, waits as long as that
     /// writer's file keeps growing, and gives up once it has not grown for the origin read
     /// timeout ([`imgcache_store::Stall`]): a hung writer never holds a deploy forever.

@@ -329,3 +329,45 @@ async fn disk_full_while_downloading() {
     then_fetch_works(&env, &origin, "/big.img", &origin.url("/big.img")).await;
     drop(env);
 }
+
+/// `fetch_image` queued behind another process's download gives up with a clear error once
+/// that writer's file has stopped growing for the origin read timeout (it used to wait on the
+/// key's flock forever), and works again once the writer is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_writer_in_another_process_is_given_up_on() {
+    let origin = Origin::start().await;
+    let body = image_bytes(2 * MIB, 41);
+    origin.set("/hung.img", Route::new(body.clone()));
+    let bound = Duration::from_secs(1);
+    let mut src = sources();
+    src.http.read_timeout = bound;
+    src.revalidate_interval = Duration::ZERO;
+    let env = Env::with(src);
+    let href = origin.url("/hung.img");
+    let key = key_of(&href, false);
+    // "Another process": a second store on the directory holds the key, writes, then hangs.
+    let other =
+        imgcache_store::Cache::open(&env.cache_dir, imgcache_store::DriverKind::Sqlite).unwrap();
+    let mut w = other.open_for_write(&key).unwrap().expect("key lock");
+    std::io::Write::write_all(&mut w, &body[..MIB]).unwrap();
+    let dest = env.dest("hung");
+    let started = Instant::now();
+    let err = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
+    let took = started.elapsed();
+    assert!(
+        matches!(err, FetchError::Store(StoreError::WriterStalled { .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("made no progress"), "{err}");
+    assert!(took >= bound && took < bound * 4, "gave up after {took:?}");
+    assert_eq!(
+        origin.total_requests(),
+        0,
+        "nothing asked while another writer held the key"
+    );
+    assert!(!dest.exists());
+    drop(w);
+    let r = env.ic.fetch_image(&href, &dest, &opts()).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Downloaded);
+    assert_linked(&env.master(&key), &dest, &body);
+}

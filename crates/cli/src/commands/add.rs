@@ -1,18 +1,19 @@
-//! `add KEY FILE`: stream a local file into the cache through `open_for_write` and commit.
+//! `add KEY FILE`: a local file into the cache, through the admission pipeline like any
+//! download.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use imgcache_store::{Integrity, Record, WriteOptions};
+use imgcache_fetch::formats::{Format, Policy};
+use imgcache_fetch::pipeline::ImageOptions;
+use imgcache_fetch::{ImageCache, Progress};
+use imgcache_store::{CacheSpec, Integrity, Record};
 use serde::Serialize;
 
 use super::{Ctx, parse_key};
 use crate::cli::AddArgs;
 use crate::config::format_size_exact;
 use crate::output::{self, RecordJson};
-
-const CHUNK: usize = 1 << 20;
 
 #[derive(Serialize)]
 struct Added {
@@ -24,45 +25,40 @@ struct Added {
 pub fn add(ctx: &Ctx, args: AddArgs) -> Result<()> {
     let key = parse_key(&args.key)?;
     let src_name = args.file.display().to_string();
-    let mut src = File::open(&args.file).with_context(|| format!("cannot read {src_name}"))?;
-    let meta = src
-        .metadata()
-        .with_context(|| format!("cannot read {src_name}"))?;
+    let meta = std::fs::metadata(&args.file).with_context(|| format!("cannot read {src_name}"))?;
     if meta.is_dir() {
         bail!("cannot read {src_name}: it is a directory");
     }
+    std::fs::File::open(&args.file).with_context(|| format!("cannot read {src_name}"))?;
     let cache = ctx.open()?;
-
-    let opts = WriteOptions {
-        expected: args.checksum.clone(),
-        // A regular file's length is known: preallocate (a full disk fails at once) and catch
-        // a file that changes size while it is copied.
-        expected_size: meta.is_file().then_some(meta.len()),
-        ..WriteOptions::default()
-    };
-    // open_for_write waits for any other writer of this key and returns None if, by then, the
-    // image is cached: two `add`s of one key publish once.
-    let record = match cache.open_for_write_with(&key, opts)? {
-        None => None,
-        Some(mut writer) => {
-            let bar = output::progress_bar(args.quiet, meta.is_file().then_some(meta.len()));
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                let n = match src.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e).with_context(|| format!("reading {src_name}")),
-                };
-                writer
-                    .write_all(&buf[..n])
-                    .with_context(|| format!("writing {}", writer.path().display()))?;
-                bar.inc(n as u64);
-            }
-            bar.finish_and_clear();
-            Some(writer.commit()?)
-        }
-    };
+    // The admission pipeline, as for any download: every format is permitted (the operator
+    // chose the file), unsafe images are refused, the checksum verified, nothing published
+    // on failure. Waits for another writer of this key; two `add`s of one key publish once.
+    let images = ImageCache::new(
+        CacheSpec {
+            name: "add".into(),
+            cache: cache.clone(),
+            max_size: ctx.settings.max_size,
+            ttl: std::time::Duration::MAX,
+            priority: imgcache_store::registry::PRIORITY_INSTANCE,
+        },
+        &ctx.sources(crate::config::DEFAULT_FETCH_REVALIDATE_INTERVAL)?,
+    )?
+    .with_images(ImageOptions {
+        policy: Policy {
+            permitted: Format::ALL.to_vec(),
+        },
+        zstd: false,
+        ..ImageOptions::default()
+    });
+    let bar = output::progress_bar(args.quiet, meta.is_file().then_some(meta.len()));
+    let progress: Arc<dyn Progress> = Arc::new(super::provision::Bar(bar));
+    let record = super::provision::runtime()?.block_on(images.add_file(
+        &key,
+        &args.file,
+        args.checksum.clone(),
+        Some(progress),
+    ))?;
 
     match record {
         Some(rec) => report(ctx, "added", &rec),

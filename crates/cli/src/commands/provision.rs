@@ -54,7 +54,7 @@ fn pick<'a>(reg: &'a Registry, name: Option<&str>) -> Result<&'a CacheSpec> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -63,7 +63,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Draws the transfer on the CLI's progress bar.
-struct Bar(indicatif::ProgressBar);
+pub(super) struct Bar(pub(super) indicatif::ProgressBar);
 
 impl Progress for Bar {
     fn start(&self, total: Option<u64>) {
