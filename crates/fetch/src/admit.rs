@@ -422,7 +422,7 @@ fn stop_when(
 }
 
 /// A local file as a stream of 1 MiB chunks.
-pub(crate) fn file_stream(file: tokio::fs::File, path: &std::path::Path) -> BodyStream {
+pub fn file_stream(file: tokio::fs::File, path: &std::path::Path) -> BodyStream {
     use tokio::io::AsyncReadExt;
     let path = path.to_path_buf();
     Box::pin(futures_util::stream::unfold(Some(file), move |state| {

@@ -351,6 +351,16 @@ async fn passthrough(
                 .await
             {
                 Ok(OriginResponse::Body { meta, body }) => (meta, body),
+                // A `file://` source too big for the cache: streamed from the file.
+                Ok(OriginResponse::LocalFile { meta, path }) => {
+                    match tokio::fs::File::open(&path).await {
+                        Ok(f) => (meta, imgcache_fetch::admit::file_stream(f, &path)),
+                        Err(e) => {
+                            return ApiError::not_found(format!("{}: {e}", path.display()))
+                                .into_response();
+                        }
+                    }
+                }
                 Ok(_) => {
                     return ApiError::new(StatusCode::BAD_GATEWAY, "unexpected origin answer")
                         .into_response();
