@@ -6,17 +6,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use imgcache_testkit::qemu_img;
 
 fn imgcache(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_imgcache"))

@@ -171,27 +171,13 @@ fn body_of(obj: &Obj, extra: HeaderMap) -> Response {
 
 // ---- The images ----------------------------------------------------------------------------
 
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
-}
-
 fn read(p: &Path) -> Bytes {
     Bytes::from(std::fs::read(p).unwrap())
 }
 
 /// A safe raw image: pseudo-random bytes.
 fn raw_image(len: usize, seed: u64) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    Bytes::from(v)
+    imgcache_testkit::image_bytes(len, seed)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -228,7 +214,6 @@ impl Bad {
 
 /// The bytes and what the origin says of them.
 fn bad_object(bad: Bad, dir: &Path) -> Obj {
-    let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
     let good = raw_image(1 << 20, 7);
     let obj = |body: Bytes, fmt: &str| Obj {
         md5: md5_hex(&body),
@@ -236,53 +221,12 @@ fn bad_object(bad: Bad, dir: &Path) -> Obj {
         disk_format: fmt.into(),
         cut_at: None,
     };
+    use imgcache_testkit::unsafe_images as u;
     match bad {
-        Bad::BackingFile => {
-            std::fs::write(p("base.raw"), &good).unwrap();
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                &p("base.raw"),
-                "-F",
-                "raw",
-                &p("backing.qcow2"),
-            ]);
-            obj(read(&dir.join("backing.qcow2")), "qcow2")
-        }
-        Bad::DataFile => {
-            let opt = format!("data_file={}", p("ext.raw"));
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &opt,
-                &p("datafile.qcow2"),
-                "1M",
-            ]);
-            obj(read(&dir.join("datafile.qcow2")), "qcow2")
-        }
-        Bad::VmdkFlatExtent => {
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "vmdk",
-                "-o",
-                "subformat=monolithicFlat",
-                &p("flat.vmdk"),
-                "1M",
-            ]);
-            obj(read(&dir.join("flat.vmdk")), "vmdk")
-        }
-        Bad::Qcow2DeclaredRaw => {
-            qemu_img(&["create", "-q", "-f", "qcow2", &p("plain.qcow2"), "1M"]);
-            obj(read(&dir.join("plain.qcow2")), "raw")
-        }
+        Bad::BackingFile => obj(read(&u::qcow2_backing_file(dir)), "qcow2"),
+        Bad::DataFile => obj(read(&u::qcow2_data_file(dir)), "qcow2"),
+        Bad::VmdkFlatExtent => obj(read(&u::vmdk_flat_extent(dir)), "vmdk"),
+        Bad::Qcow2DeclaredRaw => obj(read(&u::plain(dir, "qcow2")), "raw"),
         Bad::ChecksumMismatch => Obj {
             md5: md5_hex(b"not these bytes"),
             ..obj(good, "raw")
@@ -291,10 +235,7 @@ fn bad_object(bad: Bad, dir: &Path) -> Obj {
             cut_at: Some(300 << 10),
             ..obj(good, "raw")
         },
-        Bad::NotPermitted => {
-            qemu_img(&["create", "-q", "-f", "vdi", &p("x.vdi"), "1M"]);
-            obj(read(&dir.join("x.vdi")), "vdi")
-        }
+        Bad::NotPermitted => obj(read(&u::plain(dir, "vdi")), "vdi"),
     }
 }
 

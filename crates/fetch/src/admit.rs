@@ -240,17 +240,16 @@ impl ImageCache {
             .unwrap_or_else(|| Arc::new(Quiet));
         let writer =
             stream_into_reporting(writer, body, size, &origin, progress.as_ref(), written).await?;
-        let finish = pipeline::Finish {
-            href: &origin,
+        let source_checksum = prepared.compressed.as_ref().map(|d| d.get().cloned());
+        let verified = adm.hooks.verified.take();
+        let finish = self.finish_of(
+            &origin,
             declared,
-            force_raw: adm.force_raw,
-            images: self.images(),
-            progress: progress.as_ref(),
-            registry: self.registry(),
-            decompressed: prepared.compressed.is_some(),
-            source_checksum: prepared.compressed.as_ref().and_then(|d| d.get().cloned()),
-            on_verified: adm.hooks.verified.take(),
-        };
+            adm.force_raw,
+            progress.as_ref(),
+            source_checksum,
+            verified,
+        );
         let reader = pipeline::finish(writer, finish).await?;
         // Published: its bytes count in the cache size now.
         drop(reservation);
@@ -333,20 +332,42 @@ impl ImageCache {
             .progress
             .clone()
             .unwrap_or_else(|| Arc::new(Quiet));
-        let finish = pipeline::Finish {
-            href: &origin,
+        let verified = adm.hooks.verified.take();
+        let finish = self.finish_of(
+            &origin,
             declared,
-            force_raw: adm.force_raw,
-            images: self.images(),
-            progress: progress.as_ref(),
-            registry: self.registry(),
-            decompressed: false,
-            source_checksum: None,
-            on_verified: adm.hooks.verified.take(),
-        };
+            adm.force_raw,
+            progress.as_ref(),
+            None,
+            verified,
+        );
         let reader = pipeline::finish(writer, finish).await?;
         drop(reservation);
         Ok(Admitted::Published(reader))
+    }
+
+    /// What [`pipeline::finish`] needs: the complete file's checks, conversion and commit.
+    /// `decompressed`: `Some` when the body was zstd, with the compressed bytes' checksum.
+    fn finish_of<'a>(
+        &'a self,
+        origin: &'a str,
+        declared: Option<DiskFormat>,
+        force_raw: bool,
+        progress: &'a dyn Progress,
+        decompressed: Option<Option<Integrity>>,
+        on_verified: Option<VerifiedHook>,
+    ) -> pipeline::Finish<'a> {
+        pipeline::Finish {
+            href: origin,
+            declared,
+            force_raw,
+            images: self.images(),
+            progress,
+            registry: self.registry(),
+            decompressed: decompressed.is_some(),
+            source_checksum: decompressed.flatten(),
+            on_verified,
+        }
     }
 
     /// The record's metadata for a download of `href_raw` that the origin described as `meta`.

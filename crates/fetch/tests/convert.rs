@@ -18,17 +18,7 @@ use imgcache_fetch::pipeline::ImageOptions;
 use imgcache_fetch::{ChecksumSpec, FetchError, FetchOptions, ImageCache, Outcome, Progress};
 use imgcache_store::{Algorithm, Integrity, Status};
 
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (the machine's qemu-img 10)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use imgcache_testkit::qemu_img;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

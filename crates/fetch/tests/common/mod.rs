@@ -21,19 +21,7 @@ use tokio::net::TcpListener;
 
 pub const MIB: usize = 1 << 20;
 
-/// Deterministic pseudo-random bytes (xorshift), so every image is distinct and checkable.
-pub fn image_bytes(len: usize, seed: u64) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    Bytes::from(v)
-}
+pub use imgcache_testkit::image_bytes;
 
 /// How a route answers.
 #[derive(Clone, Debug)]

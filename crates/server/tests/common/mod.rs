@@ -24,19 +24,7 @@ pub const MIB: usize = 1 << 20;
 pub const GOOD_TOKEN: &str = "good-token";
 pub const STRANGER_TOKEN: &str = "stranger-token";
 
-/// Deterministic pseudo-random bytes (xorshift).
-pub fn image_bytes(len: usize, seed: u64) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    Bytes::from(v)
-}
+pub use imgcache_testkit::image_bytes;
 
 pub fn md5_hex(data: &[u8]) -> String {
     Integrity::of(Algorithm::Md5, data).hex().to_string()

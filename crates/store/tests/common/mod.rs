@@ -22,18 +22,9 @@ pub fn sha256(data: &[u8]) -> Integrity {
     Integrity::of(Algorithm::Sha256, data)
 }
 
-/// Deterministic, incompressible-looking bytes (xorshift), distinct per seed.
+/// Deterministic, incompressible-looking bytes (the test kit's), distinct per seed.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    imgcache_testkit::image_bytes(len, seed).to_vec()
 }
 
 /// Writes and commits an image; panics if it was already cached or the commit fails.

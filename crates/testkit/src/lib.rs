@@ -1,0 +1,97 @@
+//! What the crates' tests share, so that no test file carries its own copy: deterministic
+//! image bytes, and images made by the machine's real qemu-img. Dev-only: no crate depends on
+//! it outside `[dev-dependencies]`, and it depends on no other workspace crate (any crate's
+//! tests may use it).
+
+use std::path::Path;
+use std::process::Command;
+
+use bytes::Bytes;
+
+/// Deterministic pseudo-random bytes (xorshift): distinct per seed, incompressible-looking,
+/// detected as a raw image.
+pub fn image_bytes(len: usize, seed: u64) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    Bytes::from(v)
+}
+
+/// Runs the machine's `qemu-img` (10; never Debian's qemu-utils) and panics with its stderr
+/// if it fails.
+pub fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (the machine's qemu-img 10)");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Unsafe images a cache must refuse, made by qemu-img in `dir`; each returns the image's
+/// path (other files it names are beside it).
+pub mod unsafe_images {
+    use super::*;
+
+    fn s(p: &Path) -> &str {
+        p.to_str().expect("utf-8 path")
+    }
+
+    /// A qcow2 naming a backing file (`base.raw`, written here).
+    pub fn qcow2_backing_file(dir: &Path) -> std::path::PathBuf {
+        let (base, img) = (dir.join("base.raw"), dir.join("backing.qcow2"));
+        std::fs::write(&base, image_bytes(1 << 20, 7)).unwrap();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&base),
+            "-F",
+            "raw",
+            s(&img),
+        ]);
+        img
+    }
+
+    /// A qcow2 whose data lives in an external data file.
+    pub fn qcow2_data_file(dir: &Path) -> std::path::PathBuf {
+        let img = dir.join("datafile.qcow2");
+        let opt = format!("data_file={}", s(&dir.join("ext.raw")));
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opt, s(&img), "1M"]);
+        img
+    }
+
+    /// A monolithicFlat VMDK: a descriptor whose extent names a file.
+    pub fn vmdk_flat_extent(dir: &Path) -> std::path::PathBuf {
+        let img = dir.join("flat.vmdk");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            s(&img),
+            "1M",
+        ]);
+        img
+    }
+
+    /// A plain, safe image of `format` (e.g. qcow2 bytes to declare as raw, or a VDI).
+    pub fn plain(dir: &Path, format: &str) -> std::path::PathBuf {
+        let img = dir.join(format!("plain.{format}"));
+        qemu_img(&["create", "-q", "-f", format, s(&img), "1M"]);
+        img
+    }
+}
