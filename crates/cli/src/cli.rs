@@ -7,12 +7,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use imgcache_store::{DriverKind, Integrity};
 
 use crate::config::{self, Layer};
+use crate::settings;
 
 /// imgcache: a crash-safe disk cache for VM images.
 ///
-/// Configuration comes from a TOML file (--config), then the environment (IMGCACHE_CACHE_DIR,
-/// IMGCACHE_DRIVER, IMGCACHE_MAX_SIZE, IMGCACHE_STALL_TIME; empty means unset), then flags,
-/// each overriding the one before. Sizes take binary units (10G = 10 GiB); durations take
+/// Configuration comes from a TOML file (--config), then IMGCACHE_* environment variables
+/// (empty means unset), then flags, each overriding the one before; `imgcache --help` lists
+/// every setting under --config. Sizes take binary units (10G = 10 GiB); durations take
 /// humantime units (90s, 24h, 7d).
 #[derive(Debug, Parser)]
 #[command(name = "imgcache", version, propagate_version = true)]
@@ -26,15 +27,15 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// Cache directory [env: IMGCACHE_CACHE_DIR] [default: /var/cache/imgcache as root, else $XDG_CACHE_HOME/imgcache or ~/.cache/imgcache]
+    /// Cache directory
     #[arg(long, global = true, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// TOML configuration file (keys: cache_dir, driver, max_size, stall_time) [env: IMGCACHE_CONFIG]
+    /// TOML configuration file (its help is built from the settings table, see `command`)
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Metadata driver [env: IMGCACHE_DRIVER] [default: sqlite]
+    /// Metadata driver
     #[arg(long, global = true, value_enum)]
     pub driver: Option<DriverArg>,
 
@@ -88,13 +89,13 @@ pub enum Command {
     },
     /// Evict least recently accessed images until the cache fits in max size
     Prune {
-        /// Size to prune to, e.g. 10G, 512M, 0 [env: IMGCACHE_MAX_SIZE] [config: max_size] [default: 10G]
+        /// Size to prune to, e.g. 10G, 512M, 0
         #[arg(long, value_name = "SIZE", value_parser = size_parser)]
         max_size: Option<u64>,
     },
     /// Remove stalled incomplete writes, invalid files and records whose file vanished
     Clean {
-        /// Age after which an unfinished write counts as stalled, e.g. 24h, 30m [env: IMGCACHE_STALL_TIME] [config: stall_time] [default: 24h]
+        /// Age after which an unfinished write counts as stalled, e.g. 24h, 30m
         #[arg(long, value_name = "DURATION", value_parser = duration_parser)]
         stall_time: Option<Duration>,
     },
@@ -134,19 +135,19 @@ pub enum Command {
 pub struct ServeArgs {
     #[command(flatten)]
     pub formats: FormatArgs,
-    /// Address to listen on [env: IMGCACHE_LISTEN] [config: listen] [default: 127.0.0.1:9292]
+    /// Address to listen on
     #[arg(long, value_name = "ADDR", value_parser = listen_parser)]
     pub listen: Option<std::net::SocketAddr>,
-    /// Upstream Glance endpoint [env: IMGCACHE_GLANCE_URL] [config: glance_url]
+    /// Upstream Glance endpoint
     #[arg(long, value_name = "URL")]
     pub glance_url: Option<String>,
-    /// X-Auth-Token that grants the cache-management API [env: IMGCACHE_ADMIN_TOKEN] [config: admin_token]
+    /// X-Auth-Token that grants the cache-management API
     #[arg(long, value_name = "SECRET")]
     pub admin_token: Option<String>,
-    /// /v1/fetch serves only hrefs under the URL PREFIX (scheme, host, port exact; path on a segment boundary; every redirect re-checked) (repeatable) [env: IMGCACHE_ALLOW_HREF_PREFIXES, space-separated] [config: allow_href_prefixes]
+    /// /v1/fetch serves only hrefs under the URL PREFIX (scheme, host, port exact; path on a segment boundary; every redirect re-checked) (repeatable)
     #[arg(long = "allow-href-prefix", value_name = "PREFIX")]
     pub allow_href_prefix: Vec<String>,
-    /// Hard limit on the cache's size, e.g. 10G [env: IMGCACHE_MAX_SIZE] [config: max_size] [default: 10G]
+    /// Hard limit on the cache's size, e.g. 10G
     #[arg(long, value_name = "SIZE", value_parser = size_parser)]
     pub max_size: Option<u64>,
     /// Directory file:// hrefs may read from (repeatable; none by default)
@@ -235,14 +236,14 @@ pub struct FetchArgs {
     /// Named cache to fetch through ([caches.NAME]); default: --cache-dir
     #[arg(long)]
     pub cache: Option<String>,
-    /// Glance endpoint for image ids (also IMGCACHE_GLANCE_URL, config glance_url)
+    /// Glance endpoint for image ids
     #[arg(long, value_name = "URL")]
     pub glance_url: Option<String>,
     /// Directory file:// hrefs may read from (repeatable; none by default)
     #[arg(long, value_name = "DIR")]
     pub allow_file_dir: Vec<PathBuf>,
     /// Use an http(s) master without asking the origin within this time of its last check
-    /// (default 0s: one conditional request on every call, as Ironic does)
+    /// (0s: one conditional request on every call, as Ironic does)
     #[arg(long, value_parser = duration_parser)]
     pub revalidate_interval: Option<Duration>,
     /// Extra CA certificates (PEM) to trust
@@ -275,6 +276,59 @@ pub enum ClearTarget {
     Cache,
     Queue,
     All,
+}
+
+/// The clap command, each setting's flags annotated from [`crate::settings::SETTINGS`]
+/// (`[env: ...] [config: ...] [default: ...]`) and `--config`'s help listing every key.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().mut_arg("config", |a| {
+        a.help(settings::config_help())
+            .long_help(settings::config_long_help())
+    });
+    for def in settings::SETTINGS {
+        for (sub, long) in def.flags() {
+            let annotate = |c: clap::Command| -> clap::Command {
+                let id = c
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(long))
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "SETTINGS: {}: no flag --{long} on {}",
+                            def.toml,
+                            c.get_name()
+                        )
+                    })
+                    .get_id()
+                    .clone();
+                c.mut_arg(id, |a| {
+                    let suffix = def.help_suffix();
+                    let help = match a.get_help() {
+                        Some(h) => format!("{h} {suffix}"),
+                        None => suffix.clone(),
+                    };
+                    let long_help = a.get_long_help().map(|h| format!("{h} {suffix}"));
+                    let a = a.help(help);
+                    match long_help {
+                        Some(h) => a.long_help(h),
+                        None => a,
+                    }
+                })
+            };
+            cmd = match sub {
+                None => annotate(cmd),
+                Some(sub) => cmd.mut_subcommand(sub, annotate),
+            };
+        }
+    }
+    cmd
+}
+
+/// Parses the process's arguments with [`command`]; usage errors exit 2, --help 0.
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let mut matches = command().get_matches();
+    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.format(&mut command()).exit())
 }
 
 fn size_parser(s: &str) -> Result<u64, String> {
@@ -341,6 +395,42 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+        // Also: every flag SETTINGS names exists (command() panics otherwise).
+        command().debug_assert();
+    }
+
+    #[test]
+    fn help_is_annotated_from_the_settings_table() {
+        let mut cmd = command();
+        let help = cmd.render_long_help().to_string();
+        for def in settings::SETTINGS {
+            let entry = format!("{} ({})", def.toml, def.name.replace('`', ""));
+            assert!(help.contains(&entry), "{entry} missing:\n{help}");
+            for env in def.env {
+                assert!(help.contains(env), "{env} missing:\n{help}");
+            }
+        }
+        assert!(help.contains("[caches.NAME]"), "{help}");
+        let short = cmd.render_help().to_string();
+        for def in settings::SETTINGS {
+            assert!(
+                short.contains(def.toml),
+                "{} missing from -h:\n{short}",
+                def.toml
+            );
+        }
+        let mut prune = command();
+        let prune = prune
+            .find_subcommand_mut("prune")
+            .unwrap()
+            .render_help()
+            .to_string();
+        assert!(
+            prune.contains(
+                "[env: IMGCACHE_MAX_SIZE] [config: max_size] [default: 10G (Glance's default)]"
+            ),
+            "{prune}"
+        );
     }
 
     #[test]

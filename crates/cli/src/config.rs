@@ -13,48 +13,36 @@ use anyhow::{Context, Result, anyhow, bail};
 use imgcache_store::DriverKind;
 use serde::Deserialize;
 
-/// Glance's `image_cache_max_size` default: 10 GiB.
-pub const DEFAULT_MAX_SIZE: u64 = 10 * GIB;
-/// Glance's `image_cache_stall_time` default: one day.
-pub const DEFAULT_STALL_TIME: Duration = Duration::from_secs(24 * 3600);
-/// Cache directory when running as root.
-pub const ROOT_CACHE_DIR: &str = "/var/cache/imgcache";
+pub use crate::settings::ENV_CONFIG;
+use crate::settings::setting;
 
 const KIB: u64 = 1024;
 const MIB: u64 = KIB * 1024;
 const GIB: u64 = MIB * 1024;
 
-/// Environment variable names, one per configuration key.
-pub const ENV_CONFIG: &str = "IMGCACHE_CONFIG";
-pub const ENV_CACHE_DIR: &str = "IMGCACHE_CACHE_DIR";
-pub const ENV_DRIVER: &str = "IMGCACHE_DRIVER";
-pub const ENV_MAX_SIZE: &str = "IMGCACHE_MAX_SIZE";
-pub const ENV_STALL_TIME: &str = "IMGCACHE_STALL_TIME";
-pub const ENV_TTL: &str = "IMGCACHE_TTL";
-pub const ENV_GLANCE_URL: &str = "IMGCACHE_GLANCE_URL";
-pub const ENV_GLANCE_TOKEN: &str = "IMGCACHE_GLANCE_TOKEN";
-/// Keystone's usual variable, read when IMGCACHE_GLANCE_TOKEN is not set.
-pub const ENV_OS_AUTH_TOKEN: &str = "OS_AUTH_TOKEN";
-/// Colon-separated, like PATH.
-pub const ENV_ALLOW_FILE_DIRS: &str = "IMGCACHE_ALLOW_FILE_DIRS";
-pub const ENV_REVALIDATE_INTERVAL: &str = "IMGCACHE_REVALIDATE_INTERVAL";
-pub const ENV_CA_BUNDLE: &str = "IMGCACHE_CA_BUNDLE";
-pub const ENV_INSECURE: &str = "IMGCACHE_INSECURE";
-pub const ENV_LISTEN: &str = "IMGCACHE_LISTEN";
-pub const ENV_ADMIN_TOKEN: &str = "IMGCACHE_ADMIN_TOKEN";
-/// Whitespace-separated.
-pub const ENV_ALLOW_HREF_PREFIXES: &str = "IMGCACHE_ALLOW_HREF_PREFIXES";
-/// `imgcache serve`'s default address.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9292";
+/// A setting's default, as [`crate::settings::SETTINGS`] gives it, parsed like its values.
+/// The table's defaults are checked by this module's tests, so a bad one never ships.
+fn default_of<T>(key: &str, parse: impl Fn(&str) -> Result<T>) -> T {
+    let v = setting(key)
+        .default_value()
+        .unwrap_or_else(|| panic!("SETTINGS: {key} has no default value"));
+    parse(v).unwrap_or_else(|e| panic!("SETTINGS: the default of {key}: {e:#}"))
+}
 
-/// Ironic's master-image cache TTL default: 7 days.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Within this time of its last validation an http(s) master is used without asking the origin.
-/// `imgcache fetch` asks the origin on every call whether the master is current (one
-/// conditional request), as Ironic's `fetch_image` does.
-pub const DEFAULT_FETCH_REVALIDATE_INTERVAL: Duration = Duration::ZERO;
-/// `imgcache serve` serves `/v1/fetch` hits and checks them in the background at most this often.
-pub const DEFAULT_SERVE_REVALIDATE_INTERVAL: Duration = Duration::from_secs(60);
+/// Within this time of its last validation an http(s) master is used without asking the
+/// origin; `cmd`'s default (`imgcache fetch` asks on every call, as Ironic's `fetch_image`
+/// does; `imgcache serve` serves hits and checks them in the background at most every 60 s).
+pub fn default_revalidate_interval(cmd: &str) -> Duration {
+    let v = setting("revalidate_interval")
+        .default_for(cmd)
+        .unwrap_or_else(|| panic!("SETTINGS: revalidate_interval has no default for {cmd}"));
+    parse_duration(v).unwrap_or_else(|e| panic!("SETTINGS: revalidate_interval for {cmd}: {e:#}"))
+}
+
+/// Cache directory when running as root.
+pub fn root_cache_dir() -> PathBuf {
+    default_of("cache_dir", |v| Ok(PathBuf::from(v)))
+}
 
 /// A `[caches.NAME]` table: one named provisioning cache (Ironic's master dirs).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -209,48 +197,57 @@ impl Layer {
         Layer::from_toml(&text).with_context(|| format!("config file {}", path.display()))
     }
 
-    /// The `IMGCACHE_*` variables, read through `get` (so tests need not touch the process env).
-    /// Empty values count as unset.
+    /// The environment variables [`crate::settings::SETTINGS`] names, read through `get` (so
+    /// tests need not touch the process env). Empty values count as unset; of a setting's
+    /// variables the first one set wins. A bad value is an error naming its variable.
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Layer> {
-        let var = |name: &str| get(name).filter(|v| !v.is_empty());
+        let get = &get;
+        let string = |key: &str| env_value(get, key, |v| Ok(v.to_owned()));
+        let list = |key: &str| {
+            let sep = setting(key)
+                .list
+                .unwrap_or_else(|| panic!("SETTINGS: {key} is not a list"));
+            env_value(get, key, |v| {
+                Ok(sep
+                    .split(v)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>())
+            })
+        };
         Ok(Layer {
-            cache_dir: var(ENV_CACHE_DIR).map(PathBuf::from),
-            driver: var(ENV_DRIVER)
-                .map(|d| parse_driver(&d).context(ENV_DRIVER))
-                .transpose()?,
-            max_size: var(ENV_MAX_SIZE)
-                .map(|s| parse_size(&s).context(ENV_MAX_SIZE))
-                .transpose()?,
-            stall_time: var(ENV_STALL_TIME)
-                .map(|s| parse_duration(&s).context(ENV_STALL_TIME))
-                .transpose()?,
-            ttl: var(ENV_TTL)
-                .map(|s| parse_duration(&s).context(ENV_TTL))
-                .transpose()?,
-            glance_url: var(ENV_GLANCE_URL),
-            glance_token: var(ENV_GLANCE_TOKEN).or_else(|| var(ENV_OS_AUTH_TOKEN)),
-            allow_file_dirs: var(ENV_ALLOW_FILE_DIRS).map(|v| {
-                v.split(':')
-                    .filter(|p| !p.is_empty())
-                    .map(PathBuf::from)
-                    .collect()
-            }),
-            revalidate_interval: var(ENV_REVALIDATE_INTERVAL)
-                .map(|s| parse_duration(&s).context(ENV_REVALIDATE_INTERVAL))
-                .transpose()?,
-            ca_bundle: var(ENV_CA_BUNDLE).map(PathBuf::from),
-            insecure: var(ENV_INSECURE)
-                .map(|v| parse_bool(&v).context(ENV_INSECURE))
-                .transpose()?,
-            listen: var(ENV_LISTEN)
-                .map(|s| parse_listen(&s).context(ENV_LISTEN))
-                .transpose()?,
-            admin_token: var(ENV_ADMIN_TOKEN),
-            allow_href_prefixes: var(ENV_ALLOW_HREF_PREFIXES)
-                .map(|v| v.split_whitespace().map(str::to_owned).collect()),
+            cache_dir: env_value(get, "cache_dir", |v| Ok(PathBuf::from(v)))?,
+            driver: env_value(get, "driver", parse_driver)?,
+            max_size: env_value(get, "max_size", parse_size)?,
+            stall_time: env_value(get, "stall_time", parse_duration)?,
+            ttl: env_value(get, "ttl", parse_duration)?,
+            glance_url: string("glance_url")?,
+            glance_token: string("glance_token")?,
+            allow_file_dirs: list("allow_file_dirs")?
+                .map(|v| v.into_iter().map(PathBuf::from).collect()),
+            revalidate_interval: env_value(get, "revalidate_interval", parse_duration)?,
+            ca_bundle: env_value(get, "ca_bundle", |v| Ok(PathBuf::from(v)))?,
+            insecure: env_value(get, "insecure", parse_bool)?,
+            listen: env_value(get, "listen", parse_listen)?,
+            admin_token: string("admin_token")?,
+            allow_href_prefixes: list("allow_href_prefixes")?,
             caches: None,
         })
     }
+}
+
+/// The value of the first of `key`'s variables that is set (non-empty), parsed.
+fn env_value<T>(
+    get: &dyn Fn(&str) -> Option<String>,
+    key: &str,
+    parse: impl Fn(&str) -> Result<T>,
+) -> Result<Option<T>> {
+    for name in setting(key).env {
+        if let Some(v) = get(name).filter(|v| !v.is_empty()) {
+            return parse(&v).context(*name).map(Some);
+        }
+    }
+    Ok(None)
 }
 
 /// What the process runs with.
@@ -305,7 +302,7 @@ impl Host {
     /// `/var/cache/imgcache` for root, else `$XDG_CACHE_HOME/imgcache` or `~/.cache/imgcache`.
     pub fn default_cache_dir(&self) -> Result<PathBuf> {
         if self.is_root {
-            return Ok(PathBuf::from(ROOT_CACHE_DIR));
+            return Ok(root_cache_dir());
         }
         if let Some(x) = &self.xdg_cache_home {
             return Ok(x.join("imgcache"));
@@ -313,7 +310,8 @@ impl Host {
         match &self.home {
             Some(h) => Ok(h.join(".cache").join("imgcache")),
             None => bail!(
-                "no cache directory: HOME is not set; pass --cache-dir or set {ENV_CACHE_DIR}"
+                "no cache directory: HOME is not set; pass --cache-dir or set {}",
+                crate::settings::env_of("cache_dir")
             ),
         }
     }
@@ -328,20 +326,27 @@ impl Settings {
                 Some(d) => d,
                 None => host.default_cache_dir()?,
             },
-            driver: l.driver.unwrap_or_default(),
-            max_size: l.max_size.unwrap_or(DEFAULT_MAX_SIZE),
-            stall_time: l.stall_time.unwrap_or(DEFAULT_STALL_TIME),
-            ttl: l.ttl.unwrap_or(DEFAULT_TTL),
+            driver: l
+                .driver
+                .unwrap_or_else(|| default_of("driver", parse_driver)),
+            max_size: l
+                .max_size
+                .unwrap_or_else(|| default_of("max_size", parse_size)),
+            stall_time: l
+                .stall_time
+                .unwrap_or_else(|| default_of("stall_time", parse_duration)),
+            ttl: l.ttl.unwrap_or_else(|| default_of("ttl", parse_duration)),
             glance_url: l.glance_url,
             glance_token: l.glance_token,
             allow_file_dirs: l.allow_file_dirs.unwrap_or_default(),
             revalidate_interval: l.revalidate_interval,
             ca_bundle: l.ca_bundle,
-            insecure: l.insecure.unwrap_or(false),
-            listen: match l.listen {
-                Some(a) => a,
-                None => parse_listen(DEFAULT_LISTEN)?,
-            },
+            insecure: l
+                .insecure
+                .unwrap_or_else(|| default_of("insecure", parse_bool)),
+            listen: l
+                .listen
+                .unwrap_or_else(|| default_of("listen", parse_listen)),
             admin_token: l.admin_token,
             allow_href_prefixes: l.allow_href_prefixes.unwrap_or_default(),
             caches: resolve_caches(l.caches.unwrap_or_default())?,
@@ -517,6 +522,17 @@ fn one_line(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::env_of;
+
+    const ENV_CACHE_DIR: &str = env_of("cache_dir");
+    const ENV_DRIVER: &str = env_of("driver");
+    const ENV_MAX_SIZE: &str = env_of("max_size");
+    const ENV_STALL_TIME: &str = env_of("stall_time");
+    const ENV_ALLOW_FILE_DIRS: &str = env_of("allow_file_dirs");
+    const ENV_ALLOW_HREF_PREFIXES: &str = env_of("allow_href_prefixes");
+    const ENV_INSECURE: &str = env_of("insecure");
+    const ENV_GLANCE_TOKEN: &str = env_of("glance_token");
+    const ENV_OS_AUTH_TOKEN: &str = setting("glance_token").env[1];
 
     fn host() -> Host {
         Host {
@@ -706,6 +722,42 @@ mod tests {
             Layer::from_env(|k| (k == ENV_MAX_SIZE).then(|| "lots".into())).unwrap_err()
         );
         assert!(e.starts_with("IMGCACHE_MAX_SIZE: invalid size"), "{e}");
+        let l = Layer::from_env(|k| match k {
+            ENV_GLANCE_TOKEN => Some("mine".into()),
+            ENV_OS_AUTH_TOKEN => Some("keystone's".into()),
+            ENV_ALLOW_HREF_PREFIXES => Some(" http://a/ \n https://b/x ".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(
+            l.glance_token.as_deref(),
+            Some("mine"),
+            "the primary variable wins"
+        );
+        assert_eq!(
+            l.allow_href_prefixes,
+            Some(vec!["http://a/".into(), "https://b/x".into()])
+        );
+    }
+
+    #[test]
+    fn defaults_come_from_the_settings_table() {
+        assert_eq!(default_revalidate_interval("fetch"), Duration::ZERO);
+        assert_eq!(
+            default_revalidate_interval("serve"),
+            Duration::from_secs(60)
+        );
+        assert_eq!(root_cache_dir(), PathBuf::from("/var/cache/imgcache"));
+        // Every other default value in the table parses (Settings::resolve uses them).
+        let s = Settings::resolve(
+            Layer::default(),
+            Layer::default(),
+            Layer::default(),
+            &host(),
+        )
+        .unwrap();
+        assert_eq!(s.driver, DriverKind::default());
+        assert!(!s.insecure);
     }
 
     #[test]
@@ -749,7 +801,7 @@ mod tests {
                 driver: DriverKind::Sqlite,
                 max_size: 10 * GIB,
                 stall_time: Duration::from_secs(86400),
-                ttl: DEFAULT_TTL,
+                ttl: Duration::from_secs(7 * 86400),
                 glance_url: None,
                 glance_token: None,
                 allow_file_dirs: vec![],
@@ -779,7 +831,7 @@ mod tests {
         h.is_root = true;
         assert_eq!(
             h.default_cache_dir().unwrap(),
-            PathBuf::from(ROOT_CACHE_DIR)
+            PathBuf::from("/var/cache/imgcache")
         );
         let nobody = Host {
             is_root: false,

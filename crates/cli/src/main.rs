@@ -6,11 +6,11 @@ mod commands;
 mod config;
 mod error;
 mod output;
+mod settings;
 
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::Parser;
 
 use crate::cli::Cli;
 use crate::commands::Ctx;
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     tune_malloc();
     error::install_panic_hook();
     // Usage errors: clap prints them and exits with 2; --help and --version exit 0.
-    let cli = Cli::parse();
+    let cli = cli::parse();
     init_tracing(&cli);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -42,7 +42,7 @@ pub fn add(ctx: &Ctx, args: AddArgs) -> Result<()> {
             ttl: std::time::Duration::MAX,
             priority: imgcache_store::registry::PRIORITY_INSTANCE,
         },
-        &ctx.sources(crate::config::DEFAULT_FETCH_REVALIDATE_INTERVAL)?,
+        &ctx.sources(crate::config::default_revalidate_interval("fetch"))?,
     )?
     .with_images(ImageOptions {
         policy: Policy {

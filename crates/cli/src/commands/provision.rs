@@ -84,7 +84,7 @@ impl Progress for Bar {
 pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
     let reg = Arc::new(registry(ctx)?);
     let spec = pick(&reg, args.cache.as_deref())?.clone();
-    let sources = ctx.sources(crate::config::DEFAULT_FETCH_REVALIDATE_INTERVAL)?;
+    let sources = ctx.sources(crate::config::default_revalidate_interval("fetch"))?;
     let checksum = args
         .checksum
         .as_deref()

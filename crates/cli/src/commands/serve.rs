@@ -13,7 +13,7 @@ pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
     config.driver = s.driver;
     config.max_size = s.max_size;
     config.stall_time = s.stall_time;
-    config.sources = ctx.sources(crate::config::DEFAULT_SERVE_REVALIDATE_INTERVAL)?;
+    config.sources = ctx.sources(crate::config::default_revalidate_interval("serve"))?;
     config.admin_token = s.admin_token.clone();
     config.allow_href_prefixes = s.allow_href_prefixes.clone();
     config.shutdown_grace = args.shutdown_grace;
