@@ -221,7 +221,7 @@ fn bad_object(bad: Bad, dir: &Path) -> Obj {
         disk_format: fmt.into(),
         cut_at: None,
     };
-    use imgcache_testkit::unsafe_images as u;
+    use imgcache_testkit::bad_images as u;
     match bad {
         Bad::BackingFile => obj(read(&u::qcow2_backing_file(dir)), "qcow2"),
         Bad::DataFile => obj(read(&u::qcow2_data_file(dir)), "qcow2"),

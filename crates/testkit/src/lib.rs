@@ -39,7 +39,7 @@ pub fn qemu_img(args: &[&str]) {
 
 /// Unsafe images a cache must refuse, made by qemu-img in `dir`; each returns the image's
 /// path (other files it names are beside it).
-pub mod unsafe_images {
+pub mod bad_images {
     use super::*;
 
     fn s(p: &Path) -> &str {
