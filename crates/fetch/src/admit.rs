@@ -81,7 +81,12 @@ pub struct Hooks {
     /// Wraps the origin's body before anything reads it (the server counts its bytes and
     /// cuts it at shutdown).
     pub body: Option<Box<dyn FnOnce(BodyStream) -> BodyStream + Send>>,
+    /// Images evicted to make this download's room (the server counts them).
+    pub evicted: Option<EvictedHook>,
 }
+
+/// Told of the images (key, bytes) evicted to make room, each time some are.
+pub type EvictedHook = Arc<dyn Fn(&[(String, u64)]) + Send + Sync>;
 
 pub struct StreamInfo {
     pub file: File,
@@ -135,36 +140,36 @@ impl ImageCache {
         Ok(Admitted::Unchanged(reader))
     }
 
-    /// The room for `size` bytes (`None`: not announced), or the reason there is none.
+    /// The room for `size` bytes (`None`: not announced, the reservation starts empty and
+    /// grows), or the reason there is none.
     async fn room(
         &self,
         size: Option<u64>,
+        evicted: Option<&EvictedHook>,
     ) -> Result<std::result::Result<Option<Reservation>, Room>> {
-        match (self.room_policy(), size) {
-            (RoomPolicy::HardLimit(max), Some(size)) => {
+        match self.room_policy() {
+            RoomPolicy::HardLimit(max) => {
                 let cache = self.cache().clone();
-                match blocking(move || cache.reserve(size, max)).await? {
+                let need = size.unwrap_or(0);
+                match blocking(move || cache.reserve(need, max)).await? {
                     Room::Reserved(r) => {
                         if !r.evicted.is_empty() {
-                            tracing::info!(evicted = r.evicted.len(), size, "made room");
+                            tracing::info!(evicted = r.evicted.len(), size = need, "made room");
+                            if let Some(hook) = evicted {
+                                hook(&r.evicted);
+                            }
                         }
                         Ok(Ok(Some(r)))
                     }
                     refused => Ok(Err(refused)),
                 }
             }
-            (RoomPolicy::HardLimit(max), None) => {
-                let cache = self.cache().clone();
-                match blocking(move || cache.reserve(0, max)).await? {
-                    Room::Reserved(r) => Ok(Ok(Some(r))),
-                    refused => Ok(Err(refused)),
+            RoomPolicy::DiskSpace => {
+                if let Some(size) = size {
+                    self.make_disk_space(size).await?;
                 }
-            }
-            (RoomPolicy::DiskSpace, Some(size)) => {
-                self.make_disk_space(size).await?;
                 Ok(Ok(None))
             }
-            (RoomPolicy::DiskSpace, None) => Ok(Ok(None)),
         }
     }
 
@@ -180,7 +185,7 @@ impl ImageCache {
             Some(wrap) => wrap(body),
             None => body,
         };
-        let reservation = match self.room(meta.size).await? {
+        let reservation = match self.room(meta.size, adm.hooks.evicted.as_ref()).await? {
             Ok(r) => r,
             Err(room) => {
                 tracing::info!(key = %adm.key, size = ?meta.size, ?room, "does not fit the cache");
@@ -226,11 +231,13 @@ impl ImageCache {
         // can make room for, the download stops (nothing fills the disk).
         let reservation = Arc::new(Mutex::new(reservation));
         let over = Arc::new(AtomicBool::new(false));
+        let evicted = adm.hooks.evicted.clone();
         let written = self.room_watch(
             reservation.clone(),
             over.clone(),
             size,
             adm.hooks.written.take(),
+            evicted,
         );
         let body = stop_when(prepared.body, over, &origin, self.room_policy());
         let progress: Arc<dyn Progress> = adm
@@ -286,7 +293,7 @@ impl ImageCache {
             // Another filesystem: streamed like any download (inspected on the way).
             return self.admit_body(adm, meta, file_stream(file, &path)).await;
         }
-        let reservation = match self.room(meta.size).await? {
+        let reservation = match self.room(meta.size, adm.hooks.evicted.as_ref()).await? {
             Ok(r) => r,
             Err(room) => {
                 let body = file_stream(file, &path);
@@ -389,6 +396,7 @@ impl ImageCache {
         over: Arc<AtomicBool>,
         size: Option<u64>,
         inner: Option<WrittenHook>,
+        evicted: Option<EvictedHook>,
     ) -> Option<WrittenHook> {
         let RoomPolicy::HardLimit(max) = self.room_policy() else {
             return inner;
@@ -403,8 +411,12 @@ impl ImageCache {
                 && n > r.bytes()
             {
                 let more = (n - r.bytes()).max(GROW_STEP.min(max.saturating_sub(r.bytes())));
+                let before = r.evicted.len();
                 if !matches!(r.grow(&cache, more, max), Ok(true)) && n > r.bytes() {
                     over.store(true, Ordering::Release);
+                }
+                if let Some(hook) = evicted.as_ref().filter(|_| r.evicted.len() > before) {
+                    hook(&r.evicted[before..]);
                 }
             }
             drop(held);

@@ -17,7 +17,7 @@ pub mod provision;
 pub mod source;
 pub mod zstd;
 
-pub use admit::{Admission, Admitted, Hooks, RoomPolicy, StreamInfo};
+pub use admit::{Admission, Admitted, EvictedHook, Hooks, RoomPolicy, StreamInfo};
 /// The format inspector, a crate of its own; re-exported so `imgcache_fetch::formats::...`
 /// and `crate::formats::...` paths keep working.
 pub use imgcache_formats as formats;

@@ -59,6 +59,16 @@ pub enum Phase {
     },
 }
 
+impl Phase {
+    /// The fill is over: nothing follows this phase.
+    pub fn is_end(&self) -> bool {
+        matches!(
+            self,
+            Phase::Done { .. } | Phase::Published | Phase::Passthrough | Phase::Failed { .. }
+        )
+    }
+}
+
 /// What readers need once bytes flow.
 #[derive(Debug)]
 pub struct Streaming {
@@ -99,6 +109,17 @@ impl Fill {
 
     pub fn subscribe(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
+    }
+
+    /// Waits for the fill's end (for callers with no client to stream: the prefetcher and
+    /// revalidation).
+    pub async fn ended(&self) -> Phase {
+        let mut rx = self.subscribe();
+        // The sender lives in `self`, so the watch cannot close while this waits.
+        rx.wait_for(Phase::is_end)
+            .await
+            .map(|p| p.clone())
+            .expect("a fill holds its own sender")
     }
 
     /// The origin's answer of a [`Phase::Passthrough`] fill, to the first caller only.
@@ -301,6 +322,12 @@ async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phas
             Box::new(move |rec| {
                 verified.store(true, Ordering::Release);
                 f.phase.send_replace(Phase::Verified { size: rec.size });
+            })
+        }),
+        evicted: Some({
+            let counter = state.metrics.evictions.clone();
+            Arc::new(move |gone: &[(String, u64)]| {
+                counter.inc_by(gone.len() as u64);
             })
         }),
         body: Some({

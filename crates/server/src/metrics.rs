@@ -102,7 +102,7 @@ impl Metrics {
         registry.register("cache_entries", "Published images", m.cache_entries.clone());
         registry.register(
             "evictions",
-            "Images evicted by the pruner",
+            "Images evicted by the pruner or to make room for a download",
             m.evictions.clone(),
         );
         registry.register(

@@ -60,34 +60,22 @@ impl Revalidations {
             // A fill like a miss's (the same key lock and admission pipeline), asking with
             // the copy's validators.
             let fill = st.fills.join_or_start(&st, &key, origin.clone());
-            let mut rx = fill.subscribe();
-            let end = rx
-                .wait_for(|p| {
-                    matches!(
-                        p,
-                        Phase::Done { .. }
-                            | Phase::Published
-                            | Phase::Passthrough
-                            | Phase::Failed { .. }
-                    )
-                })
-                .await
-                .map(|p| p.clone());
+            let end = fill.ended().await;
             match end {
-                Ok(Phase::Done { size }) => {
+                Phase::Done { size } => {
                     tracing::info!(%key, href = %origin.href, size, "origin changed: cached copy replaced");
                     if size > old.size {
                         st.prune_wake.notify_one(); // the cache may now be over its limit
                     }
                 }
-                Ok(Phase::Published) => tracing::debug!(%key, "revalidated: unchanged"),
-                Ok(Phase::Failed { message, .. }) => {
+                Phase::Published => tracing::debug!(%key, "revalidated: unchanged"),
+                Phase::Failed { message, .. } => {
                     st.metrics.revalidation_failures.inc();
                     tracing::warn!(%key, href = %origin.href, error = %message, "revalidation failed: still serving the cached copy");
                 }
                 other => {
                     st.metrics.revalidation_failures.inc();
-                    tracing::warn!(%key, href = %origin.href, phase = ?other.ok(), "revalidation did not replace the cached copy");
+                    tracing::warn!(%key, href = %origin.href, phase = ?other, "revalidation did not replace the cached copy");
                 }
             }
         });

@@ -377,17 +377,7 @@ async fn prefetch_one(state: AppState, id: String) -> anyhow::Result<Prefetched>
         revalidate: false,
     };
     let fill = state.fills.join_or_start(&state, &key, origin);
-    let mut rx = fill.subscribe();
-    let end = rx
-        .wait_for(|p| {
-            matches!(
-                p,
-                Phase::Done { .. } | Phase::Published | Phase::Passthrough | Phase::Failed { .. }
-            )
-        })
-        .await
-        .map(|p| p.clone())
-        .map_err(|_| anyhow::anyhow!("the download vanished"))?;
+    let end = fill.ended().await;
     match end {
         Phase::Done { size } => {
             tracing::info!(image_id = %id, size, seconds = started.elapsed().as_secs_f64(), "prefetched");

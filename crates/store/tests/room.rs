@@ -1,15 +1,8 @@
 //! Room reservations under the size limit (`Cache::reserve`), on both drivers.
 
-use std::io::Write;
+mod common;
 
 use imgcache_store::{Cache, DriverKind, Key, Room};
-
-fn publish(cache: &Cache, key: &str, len: usize) {
-    let key = Key::new(key).unwrap();
-    let mut w = cache.open_for_write(&key).unwrap().unwrap();
-    w.write_all(&vec![7u8; len]).unwrap();
-    w.commit().unwrap();
-}
 
 fn cached(cache: &Cache) -> Vec<String> {
     let mut v: Vec<_> = cache
@@ -27,8 +20,8 @@ fn reservations_never_pass_the_limit_and_evict_only_what_helps() {
     for kind in [DriverKind::Sqlite, DriverKind::Xattr] {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let cache = Cache::open(dir.path(), kind).unwrap();
-        publish(&cache, "old", 40);
-        publish(&cache, "new", 40);
+        common::publish(&cache, "old", &[7u8; 40]);
+        common::publish(&cache, "new", &[7u8; 40]);
         // 100 bytes: 80 cached, 20 free.
         let a = match cache.reserve(20, 100).unwrap() {
             Room::Reserved(r) => r,
