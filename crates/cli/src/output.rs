@@ -20,6 +20,9 @@ pub struct RecordJson {
     pub last_modified: Timestamp,
     pub size: u64,
     pub checksum: Option<String>,
+    /// The URL a `/v1/fetch` or `fetch` entry came from (its id is a uuid5 of it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub href: Option<String>,
 }
 
 impl From<&Record> for RecordJson {
@@ -31,8 +34,16 @@ impl From<&Record> for RecordJson {
             last_modified: r.last_modified,
             size: r.size,
             checksum: r.checksum.as_ref().map(ToString::to_string),
+            href: href(r),
         }
     }
+}
+
+/// The href an entry was fetched from, when it is not its id itself (a Glance image).
+pub fn href(r: &Record) -> Option<String> {
+    imgcache_fetch::ImageMeta::from_props(&r.props)
+        .href
+        .filter(|h| h != &r.image_id)
 }
 
 /// Prints a value as pretty JSON and a newline.
@@ -91,6 +102,7 @@ pub fn records_table(records: &[Record]) -> String {
         "Last accessed (UTC)",
         "Last modified (UTC)",
         "Checksum",
+        "Href",
     ]);
     for r in records {
         t.add_row([
@@ -104,6 +116,7 @@ pub fn records_table(records: &[Record]) -> String {
                     .as_ref()
                     .map_or("-".to_string(), |c| short_checksum(&c.to_string())),
             ),
+            Cell::new(href(r).unwrap_or_else(|| "-".into())),
         ]);
     }
     format!("{t}\n")

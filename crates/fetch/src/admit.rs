@@ -92,6 +92,9 @@ pub struct StreamInfo {
     pub file: File,
     pub size: Option<u64>,
     pub checksum: Option<Integrity>,
+    /// What the record will say of the image (validators, the origin's checksums): what a
+    /// reader of the growing file describes it with, as a hit does from the record.
+    pub meta: ImageMeta,
 }
 
 /// How an admission ended (its failures are errors: nothing was published).
@@ -207,7 +210,11 @@ impl ImageCache {
             Some(_) => (None, None),
             None => (expected, meta.size),
         };
-        let record_meta = self.record_meta(&adm.href_raw, &meta);
+        let mut record_meta = self.record_meta(&adm.href_raw, &meta);
+        if prepared.compressed.is_some() {
+            // What the origin vouched for is the compressed body, not the image published.
+            (record_meta.origin_checksum, record_meta.md5) = (None, None);
+        }
         let wopts = WriteOptions {
             expected: expected.clone(),
             expected_size: size,
@@ -225,6 +232,7 @@ impl ImageCache {
                 file,
                 size,
                 checksum: expected.clone(),
+                meta: record_meta.clone(),
             });
         }
         // An unannounced length grows its reservation as it is written; past what the cache
@@ -300,11 +308,12 @@ impl ImageCache {
                 return Ok(Admitted::Passthrough { meta, body, room });
             }
         };
+        let record_meta = self.record_meta(&adm.href_raw, &meta);
         let wopts = WriteOptions {
             expected: meta.checksum.clone(),
             expected_size: None,
             replace: true,
-            props: self.record_meta(&adm.href_raw, &meta).to_props(),
+            props: record_meta.to_props(),
             ..WriteOptions::default()
         };
         let cache = self.cache().clone();
@@ -329,6 +338,7 @@ impl ImageCache {
                 file: f,
                 size: Some(size),
                 checksum: meta.checksum.clone(),
+                meta: record_meta,
             });
         }
         if let Some(written) = &adm.hooks.written {
@@ -379,13 +389,7 @@ impl ImageCache {
 
     /// The record's metadata for a download of `href_raw` that the origin described as `meta`.
     fn record_meta(&self, href_raw: &str, meta: &OriginMeta) -> ImageMeta {
-        ImageMeta {
-            href: Some(href_raw.to_string()),
-            validators: meta.validators.clone(),
-            validated_at: Some(now()),
-            disk_format: meta.disk_format.clone(),
-            ..ImageMeta::default()
-        }
+        ImageMeta::from_origin(href_raw, meta)
     }
 
     /// The written-bytes hook: grows the reservation of an unannounced length (raising `over`

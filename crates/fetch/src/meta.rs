@@ -12,7 +12,7 @@ use imgcache_store::Integrity;
 use imgcache_store::record::now;
 
 use crate::href::Href;
-use crate::source::Validators;
+use crate::source::{OriginMeta, Validators};
 
 const HREF: &str = "href";
 const ETAG: &str = "etag";
@@ -24,6 +24,8 @@ pub(crate) const FORMAT: &str = "format";
 pub(crate) const VIRTUAL_SIZE: &str = "virtual_size";
 pub(crate) const SOURCE_FORMAT: &str = "source_format";
 pub(crate) const SOURCE_CHECKSUM: &str = "source_checksum";
+const ORIGIN_CHECKSUM: &str = "origin_checksum";
+const MD5: &str = "origin_md5";
 
 /// The typed form of a record's properties.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -42,6 +44,12 @@ pub struct ImageMeta {
     /// For a converted or decompressed image: what the source sent.
     pub source_format: Option<String>,
     pub source_checksum: Option<Integrity>,
+    /// The checksum the origin vouched for before the first byte (Glance's, `Content-MD5`),
+    /// as opposed to one computed over the bytes: a miss's `ETag` can only come from it, so
+    /// a hit's does too (one stable `ETag`).
+    pub origin_checksum: Option<Integrity>,
+    /// The origin's md5 of the bytes, for Glance clients' `Content-MD5` check.
+    pub md5: Option<Integrity>,
 }
 
 impl ImageMeta {
@@ -60,6 +68,22 @@ impl ImageMeta {
             virtual_size: props.get(VIRTUAL_SIZE).and_then(|v| v.parse().ok()),
             source_format: get(SOURCE_FORMAT),
             source_checksum: props.get(SOURCE_CHECKSUM).and_then(|v| v.parse().ok()),
+            origin_checksum: props.get(ORIGIN_CHECKSUM).and_then(|v| v.parse().ok()),
+            md5: props.get(MD5).and_then(|v| v.parse().ok()),
+        }
+    }
+
+    /// The record's metadata for a download of `href_raw` that its origin described as
+    /// `meta` (what is known before the first byte; the admission adds what it finds).
+    pub fn from_origin(href_raw: &str, meta: &OriginMeta) -> ImageMeta {
+        ImageMeta {
+            href: Some(href_raw.to_string()),
+            validators: meta.validators.clone(),
+            validated_at: Some(now()),
+            disk_format: meta.disk_format.clone(),
+            origin_checksum: meta.checksum.clone(),
+            md5: meta.md5.clone(),
+            ..ImageMeta::default()
         }
     }
 
@@ -83,6 +107,11 @@ impl ImageMeta {
             SOURCE_CHECKSUM,
             self.source_checksum.as_ref().map(|c| c.to_string()),
         );
+        put(
+            ORIGIN_CHECKSUM,
+            self.origin_checksum.as_ref().map(|c| c.to_string()),
+        );
+        put(MD5, self.md5.as_ref().map(|c| c.to_string()));
         p
     }
 
@@ -146,9 +175,11 @@ mod tests {
             virtual_size: Some(1 << 30),
             source_format: Some("qcow2".into()),
             source_checksum: Some(Integrity::of(imgcache_store::Algorithm::Sha256, b"x")),
+            origin_checksum: Some(Integrity::of(imgcache_store::Algorithm::Sha512, b"y")),
+            md5: Some(Integrity::of(imgcache_store::Algorithm::Md5, b"y")),
         };
         assert_eq!(ImageMeta::from_props(&full.to_props()), full);
-        assert_eq!(full.to_props().len(), 10, "every field is a property");
+        assert_eq!(full.to_props().len(), 12, "every field is a property");
         let empty = ImageMeta::default();
         assert!(empty.to_props().is_empty());
         assert_eq!(ImageMeta::from_props(&empty.to_props()), empty);

@@ -18,7 +18,7 @@
 //! neither cached nor queued, where Glance may answer 404).
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use crate::auth::Admin;
 use crate::error::ApiError;
+use crate::public_url::base_url;
 use crate::state::AppState;
 
 /// Image API versions served, newest first; the first is CURRENT.
@@ -43,53 +44,6 @@ pub fn routes() -> Router<AppState> {
         .route("/v2/cache/nodes/{image_id}", get(nodes))
         .route("/v2/cache/clean", post(clean))
         .route("/v2/cache/prune", post(prune))
-        .route("/v2/schemas/{*name}", get(schema))
-}
-
-/// `GET /v2/schemas/...`, relayed from the upstream Glance with the client's token.
-/// python-glanceclient run without `--os-image-api-version` reads `/versions`, then fetches
-/// these schemas to confirm v2 works, and falls back to the removed v1 API when none answers.
-async fn schema(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Result<Response, ApiError> {
-    let Some(base) = &state.config.sources.glance_url else {
-        return Err(ApiError::not_found(
-            "no upstream Glance to take schemas from",
-        ));
-    };
-    if !name.split('/').all(|seg| Key::new(seg).is_ok()) {
-        return Err(ApiError::bad_request("invalid schema name"));
-    }
-    let url = url::Url::parse(&format!(
-        "{}/v2/schemas/{name}",
-        base.as_str().trim_end_matches('/')
-    ))
-    .map_err(|e| ApiError::internal(format!("glance url: {e}")))?;
-    let mut upstream = HeaderMap::new();
-    if let Some(t) = headers.get(crate::auth::TOKEN_HEADER) {
-        upstream.insert(crate::auth::TOKEN_HEADER, t.clone());
-    }
-    let http = state.admin_auth.http(&state)?;
-    match http.get_small(&url, &upstream, 1 << 20).await {
-        Ok(body) => Ok((
-            [(header::CONTENT_TYPE, "application/json; charset=UTF-8")],
-            body,
-        )
-            .into_response()),
-        Err(imgcache_fetch::FetchError::Status { status, .. }) => Err(ApiError::new(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
-            "the upstream Glance refused the schema request",
-        )),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot fetch a schema upstream");
-            Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "cannot reach the upstream Glance",
-            ))
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -103,22 +57,6 @@ struct Version {
 struct Link {
     rel: &'static str,
     href: String,
-}
-
-/// This server's base URL as the client reached it (Glance's `req.application_url`).
-fn base_url(state: &AppState, headers: &HeaderMap) -> String {
-    let scheme = if state.config.tls_cert.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| state.config.listen.to_string());
-    format!("{scheme}://{host}")
 }
 
 fn versions_body(state: &AppState, headers: &HeaderMap) -> serde_json::Value {
@@ -182,6 +120,10 @@ struct CachedImage {
     last_accessed: f64,
     last_modified: f64,
     size: u64,
+    /// Not in Glance's answer: the URL a `/v1/fetch` entry came from (its id is a uuid5 of
+    /// it). Clients ignore fields they do not know.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    href: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -197,11 +139,14 @@ async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<CacheState
     let cached_images = records
         .into_iter()
         .map(|r| CachedImage {
-            image_id: r.image_id,
+            image_id: r.image_id.clone(),
             hits: r.hits,
             last_accessed: r.last_accessed,
             last_modified: r.last_modified,
             size: r.size,
+            href: imgcache_fetch::ImageMeta::from_props(&r.props)
+                .href
+                .filter(|h| h != &r.image_id),
         })
         .collect();
     Ok(Json(CacheState {
@@ -213,9 +158,24 @@ async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<CacheState
 async fn queue(
     _: Admin,
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path(image_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let k = key(&image_id)?;
+    // As Glance 33: an image the upstream does not know is 404, one that is not active 400,
+    // at once (not dropped later by the prefetcher).
+    match upstream_image(&state, &headers, &image_id).await {
+        Upstream::Missing => {
+            return Err(ApiError::not_found(format!("Image {image_id} not found.")));
+        }
+        Upstream::Image(status) if status != "active" => {
+            return Err(ApiError::bad_request(
+                "Only images with status active can be targeted for queueing",
+            ));
+        }
+        Upstream::Unreachable(e) => return Err(e),
+        Upstream::Image(_) | Upstream::Unknown => {}
+    }
     let cache = state.cache.clone();
     // false when already cached, being cached or queued: nothing to do.
     let queued = blocking(move || cache.queue_image(&k)).await?;
@@ -227,19 +187,77 @@ async fn queue(
     Ok(StatusCode::ACCEPTED)
 }
 
+/// What the upstream Glance says of an image id, for the cache API's answers.
+enum Upstream {
+    /// It exists, with this status.
+    Image(String),
+    /// 404: no such image.
+    Missing,
+    /// No upstream configured, not an image id, or the token could not tell (401/403: e.g.
+    /// imgcache's own admin token with no service token configured).
+    Unknown,
+    /// The upstream could not be asked.
+    Unreachable(ApiError),
+}
+
+/// Asks with the service token (`glance_token`) when one is configured, as Glance looks up
+/// the image without the caller's authorization; else with the caller's token.
+async fn upstream_image(state: &AppState, headers: &HeaderMap, id: &str) -> Upstream {
+    let Some(glance) = state.config.sources.glance_url.clone() else {
+        return Upstream::Unknown;
+    };
+    let Ok(uuid) = uuid::Uuid::parse_str(id) else {
+        return Upstream::Missing;
+    };
+    let token = state.config.sources.glance_token.clone().or_else(|| {
+        headers
+            .get(crate::auth::TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
+    let http = match state.fetcher.http_source() {
+        Ok(h) => h,
+        Err(e) => return Upstream::Unreachable(ApiError::internal(e.to_string())),
+    };
+    let src = imgcache_fetch::source::glance::GlanceSource::new(glance, token, http);
+    match src.image(&uuid).await {
+        Ok(img) => Upstream::Image(img.status),
+        Err(imgcache_fetch::FetchError::Status { status: 404, .. }) => Upstream::Missing,
+        Err(imgcache_fetch::FetchError::Status {
+            status: 401 | 403, ..
+        }) => Upstream::Unknown,
+        Err(e) => Upstream::Unreachable(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("cannot ask the upstream Glance about image {id}: {e}"),
+        )),
+    }
+}
+
 async fn delete_entry(
     _: Admin,
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path(image_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let k = key(&image_id)?;
     let cache = state.cache.clone();
-    blocking(move || {
-        cache.delete_cached_image(&k)?;
-        cache.delete_queued_image(&k)
+    let held = blocking(move || {
+        let cached = cache.delete_cached_image(&k)?;
+        let queued = cache.delete_queued_image(&k)?;
+        Ok(cached || queued)
     })
     .await?;
     refresh_gauges(&state).await;
+    if !held {
+        // As Glance 33: 404 only when the image is neither cached, queued nor known upstream.
+        match upstream_image(&state, &headers, &image_id).await {
+            Upstream::Image(_) => {}
+            Upstream::Missing | Upstream::Unknown => {
+                return Err(ApiError::not_found(format!("Image {image_id} not found.")));
+            }
+            Upstream::Unreachable(e) => return Err(e),
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

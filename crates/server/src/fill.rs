@@ -76,8 +76,11 @@ pub struct Streaming {
     pub file: Arc<File>,
     /// Total size, when the origin said.
     pub size: Option<u64>,
-    /// The checksum the origin vouches for (the ETag of the response).
+    /// The checksum the bytes are verified against.
     pub checksum: Option<Integrity>,
+    /// What the record will say of the image: the response's validators come from it, as a
+    /// hit's come from the record.
+    pub meta: ImageMeta,
 }
 
 pub struct Fill {
@@ -307,6 +310,7 @@ async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phas
                     file: Arc::new(s.file),
                     size: s.size,
                     checksum: s.checksum,
+                    meta: s.meta,
                 })
             })
         }),

@@ -81,10 +81,13 @@ pub async fn lock_or_follow(state: &AppState, fill: &Arc<Fill>) -> Result<Turn, 
                     let file = Arc::new(f);
                     followed = Some((file.clone(), m.ino()));
                     tracing::info!(key = %key, "following a download run by another process");
+                    // Only the file is shared: what the other process was told of the image
+                    // (its validators) is not known here.
                     fill.start_streaming(Streaming {
                         file,
                         size: None,
                         checksum: None,
+                        meta: Default::default(),
                     });
                     seen = m.len();
                     fill.report_written(seen, &notified);

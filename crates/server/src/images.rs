@@ -10,9 +10,6 @@
 //! HEAD on a hit does not count a hit. HEAD on a miss starts the download (it is the one way
 //! to learn the length) and answers once the origin has.
 
-use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
-
 use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
@@ -25,13 +22,16 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use imgcache_fetch::source::Response as OriginResponse;
-use imgcache_fetch::{Href, cache_key};
-use imgcache_store::{Algorithm, CacheReader, Key, Record};
+use imgcache_fetch::{Href, ImageMeta, cache_key};
+use imgcache_store::{CacheReader, Key, Record};
+use std::sync::Arc;
 use uuid::Uuid;
 
+use crate::conditional::{self, Precondition};
 use crate::error::ApiError;
 use crate::fill::{Fill, Origin, Phase, blocking, origin_error, watched};
 use crate::range::{self, Plan};
+use crate::representation::{Md5Style, Representation};
 use crate::sendfile::Sendfile;
 use crate::serve_file::{self, Cursor, Follow};
 use crate::state::AppState;
@@ -42,11 +42,15 @@ const MAX_HREF: usize = 8192;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
+        // Uploads (`PUT`) of image data go to the upstream Glance.
         .route(
             "/v2/images/{image_id}/file",
-            get(glance_file).head(glance_file),
+            get(glance_file)
+                .head(glance_file)
+                .fallback(crate::proxy::fallback),
         )
         .route("/v1/fetch", get(fetch).head(fetch))
+        .route("/v1/fetch/{*href}", get(fetch_path).head(fetch_path))
 }
 
 async fn glance_file(
@@ -108,6 +112,56 @@ async fn fetch(
     let Some(href_raw) = href_raw.filter(|h| !h.is_empty()) else {
         return ApiError::bad_request("the href query parameter is required").into_response();
     };
+    fetch_href(&state, method, href_raw, zero_copy, &headers).await
+}
+
+/// `GET`/`HEAD /v1/fetch/<scheme>/<host[:port]>/<path...>[?query]`: `/v1/fetch?href=` with the
+/// href in the path, so that the URL's last segment is the image's file name. Ironic's and
+/// IPA's checksum lookup matches a `SHA256SUMS` line by that basename, which
+/// `/v1/fetch?href=` hides (its basename is `fetch`).
+async fn fetch_path(
+    State(state): State<AppState>,
+    method: Method,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    zero_copy: Option<Extension<Sendfile>>,
+    headers: HeaderMap,
+) -> Response {
+    let Ok(Path(rest)) = path else {
+        return ApiError::bad_request("invalid path").into_response();
+    };
+    let Some(href_raw) = path_style_href(&rest, query.as_deref()) else {
+        return ApiError::bad_request(
+            "a path-style fetch is /v1/fetch/<http|https>/<host[:port]>/<path>",
+        )
+        .into_response();
+    };
+    fetch_href(&state, method, href_raw, zero_copy, &headers).await
+}
+
+/// `http/host:port/a/b.img` and a query → `http://host:port/a/b.img?query`.
+fn path_style_href(rest: &str, query: Option<&str>) -> Option<String> {
+    let (scheme, rest) = rest.split_once('/')?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !matches!(scheme, "http" | "https") || host.is_empty() || host.contains('@') {
+        return None;
+    }
+    let mut href = format!("{scheme}://{host}/{path}");
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        href.push('?');
+        href.push_str(q);
+    }
+    Some(href)
+}
+
+/// `/v1/fetch` of one href, however the client named it.
+async fn fetch_href(
+    state: &AppState,
+    method: Method,
+    href_raw: String,
+    zero_copy: Option<Extension<Sendfile>>,
+    headers: &HeaderMap,
+) -> Response {
     if href_raw.len() > MAX_HREF || href_raw.contains('\0') {
         return ApiError::bad_request("invalid href").into_response();
     }
@@ -139,12 +193,12 @@ async fn fetch(
     };
     let zero_copy = zero_copy.map(|Extension(z)| z);
     serve(
-        &state,
+        state,
         key,
         origin,
         method == Method::HEAD,
         zero_copy,
-        &headers,
+        headers,
     )
     .await
 }
@@ -185,7 +239,7 @@ async fn serve(
                 let Some(info) = fill.info() else {
                     return ApiError::internal("download has no file").into_response();
                 };
-                let meta = RespMeta::new(info.size, info.checksum.as_ref(), None);
+                let meta = Representation::of(info.size, &info.meta, md5_style(&origin));
                 let file = info.file.clone();
                 let total = info.size;
                 let written = fill.written();
@@ -246,7 +300,7 @@ async fn head_of_miss(
     headers: &HeaderMap,
 ) -> Response {
     if let Some(info) = state.fills.get(key).as_deref().and_then(Fill::info) {
-        let meta = RespMeta::new(info.size, info.checksum.as_ref(), None);
+        let meta = Representation::of(info.size, &info.meta, md5_style(origin));
         return respond(&meta, headers, true, |_, _| Body::empty());
     }
     state.metrics.origin_requests.inc();
@@ -258,10 +312,10 @@ async fn head_of_miss(
         Ok(m) => m,
         Err(e) => return origin_error(e).into_response(),
     };
-    let meta = RespMeta::new(
+    let meta = Representation::of(
         meta.size,
-        meta.checksum.as_ref(),
-        meta.validators.last_modified.clone(),
+        &ImageMeta::from_origin(&origin.href_raw, &meta),
+        md5_style(origin),
     );
     respond(&meta, headers, true, |_, _| Body::empty())
 }
@@ -284,9 +338,12 @@ async fn hit(
             return Ok(None);
         };
         state.revalidations.maybe_start(state, key, &rec, origin);
-        return Ok(Some(respond(&hit_meta(&rec), headers, true, |_, _| {
-            Body::empty()
-        })));
+        return Ok(Some(respond(
+            &hit_meta(&rec, origin),
+            headers,
+            true,
+            |_, _| Body::empty(),
+        )));
     }
     // The miss that just published the image is not a hit, in the metrics or in the record.
     let open = move || match count_hit {
@@ -302,7 +359,7 @@ async fn hit(
     state
         .revalidations
         .maybe_start(state, key, reader.record(), origin);
-    let meta = hit_meta(reader.record());
+    let meta = hit_meta(reader.record(), origin);
     let file = Arc::new(reader.into_file());
     let counter = state.metrics.bytes_from_cache.clone();
     let zero_copied = state.metrics.bytes_sendfile.clone();
@@ -320,13 +377,20 @@ async fn hit(
     )))
 }
 
-fn hit_meta(rec: &Record) -> RespMeta {
-    let published = UNIX_EPOCH + Duration::from_secs_f64(rec.last_modified.max(0.0));
-    RespMeta::new(
+fn hit_meta(rec: &Record, origin: &Origin) -> Representation {
+    Representation::of(
         Some(rec.size),
-        rec.checksum.as_ref(),
-        Some(httpdate::fmt_http_date(published)),
+        &ImageMeta::from_props(&rec.props),
+        md5_style(origin),
     )
+}
+
+/// Glance images carry Glance's hex `Content-MD5`; other hrefs RFC 1864's.
+fn md5_style(origin: &Origin) -> Md5Style {
+    match origin.href {
+        Href::Glance(_) => Md5Style::Hex,
+        _ => Md5Style::Base64,
+    }
 }
 
 /// The image is too big for the cache: stream it straight from the origin, with the answer
@@ -369,15 +433,25 @@ async fn passthrough(
             }
         }
     };
-    let m = RespMeta::new(meta.size, meta.checksum.as_ref(), None);
+    let m = Representation::of(
+        meta.size,
+        &ImageMeta::from_origin(&origin.href_raw, &meta),
+        md5_style(origin),
+    );
     let mut r = Response::builder()
         .status(StatusCode::OK)
         .header(CONTENT_TYPE, "application/octet-stream");
     if let Some(len) = m.len {
         r = r.header(CONTENT_LENGTH, len);
     }
-    if let Some(e) = &m.etag {
-        r = r.header(ETAG, e);
+    for (name, value) in [
+        (ETAG, &m.etag),
+        (LAST_MODIFIED, &m.last_modified),
+        (CONTENT_MD5, &m.md5),
+    ] {
+        if let Some(v) = value {
+            r = r.header(name, v);
+        }
     }
     let body = watched(
         body,
@@ -394,38 +468,36 @@ async fn passthrough(
         .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
 }
 
-/// What the response headers say about the image.
-struct RespMeta {
-    /// `None`: a download whose length the origin did not give (sent chunked, no ranges).
-    len: Option<u64>,
-    etag: Option<String>,
-    last_modified: Option<String>,
-    md5: Option<String>,
-}
-
-impl RespMeta {
-    /// The image's checksum is its ETag (and its Content-MD5 when it is an md5).
-    fn new(
-        len: Option<u64>,
-        checksum: Option<&imgcache_store::Integrity>,
-        last_modified: Option<String>,
-    ) -> RespMeta {
-        RespMeta {
-            len,
-            etag: checksum.map(|c| format!("\"{}\"", c.hex())),
-            last_modified,
-            md5: checksum.and_then(content_md5),
-        }
-    }
-}
-
 /// Status, headers and body for a request, with `Range`/`If-Range` applied.
 fn respond(
-    meta: &RespMeta,
+    meta: &Representation,
     req: &HeaderMap,
     head: bool,
     body: impl FnOnce(u64, Option<u64>) -> Body,
 ) -> Response {
+    let validators = || {
+        let mut h = HeaderMap::new();
+        for (name, value) in [(ETAG, &meta.etag), (LAST_MODIFIED, &meta.last_modified)] {
+            if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                h.insert(name, v);
+            }
+        }
+        h
+    };
+    match conditional::evaluate(req, meta.etag.as_deref(), meta.last_modified.as_deref()) {
+        Precondition::Proceed => {}
+        Precondition::NotModified => {
+            let mut resp = StatusCode::NOT_MODIFIED.into_response();
+            *resp.headers_mut() = validators();
+            return resp;
+        }
+        Precondition::Failed => {
+            let mut resp = ApiError::new(StatusCode::PRECONDITION_FAILED, "precondition failed")
+                .into_response();
+            resp.headers_mut().extend(validators());
+            return resp;
+        }
+    }
     let plan = range::plan(
         req,
         meta.len,
@@ -440,11 +512,7 @@ fn respond(
     if meta.len.is_some() {
         h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     }
-    for (name, value) in [(ETAG, &meta.etag), (LAST_MODIFIED, &meta.last_modified)] {
-        if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
-            h.insert(name, v);
-        }
-    }
+    h.extend(validators());
     let (status, start, end) = match (plan, meta.len) {
         (Plan::Unsatisfiable, Some(len)) => {
             let mut resp =
@@ -492,51 +560,28 @@ fn respond(
     resp
 }
 
-/// `Content-MD5` (base64 of the digest) when the checksum is an md5.
-fn content_md5(c: &imgcache_store::Integrity) -> Option<String> {
-    if c.algorithm != Algorithm::Md5 {
-        return None;
-    }
-    let bytes: Vec<u8> = (0..c.hex().len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&c.hex()[i..i + 2], 16))
-        .collect::<Result<_, _>>()
-        .ok()?;
-    Some(base64(&bytes))
-}
-
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
-    fn base64_matches_rfc4648() {
-        for (i, o) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
+    fn path_style_hrefs() {
+        use super::path_style_href as h;
+        assert_eq!(
+            h("http/127.0.0.1:8080/images/disk.img", None).as_deref(),
+            Some("http://127.0.0.1:8080/images/disk.img")
+        );
+        assert_eq!(
+            h("https/h/a/SHA256SUMS", Some("v=1")).as_deref(),
+            Some("https://h/a/SHA256SUMS?v=1")
+        );
+        assert_eq!(h("http/h", None).as_deref(), Some("http://h/"));
+        for bad in [
+            "file/etc/passwd",
+            "http//x",
+            "http/u@h/x",
+            "ftp/h/x",
+            "http",
         ] {
-            assert_eq!(super::base64(i.as_bytes()), o);
+            assert_eq!(h(bad, None), None, "{bad}");
         }
     }
 }

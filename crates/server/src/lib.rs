@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod cache_api;
+pub mod conditional;
 pub mod config;
 pub mod error;
 pub mod fill;
@@ -11,9 +12,13 @@ pub mod fill_elsewhere;
 pub mod health;
 pub mod images;
 pub mod metrics;
+pub mod proxy;
+pub mod public_url;
 pub mod range;
+pub mod representation;
 pub mod revalidate;
 pub mod router;
+pub mod schemas;
 pub mod sendfile;
 pub mod serve_file;
 pub mod state;

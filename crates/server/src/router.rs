@@ -1,9 +1,9 @@
-//! All routes. Unknown paths get a JSON 404; a known path with the wrong method gets axum's
-//! 405 with an `Allow` header.
+//! All routes. What imgcache does not answer under `/v2/` is relayed to the upstream Glance
+//! ([`crate::proxy`]); other unknown paths get a JSON 404; a known path of imgcache's own with
+//! the wrong method gets axum's 405 with an `Allow` header.
 
 use axum::Router;
 
-use crate::error::ApiError;
 use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router {
@@ -11,10 +11,25 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::images::routes())
         .merge(crate::cache_api::routes())
         .merge(crate::health::routes())
-        .fallback(|| async { ApiError::not_found("no such resource") })
+        // The rest of Glance's v2 API goes upstream; anything else is a JSON 404.
+        .fallback(crate::proxy::fallback)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::metrics::track_latency,
         ))
+        .layer(axum::middleware::map_response(request_id))
         .with_state(state)
+}
+
+/// Glance's clients log `X-Openstack-Request-Id`: every answer carries one, the upstream's
+/// own on a relayed call, else a new `req-<uuid>` as Glance makes them.
+async fn request_id(mut resp: axum::response::Response) -> axum::response::Response {
+    const NAME: &str = "x-openstack-request-id";
+    if !resp.headers().contains_key(NAME) {
+        let id = format!("req-{}", uuid::Uuid::new_v4());
+        if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+            resp.headers_mut().insert(NAME, v);
+        }
+    }
+    resp
 }

@@ -31,6 +31,8 @@ pub struct AppState {
     /// `allow_href_prefixes`, parsed: what `/v1/fetch` hrefs, and every redirect their
     /// origins answer, must be under.
     pub allow: Arc<AllowList>,
+    /// The last good copy of each Glance schema, for clients the upstream refuses them.
+    pub schemas: Arc<crate::schemas::Schemas>,
 }
 
 impl AppState {
@@ -70,6 +72,7 @@ impl AppState {
             fetcher.http_source()?,
             config.auth_cache_ttl,
         );
+        let schemas = Arc::new(crate::schemas::Schemas::new(&config.cache_dir));
         Ok(AppState {
             config: Arc::new(config),
             cache,
@@ -82,6 +85,7 @@ impl AppState {
             upstream_auth: Arc::new(upstream_auth),
             revalidations: Arc::default(),
             allow,
+            schemas,
         })
     }
 }

@@ -37,6 +37,14 @@ impl UpstreamAuth {
         }
     }
 
+    /// Forgets every grant to image `id` (it was deleted or deactivated upstream).
+    pub fn forget(&self, id: &Uuid) {
+        self.allowed
+            .lock()
+            .expect("poisoned")
+            .retain(|(_, image), _| image != id);
+    }
+
     /// Ok when `token` may see image `id` upstream; otherwise the error to answer with.
     pub async fn check(&self, token: Option<&str>, id: &Uuid) -> Result<(), ApiError> {
         let Some(glance) = &self.glance else {

@@ -171,16 +171,19 @@ async fn list_queue_delete_and_nodes() {
     let body: serde_json::Value = nodes(ID_B).await.unwrap().json().await.unwrap();
     assert_eq!(body, serde_json::json!([]));
 
-    // DELETE removes the cached file and the queue entry; it is idempotent.
-    for id in [ID_A, ID_B, ID_A] {
+    // DELETE removes the cached file and the queue entry. Again, for an id that is neither
+    // cached, queued nor known upstream: 404, as Glance 33 answers.
+    for (id, status) in [(ID_A, 204), (ID_B, 204), (ID_A, 404)] {
         let r = c
             .delete(srv.url(&format!("/v2/cache/{id}")))
             .header("x-auth-token", ADMIN)
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 204);
-        assert!(r.bytes().await.unwrap().is_empty());
+        assert_eq!(r.status(), status, "{id}");
+        if status == 204 {
+            assert!(r.bytes().await.unwrap().is_empty());
+        }
     }
     let state = cache_state(&c, &srv).await;
     assert_eq!(
@@ -528,7 +531,7 @@ async fn a_failing_origin_leaves_the_image_queued_and_the_worker_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_id_upstream_does_not_know_leaves_the_queue() {
+async fn an_id_upstream_does_not_know_is_refused_at_once() {
     let glance = FakeGlance::start().await;
     let srv = TestServer::start(Some(&glance.url)).await;
     let c = client();
@@ -538,11 +541,15 @@ async fn an_id_upstream_does_not_know_leaves_the_queue() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 202);
-    eventually("the unknown id to leave the queue", || async {
-        queued(&cache_state(&c, &srv).await).is_empty()
-    })
-    .await;
+    // As Glance 33: 404 with the reason, and nothing queued for the prefetcher to drop later.
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body.to_string()
+            .contains(&format!("Image {ID_C} not found")),
+        "{body}"
+    );
+    assert!(queued(&cache_state(&c, &srv).await).is_empty());
     assert_eq!(glance.file_requests(), 0);
     srv.stop().await;
 }

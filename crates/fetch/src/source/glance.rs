@@ -8,7 +8,7 @@ use uuid::Uuid;
 use imgcache_store::{Algorithm, Integrity};
 
 use super::http::HttpSource;
-use super::{OriginMeta, Response};
+use super::{OriginMeta, Response, Validators};
 use crate::error::{FetchError, Result};
 
 /// The fields of a Glance image record imgcache uses.
@@ -35,11 +35,52 @@ impl GlanceImage {
                 .and_then(|a| Integrity::new(a, v).ok()),
             _ => None,
         };
-        multihash.or_else(|| {
-            self.checksum
-                .as_deref()
-                .and_then(|c| Integrity::new(Algorithm::Md5, c).ok())
-        })
+        multihash.or_else(|| self.md5())
+    }
+
+    /// The legacy md5 `checksum`, which Glance sends as a download's `Content-MD5`.
+    pub fn md5(&self) -> Option<Integrity> {
+        self.checksum
+            .as_deref()
+            .and_then(|c| Integrity::new(Algorithm::Md5, c).ok())
+    }
+
+    /// `updated_at` as an HTTP date: the image's `Last-Modified` (Glance sends none with
+    /// its data; an active image's data never changes, so this date is stable).
+    pub fn last_modified(&self) -> Option<String> {
+        let t = humantime::parse_rfc3339_weak(self.updated_at.as_deref()?).ok()?;
+        Some(httpdate::fmt_http_date(t))
+    }
+
+    /// What a download of this image is, before its first byte.
+    fn origin_meta(&self, size: Option<u64>) -> OriginMeta {
+        OriginMeta {
+            size: self.size.or(size),
+            validators: Validators {
+                last_modified: self.last_modified(),
+                ..Validators::default()
+            },
+            checksum: self.integrity(),
+            disk_format: self.disk_format.clone(),
+            md5: self.md5(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn updated_at_is_an_http_date() {
+        let mut img: super::GlanceImage = serde_json::from_value(serde_json::json!({
+            "id": "x", "status": "active", "updated_at": "2026-12-01T09:30:05Z"
+        }))
+        .unwrap();
+        assert_eq!(
+            img.last_modified().as_deref(),
+            Some("Tue, 01 Dec 2026 09:30:05 GMT")
+        );
+        img.updated_at = Some("not a date".into());
+        assert_eq!(img.last_modified(), None);
     }
 }
 
@@ -97,12 +138,7 @@ impl GlanceSource {
     /// What a download of the image would send (size, checksum, format), from its record alone.
     pub async fn meta(&self, id: &Uuid) -> Result<OriginMeta> {
         let image = self.active_image(id).await?;
-        Ok(OriginMeta {
-            size: image.size,
-            checksum: image.integrity(),
-            disk_format: image.disk_format.clone(),
-            ..OriginMeta::default()
-        })
+        Ok(image.origin_meta(None))
     }
 
     /// Glance images are immutable per id, so there is nothing to revalidate: this always
@@ -112,12 +148,7 @@ impl GlanceSource {
         let url = self.url(&format!("/v2/images/{id}/file"))?;
         match self.http.get(&url, None, &self.headers()).await? {
             Response::Body { meta, body } => Ok(Response::Body {
-                meta: OriginMeta {
-                    size: image.size.or(meta.size),
-                    checksum: image.integrity(),
-                    disk_format: image.disk_format.clone(),
-                    ..meta
-                },
+                meta: image.origin_meta(meta.size),
                 body,
             }),
             other => Ok(other),

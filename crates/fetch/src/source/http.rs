@@ -90,6 +90,12 @@ impl HttpSource {
         Ok(HttpSource { client, opts })
     }
 
+    /// The process's HTTP client (connection pools, TLS roots), for a caller that relays
+    /// requests itself: the server's Glance API proxy. It follows no redirects.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// GETs `url`; with `held`, conditionally, answering `NotModified` on a 304.
     pub async fn get(
         &self,
@@ -304,6 +310,7 @@ fn origin_meta(h: &HeaderMap) -> OriginMeta {
             mtime_ns: None,
         },
         checksum: content_md5(h),
+        md5: content_md5(h),
         ..OriginMeta::default()
     }
 }

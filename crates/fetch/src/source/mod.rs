@@ -35,6 +35,9 @@ pub struct OriginMeta {
     pub checksum: Option<Integrity>,
     /// The format the origin declares (Glance's disk_format).
     pub disk_format: Option<String>,
+    /// The body's md5 when the origin gives it (Glance's legacy `checksum`, `Content-MD5`),
+    /// also when `checksum` is a stronger one: Glance's clients check downloads against it.
+    pub md5: Option<Integrity>,
 }
 
 pub enum Response {

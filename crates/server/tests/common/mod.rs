@@ -187,6 +187,7 @@ async fn image_record(
         "size": img.body.len(),
         "checksum": md5,
         "disk_format": "raw",
+        "updated_at": "2026-11-30T08:00:00Z",
     }))
     .into_response()
 }
