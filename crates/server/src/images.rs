@@ -35,6 +35,7 @@ use crate::representation::{Md5Style, Representation};
 use crate::sendfile::Sendfile;
 use crate::serve_file::{self, Cursor, Follow};
 use crate::state::AppState;
+use crate::upstream_auth::Denied;
 
 const CONTENT_MD5: HeaderName = HeaderName::from_static("content-md5");
 /// Longest href `/v1/fetch` accepts.
@@ -74,8 +75,13 @@ async fn glance_file(
         .get("x-auth-token")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    if let Err(e) = state.upstream_auth.check(token.as_deref(), &uuid).await {
-        return e.into_response();
+    match state.upstream_auth.check(token.as_deref(), &uuid).await {
+        Ok(()) => {}
+        Err(Denied::Refused(e)) => return e.into_response(),
+        Err(Denied::Inactive(inactive)) => {
+            crate::proxy::evict_glance_image(&state, &uuid, "no longer active upstream").await;
+            return ApiError::from(inactive).into_response();
+        }
     }
     let href = Href::Glance(uuid);
     let key = cache_key(&href, &id, false);

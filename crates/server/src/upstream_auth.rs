@@ -16,6 +16,37 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 
+/// An image upstream has data for only while it is `active`: a deactivated one is refused to
+/// everyone as Glance refuses it to its users, and any other status is as good as gone.
+pub struct Inactive(pub String);
+
+impl From<Inactive> for ApiError {
+    fn from(Inactive(status): Inactive) -> ApiError {
+        if status == "deactivated" {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "The requested image has been deactivated. Image data download is forbidden.",
+            )
+        } else {
+            ApiError::not_found(format!("the image is {status} upstream"))
+        }
+    }
+}
+
+/// Why a token may not read an image.
+pub enum Denied {
+    /// Refused (401/403/404 upstream) or the upstream could not be asked: answer with it.
+    Refused(ApiError),
+    /// The image is no longer active upstream: evict it, then answer with the error.
+    Inactive(Inactive),
+}
+
+impl From<ApiError> for Denied {
+    fn from(e: ApiError) -> Denied {
+        Denied::Refused(e)
+    }
+}
+
 /// Entries kept at most; past this the map is emptied (a burst of distinct tokens cannot grow
 /// memory without bound, and a cleared entry only costs one upstream request).
 const MAX_ENTRIES: usize = 10_000;
@@ -45,19 +76,19 @@ impl UpstreamAuth {
             .retain(|(_, image), _| image != id);
     }
 
-    /// Ok when `token` may see image `id` upstream; otherwise the error to answer with.
-    pub async fn check(&self, token: Option<&str>, id: &Uuid) -> Result<(), ApiError> {
+    /// Ok when `token` may see image `id` upstream and it is active; otherwise why not.
+    pub async fn check(&self, token: Option<&str>, id: &Uuid) -> Result<(), Denied> {
         let Some(glance) = &self.glance else {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no upstream Glance configured (--glance-url)",
-            ));
+            )
+            .into());
         };
         let Some(token) = token.filter(|t| !t.is_empty()) else {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "an X-Auth-Token is required",
-            ));
+            return Err(
+                ApiError::new(StatusCode::UNAUTHORIZED, "an X-Auth-Token is required").into(),
+            );
         };
         let entry = (token.to_string(), *id);
         if let Some(until) = self.allowed.lock().expect("poisoned").get(&entry)
@@ -67,6 +98,7 @@ impl UpstreamAuth {
         }
         let src = GlanceSource::new(glance.clone(), Some(token.to_string()), self.http.clone());
         match src.image(id).await {
+            Ok(image) if image.status != "active" => Err(Denied::Inactive(Inactive(image.status))),
             Ok(_) => {
                 if !self.ttl.is_zero() {
                     let mut map = self.allowed.lock().expect("poisoned");
@@ -82,12 +114,12 @@ impl UpstreamAuth {
                 Err(ApiError::new(
                     status,
                     format!("upstream Glance refused image {id}: {status}"),
-                ))
+                )
+                .into())
             }
-            Err(e) => Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("upstream Glance: {e}"),
-            )),
+            Err(e) => {
+                Err(ApiError::new(StatusCode::BAD_GATEWAY, format!("upstream Glance: {e}")).into())
+            }
         }
     }
 }

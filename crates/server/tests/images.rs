@@ -1100,3 +1100,95 @@ async fn a_zstd_compressed_image_is_served_as_the_origin_sent_it() {
     assert_eq!(fake.data_requests("z.img.zst"), 1);
     srv.stop().await.unwrap();
 }
+
+/// One `ETag` and `Last-Modified` from the first byte of a miss on: a HEAD of the miss, the
+/// miss itself (mid-stream), the hit, and the hit after the image is re-cached all carry the
+/// origin's validators, and conditional requests are answered from them (RFC 9110 order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn validators_are_the_origins_from_the_first_byte_and_answer_conditionals() {
+    let fake = Fake::start().await;
+    let data = image_bytes(4 * MIB, 31);
+    let mut img = Img::new(data.clone());
+    img.throttle = Some((256 << 10, Duration::from_millis(20)));
+    fake.add("v.img", img);
+    let mut srv = Server::start(&fake, |_| {}).await;
+    let c = client();
+    let href = format!("{}/files/v.img", fake.url());
+    let url = reqwest::Url::parse_with_params(&srv.url("/v1/fetch"), &[("href", &href)]).unwrap();
+    let origin_etag = format!("\"{}\"", md5_hex(&data));
+    let validators = |h: &reqwest::header::HeaderMap| {
+        (
+            h.get("etag").map(|v| v.to_str().unwrap().to_string()),
+            h.get("last-modified")
+                .map(|v| v.to_str().unwrap().to_string()),
+        )
+    };
+    let want = (
+        Some(origin_etag.clone()),
+        Some(FILES_LAST_MODIFIED.to_string()),
+    );
+
+    let head = c.head(url.clone()).send().await.unwrap();
+    assert_eq!(validators(head.headers()), want, "HEAD of the miss");
+    let miss = c.get(url.clone()).send().await.unwrap();
+    assert_eq!(miss.status(), 200);
+    assert_eq!(
+        validators(miss.headers()),
+        want,
+        "the miss, at its first byte"
+    );
+    assert_eq!(miss.bytes().await.unwrap(), data);
+
+    let key = imgcache_fetch::cache_key(&imgcache_fetch::Href::parse(&href).unwrap(), &href, false);
+    srv.wait_published(key.as_str()).await;
+    let cond = |h: &[(&str, &str)]| {
+        let mut r = c.get(url.clone());
+        for (k, v) in h {
+            r = r.header(*k, *v);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let v = validators(r.headers());
+            (r.status().as_u16(), v, r.bytes().await.unwrap().len())
+        }
+    };
+    let (status, v, _) = cond(&[]).await;
+    assert_eq!((status, v), (200, want.clone()), "the hit");
+    let before = "Sun, 29 Nov 2026 08:00:00 GMT";
+    let after = "Tue, 01 Dec 2026 08:00:00 GMT";
+    for (headers, status) in [
+        (vec![("if-none-match", origin_etag.as_str())], 304),
+        (vec![("if-none-match", "*")], 304),
+        (vec![("if-none-match", "\"other\"")], 200),
+        (vec![("if-modified-since", FILES_LAST_MODIFIED)], 304),
+        (vec![("if-modified-since", after)], 304),
+        (vec![("if-modified-since", before)], 200),
+        (vec![("if-match", origin_etag.as_str())], 200),
+        (vec![("if-match", "\"other\"")], 412),
+        (vec![("if-unmodified-since", before)], 412),
+        (vec![("if-unmodified-since", after)], 200),
+        (
+            vec![("range", "bytes=0-9"), ("if-range", FILES_LAST_MODIFIED)],
+            206,
+        ),
+        (
+            vec![("range", "bytes=0-9"), ("if-range", origin_etag.as_str())],
+            206,
+        ),
+        (vec![("range", "bytes=0-9"), ("if-range", before)], 200),
+    ] {
+        let (got, v, len) = cond(&headers).await;
+        assert_eq!(got, status, "{headers:?}");
+        if status == 304 {
+            assert_eq!((v, len), (want.clone(), 0), "a 304 carries the validators");
+        }
+    }
+
+    // Re-cached (deleted, fetched again): the same validators, so a client's saved ones hold.
+    let cache =
+        imgcache_store::Cache::open(srv.cache_dir(), imgcache_store::DriverKind::Sqlite).unwrap();
+    cache.delete_cached_image(&key).unwrap();
+    let (status, v, len) = cond(&[]).await;
+    assert_eq!((status, v, len), (200, want.clone(), data.len()));
+    srv.stop().await.unwrap();
+}

@@ -222,14 +222,24 @@ async fn plain_file(
         let Some(len) = st.images.lock().unwrap().get(&name).map(|i| i.body.len()) else {
             return StatusCode::NOT_FOUND.into_response();
         };
-        let mut r = Response::builder().header(header::CONTENT_LENGTH, len);
+        let mut r = Response::builder()
+            .header(header::CONTENT_LENGTH, len)
+            .header(header::LAST_MODIFIED, FILES_LAST_MODIFIED);
         if let Some(etag) = etag {
             r = r.header(header::ETAG, etag);
         }
         return r.body(Body::empty()).unwrap();
     }
-    send(st, name, etag).await
+    let mut r = send(st, name, etag).await;
+    if r.status().is_success() {
+        r.headers_mut()
+            .insert(header::LAST_MODIFIED, FILES_LAST_MODIFIED.parse().unwrap());
+    }
+    r
 }
+
+/// The `Last-Modified` of every plain file.
+pub const FILES_LAST_MODIFIED: &str = "Mon, 30 Nov 2026 08:00:00 GMT";
 
 async fn send(st: Arc<FakeState>, id: String, etag: Option<String>) -> Response {
     *st.data.lock().unwrap().entry(id.clone()).or_default() += 1;
