@@ -153,10 +153,13 @@ impl AdminAuth {
         if let Some(h) = self.http.get() {
             return Ok(h);
         }
-        // An auth check must answer quickly: no retries.
-        let mut opts = state.config.sources.http.clone();
-        opts.retries = 0;
-        let built = HttpSource::new(opts).map_err(|e| ApiError::internal(e.to_string()))?;
+        // An auth check must answer quickly: no retries (the process's one client, its
+        // connection pool shared).
+        let built = state
+            .fetcher
+            .http_source()
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .without_retries();
         Ok(self.http.get_or_init(|| built))
     }
 }

@@ -5,17 +5,16 @@
 //! | --- | --- |
 //! | `GET /versions` | 200, the versions list (`GET /`: the same with 300, as Glance) |
 //! | `GET /v2/cache` | 200 `{"cached_images": [...], "queued_images": [...]}` |
-//! | `PUT /v2/cache/{id}` | 202: queued (not when already cached) and the prefetcher woken |
-//! | `DELETE /v2/cache/{id}` | 204: cached file and queue entry removed |
+//! | `PUT /v2/cache/{id}` | 202: queued (not when already cached) and the prefetcher woken; 404 for an id the upstream does not know, 400 for an inactive image |
+//! | `DELETE /v2/cache/{id}` | 204: cached file and queue entry removed; 404 when neither cached, queued nor known upstream |
 //! | `DELETE /v2/cache` | 204; `x-image-cache-clear-target`: `cache`, `queue`, empty/absent = both |
 //! | `POST /v2/cache/clean` | 200: stalled and invalid files removed |
 //! | `POST /v2/cache/prune` | 200 `{"total_files_pruned": N, "total_bytes_pruned": N}` |
 //! | `GET /v2/cache/nodes/{id}` | 200, the nodes holding the image: this one, or none |
 //!
-//! Every `/v2/cache` call needs an admin token ([`crate::auth`]). Differences from Glance:
-//! `PUT` does not ask upstream whether the image exists (the prefetcher does, and drops an id
-//! upstream does not know), and `DELETE /v2/cache/{id}` is idempotent (204 for an id that is
-//! neither cached nor queued, where Glance may answer 404).
+//! Every `/v2/cache` call needs an admin token ([`crate::auth`]). The status codes are Glance
+//! 33's (`glance/api/v2/cached_images.py`); the differences are listed in the README
+//! ("Deliberate differences").
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};

@@ -90,6 +90,18 @@ impl HttpSource {
         Ok(HttpSource { client, opts })
     }
 
+    /// The same client (its connection pool shared) with no retries: for calls that must
+    /// answer quickly, such as an auth check.
+    pub fn without_retries(&self) -> HttpSource {
+        HttpSource {
+            client: self.client.clone(),
+            opts: HttpOptions {
+                retries: 0,
+                ..self.opts.clone()
+            },
+        }
+    }
+
     /// The process's HTTP client (connection pools, TLS roots), for a caller that relays
     /// requests itself: the server's Glance API proxy. It follows no redirects.
     pub fn client(&self) -> &reqwest::Client {
