@@ -2,6 +2,16 @@
 //! image bytes, and images made by the machine's real qemu-img. Dev-only: no crate depends on
 //! it outside `[dev-dependencies]`, and it depends on no other workspace crate (any crate's
 //! tests may use it).
+//!
+//! [`glance`] is a fake Keystone-protected Glance v2 and [`origin`] a plain HTTP file origin,
+//! each served by its own runtime on its own thread (usable from sync and async tests).
+
+mod background;
+pub mod glance;
+pub mod origin;
+
+/// HTTP dates, for tests whose crate has no date dependency of its own.
+pub use httpdate;
 
 use std::path::Path;
 use std::process::Command;
@@ -93,5 +103,36 @@ pub mod bad_images {
         let img = dir.join(format!("plain.{format}"));
         qemu_img(&["create", "-q", "-f", format, s(&img), "1M"]);
         img
+    }
+}
+
+/// Hex digests, for tests whose crate has no hash dependency of its own.
+pub mod digest {
+    use sha2::Digest as _;
+
+    pub fn md5_hex(data: &[u8]) -> String {
+        hex::encode(md5::Md5::digest(data))
+    }
+    pub fn sha256_hex(data: &[u8]) -> String {
+        hex::encode(sha2::Sha256::digest(data))
+    }
+    pub fn sha512_hex(data: &[u8]) -> String {
+        hex::encode(sha2::Sha512::digest(data))
+    }
+
+    /// md5 of a file, read 1 MiB at a time (for files too big to hold).
+    pub fn md5_file(path: &std::path::Path) -> String {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).expect("open");
+        let mut h = md5::Md5::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).expect("read");
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        hex::encode(h.finalize())
     }
 }
