@@ -83,6 +83,16 @@ pub async fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), Ap
     Err(forbidden())
 }
 
+/// Whether `headers` carry imgcache's own admin token (`admin_token`), which the upstream
+/// does not know.
+pub fn is_local_admin(state: &AppState, headers: &HeaderMap) -> bool {
+    let token = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok());
+    match (&state.config.admin_token, token) {
+        (Some(secret), Some(t)) => ct_eq(secret.as_bytes(), t.trim().as_bytes()),
+        _ => false,
+    }
+}
+
 fn forbidden() -> ApiError {
     ApiError::new(
         StatusCode::FORBIDDEN,

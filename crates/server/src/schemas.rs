@@ -108,6 +108,18 @@ pub async fn get(state: &AppState, upstream: &str, path: &str, headers: &HeaderM
         return json(body);
     }
     match first {
+        // imgcache's own admin token is valid here; the upstream refusing it says nothing
+        // of the client's credentials (glanceclient would report "Invalid OpenStack Identity
+        // credentials"): the schema is just not available yet.
+        Err(Some(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN))
+            if crate::auth::is_local_admin(state, headers) =>
+        {
+            ApiError::not_found(format!(
+                "schema {name}: the upstream refuses imgcache's admin token, and no copy is \
+                 kept yet (configure glance_token, the service token, to relay it)"
+            ))
+            .into_response()
+        }
         Err(Some(status)) => ApiError::new(
             status,
             format!("the upstream Glance refused the schema request ({status})"),
