@@ -64,24 +64,7 @@ macro_rules! require {
     };
 }
 
-/// A fresh HOME (no cached schemas, no clouds.yaml), no OS_* variables, and PYENV_ROOT kept
-/// (pyenv's shims find their root through HOME unless told).
-fn client_env(cmd: &mut Command, home: &Path) {
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("OS_") {
-            cmd.env_remove(&k);
-        }
-    }
-    if std::env::var_os("PYENV_ROOT").is_none()
-        && let Some(h) = std::env::var_os("HOME")
-    {
-        let root = PathBuf::from(h).join(".pyenv");
-        if root.is_dir() {
-            cmd.env("PYENV_ROOT", root);
-        }
-    }
-    cmd.env("HOME", home);
-}
+use imgcache_testkit::clients::client_env;
 
 struct Out {
     ok: bool,

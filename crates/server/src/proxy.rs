@@ -22,6 +22,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use imgcache_fetch::source::http::error_chain;
 use imgcache_fetch::{Href, cache_key};
 use uuid::Uuid;
 
@@ -260,17 +261,6 @@ pub async fn evict_glance_image(state: &AppState, id: &Uuid, why: &str) {
         Ok(Err(e)) => tracing::warn!(image_id = %raw, error = %e, "cannot evict image"),
         Err(e) => tracing::warn!(image_id = %raw, error = %e, "cannot evict image"),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -31,22 +31,8 @@ struct Out {
 /// variables from the environment, killed after 60 s.
 fn glance(bin: &Path, home: &Path, base: &str, token: &str, args: &[&str]) -> Out {
     let mut cmd = Command::new(bin);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("OS_") {
-            cmd.env_remove(&k);
-        }
-    }
-    // pyenv's shims find their root through HOME unless told.
-    if std::env::var_os("PYENV_ROOT").is_none()
-        && let Some(h) = std::env::var_os("HOME")
-    {
-        let root = PathBuf::from(h).join(".pyenv");
-        if root.is_dir() {
-            cmd.env("PYENV_ROOT", root);
-        }
-    }
-    cmd.env("HOME", home)
-        .args(["--os-image-url", base, "--os-auth-token", token])
+    imgcache_testkit::clients::client_env(&mut cmd, home);
+    cmd.args(["--os-image-url", base, "--os-auth-token", token])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -343,7 +343,7 @@ fn header(h: &HeaderMap, name: &HeaderName) -> Option<String> {
 }
 
 /// reqwest's Display hides the cause ("error decoding response body"); show the chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(cause) = src {
