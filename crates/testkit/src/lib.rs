@@ -10,6 +10,7 @@ mod background;
 pub mod clients;
 pub mod glance;
 pub mod origin;
+pub mod postgres;
 
 /// HTTP dates, for tests whose crate has no date dependency of its own.
 pub use httpdate;

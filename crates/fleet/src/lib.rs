@@ -1,0 +1,453 @@
+//! The fleet index: many imgcache nodes sharing one PostgreSQL database as the index of who
+//! holds which image, who is filling it, and who may download it from the origin, the way
+//! Ironic and Glance coordinate through their SQL databases. There is no coordinator of our
+//! own: every decision is one SQL statement checked against the database's clock.
+//!
+//! - **Nodes** (`imgcache_nodes`): a node joins with its URL and a random instance id, and
+//!   heartbeats; one whose heartbeat is older than `heartbeat_timeout` is dead, dropped from
+//!   every answer, and its URL may be taken by a new instance. A live node's URL cannot be
+//!   taken (a second node started with the same `--node-url` is refused).
+//! - **Holdings** (`imgcache_holdings`): which node holds (`published`) or is filling
+//!   (`filling`, with the bytes so far) an image key.
+//! - **Leases** (`imgcache_leases`): the right to download one key from the origin, taken by
+//!   a conditional insert that only succeeds when no lease exists or the current one has
+//!   expired, and that returns a generation: the fencing token a renewal must present.
+//!
+//! Each node's own records stay in its local driver: the index is consulted on a miss, never
+//! on a hit, and every call is bounded by `call_timeout` (250 ms by default), so a database
+//! outage costs a miss one bounded wait and a hit nothing. The SQL needs no advisory locks,
+//! `LISTEN` or other PostgreSQL-only coordination, so a MariaDB backend can follow.
+
+pub mod error;
+pub mod migrations;
+
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+pub use error::{FleetError, Result};
+
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    /// `postgresql://user@host:5432/imgcache`.
+    pub db_url: String,
+    /// How peers and clients reach this node (Glance's `worker_self_reference_url`).
+    pub node_url: String,
+    /// A node silent for this long is dead.
+    pub heartbeat_timeout: Duration,
+    /// How long a download lease lasts unless renewed.
+    pub lease_ttl: Duration,
+    /// The longest any one call may take (a request never waits longer on the database).
+    pub call_timeout: Duration,
+}
+
+impl FleetConfig {
+    pub fn new(db_url: impl Into<String>, node_url: impl Into<String>) -> FleetConfig {
+        FleetConfig {
+            db_url: db_url.into(),
+            node_url: node_url.into(),
+            heartbeat_timeout: Duration::from_secs(60),
+            lease_ttl: Duration::from_secs(30),
+            call_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+/// A live node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub url: String,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age: f64,
+}
+
+/// Whether a node holds an image or is still filling it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldingState {
+    Filling,
+    Published,
+}
+
+impl HoldingState {
+    fn as_str(self) -> &'static str {
+        match self {
+            HoldingState::Filling => "filling",
+            HoldingState::Published => "published",
+        }
+    }
+}
+
+/// One node's holding of an image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Holding {
+    pub node: String,
+    pub state: HoldingState,
+    pub size: Option<u64>,
+    /// `algorithm:hex`, as the store writes checksums.
+    pub checksum: Option<String>,
+    /// Bytes written so far (the size once published).
+    pub bytes: u64,
+}
+
+/// The right to download one key from the origin, until `ttl` after the last renewal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub key: String,
+    /// The fencing token: a renewal or release with an older generation fails.
+    pub generation: i64,
+}
+
+/// A connection pool to the fleet database, as one node of the fleet.
+#[derive(Clone)]
+pub struct Fleet {
+    pool: Pool,
+    cfg: FleetConfig,
+    instance: String,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("node_url", &self.cfg.node_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// Connects, applies missing migrations (under the schema table's lock) and joins the
+    /// fleet as `cfg.node_url`: refused with [`FleetError::DuplicateNode`] while another live
+    /// node uses that URL.
+    pub async fn connect(cfg: FleetConfig) -> Result<Fleet> {
+        let mut pg = tokio_postgres::Config::from_str(&cfg.db_url)
+            .map_err(|e| FleetError::Config(e.to_string()))?;
+        pg.connect_timeout(cfg.call_timeout.max(Duration::from_millis(100)));
+        pg.application_name("imgcache");
+        let mgr = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(8)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(cfg.call_timeout))
+            .create_timeout(Some(cfg.call_timeout.max(Duration::from_millis(100))))
+            .recycle_timeout(Some(cfg.call_timeout))
+            .build()
+            .map_err(|e| FleetError::Config(e.to_string()))?;
+        let fleet = Fleet {
+            pool,
+            cfg,
+            instance: uuid::Uuid::new_v4().to_string(),
+        };
+        // Start-up may wait longer than a request would: migrations run once per version.
+        let mut client = fleet.pool.get().await?;
+        tokio::time::timeout(Duration::from_secs(30), migrations::migrate(&mut client))
+            .await
+            .map_err(|_| FleetError::TimedOut(Duration::from_secs(30)))??;
+        drop(client);
+        fleet.join().await?;
+        Ok(fleet)
+    }
+
+    pub fn node_url(&self) -> &str {
+        &self.cfg.node_url
+    }
+
+    pub fn config(&self) -> &FleetConfig {
+        &self.cfg
+    }
+
+    /// Runs one database call within `call_timeout`.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(Object) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let budget = self.cfg.call_timeout;
+        tokio::time::timeout(budget, async {
+            let client = self.pool.get().await?;
+            f(client).await
+        })
+        .await
+        .map_err(|_| FleetError::TimedOut(budget))?
+    }
+
+    fn timeout_secs(&self) -> f64 {
+        self.cfg.heartbeat_timeout.as_secs_f64()
+    }
+
+    /// Registers this node (or takes over its URL from a dead instance). The URL's holdings
+    /// are dropped: the node announces what it holds after joining.
+    pub async fn join(&self) -> Result<()> {
+        let (url, instance, dead) = (
+            self.cfg.node_url.clone(),
+            self.instance.clone(),
+            self.timeout_secs(),
+        );
+        self.call(|c| async move {
+            let row = c
+                .query_opt(
+                    "INSERT INTO imgcache_nodes (url, instance) VALUES ($1, $2)
+                     ON CONFLICT (url) DO UPDATE
+                        SET instance = EXCLUDED.instance, started = now(), heartbeat = now()
+                        WHERE imgcache_nodes.instance = EXCLUDED.instance
+                           OR imgcache_nodes.heartbeat < now() - make_interval(secs => $3)
+                     RETURNING instance",
+                    &[&url, &instance, &dead],
+                )
+                .await?;
+            let Some(row) = row else {
+                let age: f64 = c
+                    .query_one(
+                        "SELECT extract(epoch FROM now() - heartbeat)::float8
+                         FROM imgcache_nodes WHERE url = $1",
+                        &[&url],
+                    )
+                    .await?
+                    .get(0);
+                return Err(FleetError::DuplicateNode { url, age_secs: age });
+            };
+            debug_assert_eq!(row.get::<_, String>(0), instance);
+            // Whatever this URL held before belonged to an earlier instance: the node
+            // announces what it holds after joining.
+            c.execute("DELETE FROM imgcache_holdings WHERE node = $1", &[&url])
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Proves this node alive. Fails with [`FleetError::DuplicateNode`] if another instance
+    /// took the URL over (this one was taken for dead): it must join again.
+    pub async fn heartbeat(&self) -> Result<()> {
+        let (url, instance) = (self.cfg.node_url.clone(), self.instance.clone());
+        self.call(|c| async move {
+            let n = c
+                .execute(
+                    "UPDATE imgcache_nodes SET heartbeat = now() WHERE url = $1 AND instance = $2",
+                    &[&url, &instance],
+                )
+                .await?;
+            if n == 0 {
+                return Err(FleetError::DuplicateNode { url, age_secs: 0.0 });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Leaves the fleet: this node and its holdings are removed.
+    pub async fn leave(&self) -> Result<()> {
+        let (url, instance) = (self.cfg.node_url.clone(), self.instance.clone());
+        self.call(|c| async move {
+            c.execute(
+                "DELETE FROM imgcache_nodes WHERE url = $1 AND instance = $2",
+                &[&url, &instance],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Live nodes, by URL.
+    pub async fn nodes(&self) -> Result<Vec<Node>> {
+        let dead = self.timeout_secs();
+        self.call(|c| async move {
+            let rows = c
+                .query(
+                    "SELECT url, extract(epoch FROM now() - heartbeat)::float8
+                     FROM imgcache_nodes
+                     WHERE heartbeat >= now() - make_interval(secs => $1)
+                     ORDER BY url",
+                    &[&dead],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| Node {
+                    url: r.get(0),
+                    heartbeat_age: r.get(1),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Live nodes holding or filling `key`: published ones first, then fillers with the most
+    /// bytes first.
+    pub async fn holders(&self, key: &str) -> Result<Vec<Holding>> {
+        let (key, dead) = (key.to_string(), self.timeout_secs());
+        self.call(|c| async move {
+            let rows = c
+                .query(
+                    "SELECT h.node, h.state, h.size, h.checksum, h.bytes
+                     FROM imgcache_holdings h JOIN imgcache_nodes n ON n.url = h.node
+                     WHERE h.image_key = $1
+                       AND n.heartbeat >= now() - make_interval(secs => $2)
+                     ORDER BY (h.state = 'published') DESC, h.bytes DESC, h.node",
+                    &[&key, &dead],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| Holding {
+                    node: r.get(0),
+                    state: if r.get::<_, &str>(1) == "published" {
+                        HoldingState::Published
+                    } else {
+                        HoldingState::Filling
+                    },
+                    size: r.get::<_, Option<i64>>(2).map(|v| v as u64),
+                    checksum: r.get(3),
+                    bytes: r.get::<_, i64>(4) as u64,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Records that this node holds or is filling `key`.
+    pub async fn announce(
+        &self,
+        key: &str,
+        state: HoldingState,
+        size: Option<u64>,
+        checksum: Option<&str>,
+        bytes: u64,
+    ) -> Result<()> {
+        let (key, node) = (key.to_string(), self.cfg.node_url.clone());
+        let checksum = checksum.map(str::to_owned);
+        let size = size.map(|s| s as i64);
+        self.call(|c| async move {
+            c.execute(
+                "INSERT INTO imgcache_holdings (image_key, node, state, size, checksum, bytes)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (image_key, node) DO UPDATE
+                    SET state = EXCLUDED.state, size = EXCLUDED.size,
+                        checksum = EXCLUDED.checksum, bytes = EXCLUDED.bytes, updated = now()",
+                &[
+                    &key,
+                    &node,
+                    &state.as_str(),
+                    &size,
+                    &checksum,
+                    &(bytes as i64),
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records that this node no longer holds `key`.
+    pub async fn withdraw(&self, key: &str) -> Result<()> {
+        let (key, node) = (key.to_string(), self.cfg.node_url.clone());
+        self.call(|c| async move {
+            c.execute(
+                "DELETE FROM imgcache_holdings WHERE image_key = $1 AND node = $2",
+                &[&key, &node],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Takes the origin-download lease of `key`: `Some` with a new generation when there was
+    /// none or the last one expired (by the database's clock), `None` while another holds it.
+    pub async fn take_lease(&self, key: &str) -> Result<Option<Lease>> {
+        let (key, holder, ttl) = (
+            key.to_string(),
+            self.cfg.node_url.clone(),
+            self.cfg.lease_ttl.as_secs_f64(),
+        );
+        self.call(|c| async move {
+            let row = c
+                .query_opt(
+                    "INSERT INTO imgcache_leases (image_key, holder, generation, expires_at)
+                     VALUES ($1, $2, 1, now() + make_interval(secs => $3))
+                     ON CONFLICT (image_key) DO UPDATE
+                        SET holder = EXCLUDED.holder,
+                            generation = imgcache_leases.generation + 1,
+                            expires_at = EXCLUDED.expires_at
+                        WHERE imgcache_leases.expires_at <= now()
+                     RETURNING generation",
+                    &[&key, &holder, &ttl],
+                )
+                .await?;
+            Ok(row.map(|r| Lease {
+                key,
+                generation: r.get(0),
+            }))
+        })
+        .await
+    }
+
+    /// Extends `lease` by the TTL; [`FleetError::LeaseLost`] when it is no longer this node's
+    /// at that generation.
+    pub async fn renew(&self, lease: &Lease) -> Result<()> {
+        let (key, holder, generation, ttl) = (
+            lease.key.clone(),
+            self.cfg.node_url.clone(),
+            lease.generation,
+            self.cfg.lease_ttl.as_secs_f64(),
+        );
+        self.call(|c| async move {
+            let n = c
+                .execute(
+                    "UPDATE imgcache_leases SET expires_at = now() + make_interval(secs => $4)
+                     WHERE image_key = $1 AND holder = $2 AND generation = $3
+                       AND expires_at >= now()",
+                    &[&key, &holder, &generation, &ttl],
+                )
+                .await?;
+            if n == 0 {
+                return Err(FleetError::LeaseLost { key, generation });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Gives `lease` up (the download ended), so the next miss need not wait for it to
+    /// expire. The row stays, expired, so the key's generations only ever grow.
+    pub async fn release(&self, lease: &Lease) -> Result<()> {
+        let (key, holder, generation) = (
+            lease.key.clone(),
+            self.cfg.node_url.clone(),
+            lease.generation,
+        );
+        self.call(|c| async move {
+            c.execute(
+                "UPDATE imgcache_leases SET expires_at = now()
+                 WHERE image_key = $1 AND holder = $2 AND generation = $3",
+                &[&key, &holder, &generation],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes nodes dead for longer than the heartbeat timeout, and their holdings.
+    pub async fn drop_dead_nodes(&self) -> Result<u64> {
+        let dead = self.timeout_secs();
+        self.call(|c| async move {
+            Ok(c.execute(
+                "DELETE FROM imgcache_nodes
+                 WHERE heartbeat < now() - make_interval(secs => $1)",
+                &[&dead],
+            )
+            .await?)
+        })
+        .await
+    }
+}

@@ -1,0 +1,209 @@
+//! The fleet index against a real PostgreSQL server (started by the test kit): migrations,
+//! node liveness, holdings, and one-download leases with fencing.
+
+use std::time::{Duration, Instant};
+
+use imgcache_fleet::{Fleet, FleetConfig, FleetError, HoldingState};
+use imgcache_testkit::postgres::Postgres;
+
+fn pg() -> Postgres {
+    // Never skipped: CI installs PostgreSQL (.ci/run).
+    Postgres::start().unwrap_or_else(|e| panic!("PostgreSQL for the fleet tests: {e}"))
+}
+
+fn cfg(pg: &Postgres, node: &str) -> FleetConfig {
+    let mut c = FleetConfig::new(pg.url(), node);
+    c.heartbeat_timeout = Duration::from_secs(2);
+    c.lease_ttl = Duration::from_millis(600);
+    c
+}
+
+#[tokio::test]
+async fn nodes_join_once_per_url_and_leave_when_silent() {
+    let pg = pg();
+    // Two nodes starting at once both migrate safely (the schema table is locked).
+    let (a, b) = tokio::join!(
+        Fleet::connect(cfg(&pg, "http://a:9292")),
+        Fleet::connect(cfg(&pg, "http://b:9292"))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let urls = |n: Vec<imgcache_fleet::Node>| n.into_iter().map(|n| n.url).collect::<Vec<_>>();
+    assert_eq!(
+        urls(a.nodes().await.unwrap()),
+        ["http://a:9292", "http://b:9292"]
+    );
+
+    // A second live node with a's URL is refused, saying why.
+    let dup = Fleet::connect(cfg(&pg, "http://a:9292")).await.unwrap_err();
+    assert!(matches!(dup, FleetError::DuplicateNode { .. }), "{dup}");
+    assert!(
+        dup.to_string().contains("already used by a live node"),
+        "{dup}"
+    );
+
+    // b holds an image; once b stops heartbeating it drops out of every answer.
+    b.announce(
+        "img1",
+        HoldingState::Published,
+        Some(10),
+        Some("sha256:ab"),
+        10,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.holders("img1").await.unwrap().len(), 1);
+    let silent_since = Instant::now();
+    loop {
+        a.heartbeat().await.unwrap();
+        if a.holders("img1").await.unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            silent_since.elapsed() < Duration::from_secs(5),
+            "b never dropped out"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone = silent_since.elapsed();
+    assert!(
+        gone >= Duration::from_secs(2) - Duration::from_millis(200),
+        "{gone:?}"
+    );
+    assert_eq!(urls(a.nodes().await.unwrap()), ["http://a:9292"]);
+    // A dead node's URL can be taken by a new instance; the old one learns it on heartbeat.
+    let b2 = Fleet::connect(cfg(&pg, "http://b:9292")).await.unwrap();
+    assert!(matches!(
+        b.heartbeat().await,
+        Err(FleetError::DuplicateNode { .. })
+    ));
+    b2.heartbeat().await.unwrap();
+    assert!(
+        b2.holders("img1").await.unwrap().is_empty(),
+        "the dead instance's holdings are gone"
+    );
+    assert_eq!(a.drop_dead_nodes().await.unwrap(), 0);
+    b2.leave().await.unwrap();
+    assert_eq!(urls(a.nodes().await.unwrap()), ["http://a:9292"]);
+}
+
+#[tokio::test]
+async fn one_lease_per_key_fenced_by_generation() {
+    let pg = pg();
+    let a = Fleet::connect(cfg(&pg, "http://a:1")).await.unwrap();
+    let b = Fleet::connect(cfg(&pg, "http://b:1")).await.unwrap();
+
+    // Taken by exactly one of many concurrent tries.
+    let tries = futures_util::future::join_all((0..8).map(|i| {
+        let f = if i % 2 == 0 { a.clone() } else { b.clone() };
+        async move { f.take_lease("k").await.unwrap() }
+    }))
+    .await;
+    let won: Vec<_> = tries.into_iter().flatten().collect();
+    assert_eq!(won.len(), 1, "{won:?}");
+    let first = won[0].clone();
+    assert_eq!(first.generation, 1);
+    let (holder, other) =
+        if a.take_lease("k").await.unwrap().is_none() && a.renew(&first).await.is_ok() {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+    holder.renew(&first).await.unwrap();
+    assert_eq!(
+        other.take_lease("k").await.unwrap(),
+        None,
+        "held and renewed"
+    );
+
+    // The holder stops renewing: the lease expires by the database's clock, the other node
+    // takes it with a new generation, and the old holder is fenced off.
+    let stopped = Instant::now();
+    let second = loop {
+        if let Some(l) = other.take_lease("k").await.unwrap() {
+            break l;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        stopped.elapsed() <= Duration::from_millis(600 + 400),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(second.generation, 2);
+    let lost = holder.renew(&first).await.unwrap_err();
+    assert!(
+        matches!(lost, FleetError::LeaseLost { generation: 1, .. }),
+        "{lost}"
+    );
+    // Releasing the stale lease does nothing; the current holder's release frees the key,
+    // and generations keep growing.
+    holder.release(&first).await.unwrap();
+    assert_eq!(holder.take_lease("k").await.unwrap(), None);
+    other.release(&second).await.unwrap();
+    assert_eq!(holder.take_lease("k").await.unwrap().unwrap().generation, 3);
+}
+
+#[tokio::test]
+async fn holders_rank_published_first_and_calls_are_bounded_when_the_database_is_down() {
+    let pg = pg();
+    let a = Fleet::connect(cfg(&pg, "http://a:1")).await.unwrap();
+    let b = Fleet::connect(cfg(&pg, "http://b:1")).await.unwrap();
+    let c = Fleet::connect(cfg(&pg, "http://c:1")).await.unwrap();
+    a.announce("k", HoldingState::Filling, Some(100), None, 40)
+        .await
+        .unwrap();
+    b.announce(
+        "k",
+        HoldingState::Published,
+        Some(100),
+        Some("sha256:cd"),
+        100,
+    )
+    .await
+    .unwrap();
+    let h = c.holders("k").await.unwrap();
+    assert_eq!(
+        h.iter()
+            .map(|h| (h.node.as_str(), h.state))
+            .collect::<Vec<_>>(),
+        [
+            ("http://b:1", HoldingState::Published),
+            ("http://a:1", HoldingState::Filling)
+        ]
+    );
+    assert_eq!(h[0].checksum.as_deref(), Some("sha256:cd"));
+    a.withdraw("k").await.unwrap();
+    assert_eq!(c.holders("k").await.unwrap().len(), 1);
+
+    // The database goes away: every call fails within the call timeout, with a clear error.
+    pg.stop_immediate().unwrap();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let e = c.holders("k").await.unwrap_err();
+        assert!(
+            t.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(
+            matches!(e, FleetError::Unavailable(_) | FleetError::TimedOut(_)),
+            "{e}"
+        );
+    }
+    // It comes back: the pool reconnects.
+    pg.resume().unwrap();
+    let t = Instant::now();
+    loop {
+        match c.holders("k").await {
+            Ok(h) => {
+                assert_eq!(h.len(), 1);
+                break;
+            }
+            Err(_) if t.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("no reconnect: {e}"),
+        }
+    }
+}
