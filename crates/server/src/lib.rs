@@ -7,7 +7,6 @@ pub mod cache_api;
 pub mod config;
 pub mod error;
 pub mod fill;
-pub mod fill_elsewhere;
 pub mod health;
 pub mod images;
 pub mod metrics;

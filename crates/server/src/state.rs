@@ -71,13 +71,16 @@ impl AppState {
             config.auth_cache_ttl,
         );
         Ok(AppState {
+            fills: Arc::new(crate::fill::Fills::new(
+                cache.clone(),
+                config.sources.http.read_timeout,
+            )),
             config: Arc::new(config),
             cache,
             metrics: Arc::new(Metrics::new()),
             prefetch_wake: Arc::new(Notify::new()),
             prune_wake: Arc::new(Notify::new()),
             admin_auth: Arc::default(),
-            fills: Arc::default(),
             fetcher: Arc::new(fetcher),
             upstream_auth: Arc::new(upstream_auth),
             revalidations: Arc::default(),
