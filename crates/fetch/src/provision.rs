@@ -1,9 +1,10 @@
 //! Ironic's master-image cache: `fetch_image(href, dest, force_raw)` downloads an image once
 //! into the cache and hard-links it into each deploy's `dest`.
 //!
-//! One download per key, however many callers: every caller takes the key's flock before
-//! deciding to download, so threads and processes sharing a cache directory queue behind the
-//! first, then find the image published and fresh and only link it.
+//! One download per key, however many callers: every caller takes the key's write permit (the
+//! store's key lock: one writer per key in the process, the key's flock across processes)
+//! before deciding to download, so tasks and processes sharing a cache directory queue behind
+//! the first, then find the image published and fresh and only link it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -436,9 +437,11 @@ impl ImageCache {
         }
     }
 
-    /// The key's write permit; while another process holds it, waits as long as that
-    /// writer's file keeps growing, and gives up once it has not grown for the origin read
-    /// timeout ([`imgcache_store::Stall`]): a hung writer never holds a deploy forever.
+    /// The key's write permit, from the store's key lock ([`KeyLocks`]): behind a writer in
+    /// this process or another, follows it to its end and asks again; a writer in another
+    /// process whose file has not grown for the origin read timeout is given up on
+    /// ([`Ended::TimedOut`], `StoreError::WriterStalled`): a hung writer never holds a deploy
+    /// forever.
     async fn wait_for_permit(&self, key: &Key) -> Result<Permit> {
         let mut said = false;
         loop {
