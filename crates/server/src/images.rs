@@ -280,9 +280,21 @@ async fn head_of_miss(
     origin: &Origin,
     headers: &HeaderMap,
 ) -> Response {
-    if let Some(info) = state.fills.get(key).as_deref().and_then(Fill::info) {
-        let meta = RespMeta::new(info.size, info.checksum.as_ref(), None);
-        return respond(&meta, headers, true, |_, _| Body::empty());
+    if let Some(fill) = state.fills.get(key) {
+        // Verified and being published: the headers of the hit it is about to be (a GET
+        // now is that hit), once the flight says it is done.
+        if matches!(fill.phase(), Phase::Verified { .. })
+            && let Outcome::Done(_) = fill.ended().await
+        {
+            let (cache, k) = (state.cache.clone(), key.clone());
+            if let Ok(Some(rec)) = blocking(move || cache.get_record(&k)).await {
+                return respond(&hit_meta(&rec), headers, true, |_, _| Body::empty());
+            }
+        }
+        if let Some(info) = fill.info() {
+            let meta = RespMeta::new(info.size, info.checksum.as_ref(), None);
+            return respond(&meta, headers, true, |_, _| Body::empty());
+        }
     }
     state.metrics.origin_requests.inc();
     let meta = match state
