@@ -1,15 +1,19 @@
 //! Ironic's master-image cache: `fetch_image(href, dest, force_raw)` downloads an image once
 //! into the cache and hard-links it into each deploy's `dest`.
 //!
-//! One download per key, however many callers: every caller takes the key's flock before
-//! deciding to download, so threads and processes sharing a cache directory queue behind the
-//! first, then find the image published and fresh and only link it.
+//! One download per key, however many callers: every caller takes the key's write permit (the
+//! store's key lock: one writer per key in the process, the key's flock across processes)
+//! before deciding to download, so tasks and processes sharing a cache directory queue behind
+//! the first, then find the image published and fresh and only link it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use imgcache_store::{CacheReader, CacheSpec, Integrity, Key, Record, Registry, Room};
+use imgcache_store::{
+    Acquired, CacheReader, CacheSpec, Done, FailKind, FileLock, Followed, Integrity, Key, KeyLocks,
+    Outcome as Ended, Permit, Record, Registry, Room,
+};
 use url::Url;
 
 use crate::admit::{Admission, Admitted, Hooks, RoomPolicy};
@@ -101,12 +105,13 @@ pub struct ImageCache {
     /// Permitted formats, zstd, qemu-img (see [`ImageCache::with_images`]).
     images: ImageOptions,
     room: RoomPolicy,
+    /// The key lock: one writer per key in this process, the key's flock across processes.
+    locks: KeyLocks,
 }
 
 impl ImageCache {
     pub fn new(spec: CacheSpec, sources: &SourceConfig) -> Result<Self> {
         Ok(ImageCache {
-            spec,
             registry: None,
             files: FileSource::new(&sources.allowed_file_dirs),
             sources: sources.clone(),
@@ -114,6 +119,8 @@ impl ImageCache {
             revalidate_interval: sources.revalidate_interval,
             images: ImageOptions::default(),
             room: RoomPolicy::DiskSpace,
+            locks: KeyLocks::new(spec.cache.clone(), sources.http.read_timeout),
+            spec,
         })
     }
 
@@ -285,18 +292,21 @@ impl ImageCache {
         // download find it published and fresh once they get the lock. A master evicted
         // while it was being revalidated is simply downloaded on the next turn.
         for _ in 0..3 {
-            let permit = self.wait_for_permit(&key).await?;
+            let mut permit = self.wait_for_permit(&key).await?;
             if let Some(reader) = self.open_fresh(&key, &href).await? {
-                drop(permit);
+                end_with(permit, &reader, false);
                 return self.link(reader, dest, Outcome::Hit).await;
             }
             let held = self.held_validators(&key).await?;
-            let response = self.request(&href, held.as_ref(), None).await?;
+            let response = match self.request(&href, held.as_ref(), None).await {
+                Ok(r) => r,
+                Err(e) => return Err(fail(permit, e)),
+            };
             let adm = Admission {
                 key: key.clone(),
                 href: href.clone(),
                 href_raw: href_raw.to_string(),
-                permit,
+                permit: flock(&mut permit)?,
                 declared: opts.disk_format,
                 checksum: given.clone(),
                 force_raw: opts.force_raw,
@@ -305,12 +315,18 @@ impl ImageCache {
                     ..Hooks::default()
                 },
             };
-            match self.admit(adm, response).await? {
+            let admitted = match self.admit(adm, response).await {
+                Ok(a) => a,
+                Err(e) => return Err(fail(permit, e)),
+            };
+            match admitted {
                 Admitted::Unchanged(Some(reader)) => {
+                    end_with(permit, &reader, false);
                     return self.link(reader, dest, Outcome::Revalidated).await;
                 }
                 Admitted::Unchanged(None) => continue,
                 Admitted::Published(reader) => {
+                    end_with(permit, &reader, true);
                     let report = self.link(reader, dest, Outcome::Downloaded).await?;
                     // The cache grew: time to clean up (the new master is linked, so it stays).
                     if let Err(e) = self.clean_up(None).await {
@@ -319,6 +335,7 @@ impl ImageCache {
                     return Ok(report);
                 }
                 Admitted::Passthrough { meta, room, .. } => {
+                    permit.finish(Ended::Passthrough);
                     return Err(too_large(&href, meta.size, &room));
                 }
             }
@@ -372,7 +389,7 @@ impl ImageCache {
         checksum: Option<Integrity>,
         progress: Option<Arc<dyn Progress>>,
     ) -> Result<Option<Record>> {
-        let permit = self.wait_for_permit(key).await?;
+        let mut permit = self.wait_for_permit(key).await?;
         if self.record(key).await?.is_some() {
             return Ok(None);
         }
@@ -397,7 +414,7 @@ impl ImageCache {
             key: key.clone(),
             href: Href::File(path.to_path_buf()),
             href_raw: path.display().to_string(),
-            permit,
+            permit: flock(&mut permit)?,
             declared: None,
             checksum,
             force_raw: false,
@@ -406,32 +423,48 @@ impl ImageCache {
                 ..Hooks::default()
             },
         };
-        match self.admit(adm, response).await? {
-            Admitted::Published(reader) => Ok(Some(reader.record().clone())),
-            Admitted::Unchanged(_) => Ok(None),
-            Admitted::Passthrough { meta, room, .. } => {
+        match self.admit(adm, response).await {
+            Ok(Admitted::Published(reader)) => {
+                end_with(permit, &reader, true);
+                Ok(Some(reader.record().clone()))
+            }
+            Ok(Admitted::Unchanged(_)) => Ok(None),
+            Ok(Admitted::Passthrough { meta, room, .. }) => {
+                permit.finish(Ended::Passthrough);
                 Err(too_large(&Href::File(path.to_path_buf()), meta.size, &room))
             }
+            Err(e) => Err(fail(permit, e)),
         }
     }
 
-    /// The key's write permit; while another process holds it, waits as long as that
-    /// writer's file keeps growing, and gives up once it has not grown for the origin read
-    /// timeout ([`imgcache_store::Stall`]): a hung writer never holds a deploy forever.
-    async fn wait_for_permit(&self, key: &Key) -> Result<imgcache_store::FileLock> {
-        let mut stall = imgcache_store::Stall::new(key, self.sources.http.read_timeout);
+    /// The key's write permit, from the store's key lock ([`KeyLocks`]): behind a writer in
+    /// this process or another, follows it to its end and asks again; a writer in another
+    /// process whose file has not grown for the origin read timeout is given up on
+    /// ([`Ended::TimedOut`], `StoreError::WriterStalled`): a hung writer never holds a deploy
+    /// forever.
+    async fn wait_for_permit(&self, key: &Key) -> Result<Permit> {
         let mut said = false;
         loop {
-            let (cache, k) = (self.spec.cache.clone(), key.clone());
-            if let Some(permit) = blocking(move || cache.try_lock_key(&k)).await? {
-                return Ok(permit);
+            let outcome = match self.locks.acquire(key)? {
+                Acquired::Write(permit) => return Ok(permit),
+                // Another task of this process writes it: look again once it is done.
+                Acquired::Follow(f) => f.ended().await,
+                Acquired::Elsewhere(mut other) => {
+                    if !said {
+                        tracing::info!(%key, "another process is downloading this image; waiting for it");
+                        said = true;
+                    }
+                    match other.follow().await {
+                        Followed::Write(permit) => return Ok(permit),
+                        Followed::Ended(o) => o,
+                    }
+                }
+            };
+            // A hung writer is given up on; whatever else the writer made of it, the caller
+            // decides again under the permit (a published master is then found fresh).
+            if let Some(e) = outcome.error() {
+                return Err(e.into());
             }
-            if !said {
-                tracing::info!(%key, "another process is downloading this image; waiting for it");
-                said = true;
-            }
-            stall.observe(self.spec.cache.incomplete_len(key))?;
-            tokio::time::sleep(imgcache_store::key_lock::POLL).await;
         }
     }
 
@@ -517,4 +550,35 @@ where
         .await
         .map_err(|e| FetchError::Config(format!("blocking task failed: {e}")))?
         .map_err(Into::into)
+}
+
+/// The permit's flock, for the admission's writer.
+fn flock(permit: &mut Permit) -> Result<FileLock> {
+    permit.take_lock().ok_or_else(|| FetchError::Origin {
+        url: permit.key().to_string(),
+        reason: "the key's flock was handed out twice".into(),
+    })
+}
+
+/// Ends the permit's flight with the master `reader` holds (`written`: this call wrote it).
+/// Followers in this process look again, whatever it says.
+fn end_with(permit: Permit, reader: &CacheReader, written: bool) {
+    let outcome = match reader.file().try_clone() {
+        Ok(f) if written => Ended::Done(Done::Written {
+            size: reader.record().size,
+            file: Arc::new(f),
+        }),
+        Ok(f) => Ended::Done(Done::Held {
+            record: reader.record().clone(),
+            file: Arc::new(f),
+        }),
+        Err(e) => Ended::failed(FailKind::Internal, e.to_string()),
+    };
+    permit.finish(outcome);
+}
+
+/// Ends the permit's flight with `e`, and returns it.
+fn fail(permit: Permit, e: FetchError) -> FetchError {
+    permit.finish(Ended::failed(FailKind::Origin, e.to_string()));
+    e
 }

@@ -1,24 +1,25 @@
 //! Misses: one origin download per key, every concurrent client served from the growing file.
 //!
-//! The first miss for a key puts a [`Fill`] in the in-process map and spawns its download task;
-//! later misses for the same key find it there and follow it. Other processes sharing the cache
-//! directory are kept out by the store's per-key flock, which the download task holds from
-//! before it asks the origin until the image is published or discarded; while another process
-//! holds it, the fill follows that process's file instead ([`crate::fill_elsewhere`]).
+//! The key lock is the store's ([`imgcache_store::KeyLocks`]): the first miss for a key gets
+//! its write permit (the key's flock, so other processes sharing the cache directory are kept
+//! out) and this module spawns the download; later misses for the same key follow that flight.
+//! While another process holds the flock, the flight follows that process's file instead
+//! ([`imgcache_store::Elsewhere::follow`]), and the permit is ours if it comes free unwritten.
 //!
-//! Readers follow the writer through a `watch` of the fill's [`Phase`]: the writer thread
-//! reports the bytes *written* to `incomplete/<key>` after each chunk, and each reader reads
-//! (by `pread`, on its own descriptor of the same inode, so the later rename to the published
-//! name or to `invalid/` changes nothing for it) up to that point. A reader whose response ends
-//! at the image's last byte holds that byte back until the image is verified (size, checksum,
-//! format), so a checksum mismatch or an origin failure always reaches it as an error (its
-//! connection is cut), never as a clean, complete-looking 200. The verified bytes go out while
-//! the image is still being fsynced and published ([`Phase::Verified`]); should publishing fail,
-//! the image is not cached, and readers that have not sent their last byte yet are cut.
+//! Readers follow the writer through the flight's phase watch: the writer thread reports the
+//! bytes *written* to `incomplete/<key>` after each chunk, and each reader reads (by `pread`, on
+//! its own descriptor of the same inode, so the later rename to the published name or to
+//! `invalid/` changes nothing for it) up to that point. A reader whose response ends at the
+//! image's last byte holds that byte back until the image is verified (size, checksum, format),
+//! so a checksum mismatch or an origin failure always reaches it as an error (its connection is
+//! cut), never as a clean, complete-looking 200. The verified bytes go out while the image is
+//! still being fsynced and published ([`Phase::Verified`]); should publishing fail, the image is
+//! not cached, and readers that have not sent their last byte yet are cut.
+//!
+//! Every flight ends with an explicit [`Outcome`]; what the server keeps beside it is only the
+//! origin's answer for a [`Outcome::Passthrough`] ([`Beside`]).
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -26,136 +27,42 @@ use axum::http::StatusCode;
 use futures_util::StreamExt;
 use imgcache_fetch::source::{BodyStream, OriginMeta};
 use imgcache_fetch::{Admission, Admitted, FetchError, Hooks, Href, ImageMeta, StreamInfo};
-use imgcache_store::{Integrity, Key, StoreError};
+use imgcache_store::{
+    Acquired, Cache, Done, FailKind, Failure, Flight, Followed, Key, KeyLocks, Outcome, Permit,
+    StoreError, Streaming,
+};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use imgcache_store::Phase;
+
 use crate::error::ApiError;
-use crate::fill_elsewhere::Turn;
 use crate::state::AppState;
 
-/// Where a fill is.
-#[derive(Clone, Debug)]
-pub enum Phase {
-    /// Taking the key lock, asking the origin.
-    Starting,
-    /// Bytes `0..written` are in the file and may be read.
-    Streaming { written: u64 },
-    /// All `size` bytes are written and verified, and may all be read; the image is being
-    /// fsynced and published (`Done` next, or `Failed` if publishing fails).
-    Verified { size: u64 },
-    /// Verified and published; the file holds `size` bytes.
-    Done { size: u64 },
-    /// Someone else (another process) published the image: serve it as a hit.
-    Published,
-    /// The image cannot be cached (larger than the cache may hold): each client streams it
-    /// from the origin itself.
-    Passthrough,
-    /// Failed. Readers already streaming abort; new ones answer with this status.
-    Failed {
-        status: StatusCode,
-        message: Arc<str>,
-    },
-}
-
-impl Phase {
-    /// The fill is over: nothing follows this phase.
-    pub fn is_end(&self) -> bool {
-        matches!(
-            self,
-            Phase::Done { .. } | Phase::Published | Phase::Passthrough | Phase::Failed { .. }
-        )
-    }
-}
-
-/// What readers need once bytes flow.
-#[derive(Debug)]
-pub struct Streaming {
-    /// A read-only descriptor of `incomplete/<key>`, opened before the first byte was written.
-    pub file: Arc<File>,
-    /// Total size, when the origin said.
-    pub size: Option<u64>,
-    /// The checksum the bytes are verified against.
-    pub checksum: Option<Integrity>,
-    /// What the record will say of the image: the response's validators come from it, as a
-    /// hit's come from the record.
-    pub meta: ImageMeta,
-}
-
-pub struct Fill {
-    pub key: Key,
-    phase: watch::Sender<Phase>,
-    /// For [`Phase::Passthrough`]: the origin's answer, handed to the first client that
-    /// streams it (its request is not wasted; later clients ask the origin themselves).
+/// What the server keeps beside a flight: for [`Outcome::Passthrough`], the origin's answer,
+/// handed to the first client that streams it (its request is not wasted; later clients ask
+/// the origin themselves).
+#[derive(Default)]
+pub struct Beside {
     passthrough: Mutex<Option<(OriginMeta, BodyStream)>>,
-    /// Bytes written so far, updated after every chunk. The `phase` watch only carries it
-    /// every [`NOTIFY_STEP`] bytes (waking every reader per chunk costs more CPU than sending
-    /// the bytes once many follow one download); readers look here between wake-ups.
-    written: Arc<AtomicU64>,
-    info: OnceLock<Streaming>,
+    /// What the record will say of the image (set before the first byte): the responses of
+    /// its followers take their validators from it, as a hit's come from the record.
+    meta: OnceLock<ImageMeta>,
 }
 
-/// Bytes written between two wake-ups of the readers following a download.
-pub const NOTIFY_STEP: u64 = 1 << 20;
+/// What a fill's record will say of its image, once it streams (`None` while it follows
+/// another process: only that process knows).
+pub fn image_meta(fill: &Fill) -> Option<&ImageMeta> {
+    fill.extra().meta.get()
+}
 
-impl Fill {
-    fn new(key: Key) -> Fill {
-        Fill {
-            key,
-            phase: watch::Sender::new(Phase::Starting),
-            passthrough: Mutex::new(None),
-            written: Arc::new(AtomicU64::new(0)),
-            info: OnceLock::new(),
-        }
-    }
+/// A download in progress, as its followers see it.
+pub type Fill = Flight<Beside>;
 
-    pub fn subscribe(&self) -> watch::Receiver<Phase> {
-        self.phase.subscribe()
-    }
-
-    /// Waits for the fill's end (for callers with no client to stream: the prefetcher and
-    /// revalidation).
-    pub async fn ended(&self) -> Phase {
-        let mut rx = self.subscribe();
-        // The sender lives in `self`, so the watch cannot close while this waits.
-        rx.wait_for(Phase::is_end)
-            .await
-            .map(|p| p.clone())
-            .expect("a fill holds its own sender")
-    }
-
-    /// The origin's answer of a [`Phase::Passthrough`] fill, to the first caller only.
-    pub fn take_passthrough(&self) -> Option<(OriginMeta, BodyStream)> {
-        self.passthrough.lock().expect("poisoned").take()
-    }
-
-    /// Readers may start: the file they follow, and what the origin said of it.
-    pub(crate) fn start_streaming(&self, streaming: Streaming) {
-        let _ = self.info.set(streaming);
-        self.phase.send_replace(Phase::Streaming { written: 0 });
-    }
-
-    /// `n` bytes are in the file: readers see it at once through the count, and are woken
-    /// for the first bytes (time to first byte) and then every [`NOTIFY_STEP`]. `notified`
-    /// is the caller's record of the last wake-up.
-    pub(crate) fn report_written(&self, n: u64, notified: &AtomicU64) {
-        self.written.store(n, Ordering::Release);
-        let last = notified.load(Ordering::Relaxed);
-        if last == 0 || n.saturating_sub(last) >= NOTIFY_STEP {
-            notified.store(n, Ordering::Relaxed);
-            self.phase.send_replace(Phase::Streaming { written: n });
-        }
-    }
-
-    /// The bytes written so far (at least what the last `Streaming` phase said).
-    pub fn written(&self) -> Arc<AtomicU64> {
-        self.written.clone()
-    }
-
-    pub fn info(&self) -> Option<&Streaming> {
-        self.info.get()
-    }
+/// The origin's answer of a [`Outcome::Passthrough`] fill, to the first caller only.
+pub fn take_passthrough(fill: &Fill) -> Option<(OriginMeta, BodyStream)> {
+    fill.extra().passthrough.lock().expect("poisoned").take()
 }
 
 /// Where an image comes from, for a miss.
@@ -171,89 +78,75 @@ pub struct Origin {
     pub revalidate: bool,
 }
 
-/// The fills in progress.
+/// The fills in progress: the key locks of this server, and the tasks that run them.
 pub struct Fills {
-    map: Mutex<HashMap<Key, Arc<Fill>>>,
+    locks: KeyLocks<Beside>,
     cancel: watch::Sender<bool>,
     tasks: Mutex<JoinSet<()>>,
 }
 
-impl Default for Fills {
-    fn default() -> Self {
+/// How a fill task starts.
+enum Lead {
+    Write(Permit<Beside>),
+    Elsewhere(imgcache_store::Elsewhere<Beside>),
+}
+
+impl Fills {
+    /// `bound`: how long a follower of another process's writer waits for its file to grow.
+    pub fn new(cache: Cache, bound: Duration) -> Fills {
         Fills {
-            map: Mutex::new(HashMap::new()),
+            locks: KeyLocks::new(cache, bound),
             cancel: watch::Sender::new(false),
             tasks: Mutex::new(JoinSet::new()),
         }
     }
-}
 
-impl Fills {
     /// The fill for `key`: the running one, or a new one whose download starts now.
-    pub fn join_or_start(&self, state: &AppState, key: &Key, origin: Origin) -> Arc<Fill> {
-        let mut map = self.map.lock().expect("poisoned");
-        if let Some(f) = map.get(key) {
-            return f.clone();
-        }
-        let fill = Arc::new(Fill::new(key.clone()));
-        map.insert(key.clone(), fill.clone());
-        drop(map);
+    pub fn join_or_start(
+        &self,
+        state: &AppState,
+        key: &Key,
+        origin: Origin,
+    ) -> Result<Arc<Fill>, ApiError> {
         if *self.cancel.borrow() {
-            fill.phase.send_replace(Phase::Failed {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: "the server is shutting down".into(),
-            });
-            self.forget(&fill);
-            return fill;
+            return Err(shutting_down());
         }
+        let lead = match self.locks.acquire(key)? {
+            Acquired::Follow(f) => return Ok(f.into_flight()),
+            Acquired::Write(p) => Lead::Write(p),
+            Acquired::Elsewhere(e) => Lead::Elsewhere(e),
+        };
+        let fill = match &lead {
+            Lead::Write(p) => p.flight().clone(),
+            Lead::Elsewhere(e) => e.flight().clone(),
+        };
         let st = state.clone();
-        let f = fill.clone();
         let mut tasks = self.tasks.lock().expect("poisoned");
         while tasks.try_join_next().is_some() {}
         tasks.spawn(async move {
-            let end = run(&st, &f, &origin).await;
-            if let Err(e) = &end {
-                tracing::warn!(key = %f.key, error = %e.message, "download failed");
-            }
-            f.phase.send_replace(match end {
-                Ok(p) => p,
-                Err(e) => Phase::Failed {
-                    status: e.status,
-                    message: e.message.into(),
-                },
-            });
-            st.fills.forget(&f);
+            let Some(mut permit) = lead_to_permit(&st, lead).await else {
+                return;
+            };
+            let outcome = match run(&st, &mut permit, &origin).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(key = %permit.key(), error = %e.message, "download failed");
+                    Outcome::Failed(failure(&e))
+                }
+            };
+            permit.finish(outcome);
         });
-        fill
-    }
-
-    /// Waits while `key`'s download is verified but still being published (its fsync and
-    /// rename): a request that comes after a client got the whole image is then a hit, as it
-    /// was before clients got their last byte ahead of publishing. Returns at once otherwise.
-    pub async fn settle(&self, key: &Key) {
-        let fill = self.map.lock().expect("poisoned").get(key).cloned();
-        if let Some(fill) = fill {
-            let mut rx = fill.subscribe();
-            drop(fill);
-            let _ = rx.wait_for(|p| !matches!(p, Phase::Verified { .. })).await;
-        }
+        Ok(fill)
     }
 
     /// The running fill of `key`, if any.
     pub fn get(&self, key: &Key) -> Option<Arc<Fill>> {
-        self.map.lock().expect("poisoned").get(key).cloned()
+        self.locks.get(key)
     }
 
     /// Downloads in progress.
     pub fn in_progress(&self) -> usize {
-        self.map.lock().expect("poisoned").len()
-    }
-
-    fn forget(&self, fill: &Arc<Fill>) {
-        let mut map = self.map.lock().expect("poisoned");
-        if map.get(&fill.key).is_some_and(|f| Arc::ptr_eq(f, fill)) {
-            map.remove(&fill.key);
-        }
+        self.locks.in_flight()
     }
 
     /// Shutdown: every download still running is aborted (its file goes to `invalid/`,
@@ -272,26 +165,108 @@ impl Fills {
     }
 }
 
-/// The download task: the key's permit (or another process's download, followed), the
-/// origin's answer, and the admission pipeline, which is the only code that writes it into
-/// the cache. Ok(final phase) or the error new readers answer with.
-async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phase, ApiError> {
-    // Another process writing this key holds its flock: follow its file until it is done.
-    let permit = match crate::fill_elsewhere::lock_or_follow(state, fill).await? {
-        Turn::Ours(lock) => lock,
-        Turn::Followed(phase) => return Ok(phase),
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the server is shutting down",
+    )
+}
+
+/// The write permit: ours at once, or once another process's writer gives the flock back
+/// unwritten. `None` when the flight already ended (the other writer's outcome, or shutdown).
+async fn lead_to_permit(state: &AppState, lead: Lead) -> Option<Permit<Beside>> {
+    let mut elsewhere = match lead {
+        Lead::Write(p) => return Some(p),
+        Lead::Elsewhere(e) => e,
     };
-    let cache = state.cache.clone();
-    let key = fill.key.clone();
-    let rec = blocking(move || cache.get_record(&key)).await?;
-    // A revalidation asks with the copy's validators; a miss that finds the image published
-    // (by the writer it waited for) is done.
-    let held = match (&rec, origin.revalidate) {
-        (Some(_), false) => return Ok(Phase::Published),
-        (Some(rec), true) => {
-            Some(ImageMeta::from_props(&rec.props).validators).filter(|v| !v.is_empty())
+    let key = elsewhere.flight().key().clone();
+    let mut cancel = state.fills.cancelled();
+    let followed = tokio::select! {
+        f = elsewhere.follow() => Some(f),
+        _ = cancel.wait_for(|c| *c) => None,
+    };
+    match followed {
+        Some(Followed::Write(p)) => Some(p),
+        Some(Followed::Ended(o)) => {
+            if let Outcome::Failed(f) = &o {
+                tracing::warn!(%key, error = %f, "the download run by another process failed");
+            }
+            None
         }
-        (None, _) => None,
+        None => {
+            elsewhere.end(Outcome::Failed(failure(&shutting_down())));
+            None
+        }
+    }
+}
+
+/// How a failure is kept in a flight's outcome, and how a client with no bytes yet gets it.
+pub fn failure(e: &ApiError) -> Failure {
+    let kind = match e.status {
+        StatusCode::BAD_REQUEST => FailKind::BadRequest,
+        StatusCode::UNAUTHORIZED => FailKind::Unauthorized,
+        StatusCode::FORBIDDEN => FailKind::Forbidden,
+        StatusCode::NOT_FOUND => FailKind::NotFound,
+        StatusCode::CONFLICT => FailKind::Conflict,
+        StatusCode::SERVICE_UNAVAILABLE => FailKind::Unavailable,
+        StatusCode::INSUFFICIENT_STORAGE => FailKind::Storage,
+        StatusCode::INTERNAL_SERVER_ERROR => FailKind::Internal,
+        _ => FailKind::Origin,
+    };
+    Failure::new(kind, e.message.as_str())
+}
+
+/// The status of a failed flight.
+pub fn status_of(kind: FailKind) -> StatusCode {
+    match kind {
+        FailKind::BadRequest => StatusCode::BAD_REQUEST,
+        FailKind::Unauthorized => StatusCode::UNAUTHORIZED,
+        FailKind::Forbidden => StatusCode::FORBIDDEN,
+        FailKind::NotFound => StatusCode::NOT_FOUND,
+        FailKind::Conflict => StatusCode::CONFLICT,
+        FailKind::Origin | FailKind::WriterGone => StatusCode::BAD_GATEWAY,
+        FailKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        FailKind::Storage => StatusCode::INSUFFICIENT_STORAGE,
+        FailKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The answer to a client with no bytes yet, for a flight that did not end `Done`.
+pub fn outcome_error(o: &Outcome) -> ApiError {
+    match o {
+        Outcome::Failed(f) => ApiError::new(status_of(f.kind), f.reason.to_string()),
+        Outcome::TimedOut { .. } => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            o.error().map(|e| e.to_string()).unwrap_or_default(),
+        ),
+        Outcome::Passthrough => ApiError::internal("the image is streamed uncached"),
+        Outcome::Done(_) => ApiError::internal("the image is published"),
+    }
+}
+
+/// The download, under the key's permit: the origin's answer, and the admission pipeline,
+/// which is the only code that writes it into the cache. Ok(the flight's outcome) or the
+/// error new readers answer with.
+async fn run(
+    state: &AppState,
+    permit: &mut Permit<Beside>,
+    origin: &Origin,
+) -> Result<Outcome, ApiError> {
+    let cache = state.cache.clone();
+    let key = permit.key().clone();
+    // A miss that finds the image published (by the writer it waited for) is done: the image
+    // is opened under the flock, so no eviction comes between. A revalidation asks with the
+    // copy's validators.
+    let held = if origin.revalidate {
+        let rec = blocking(move || cache.get_record(&key)).await?;
+        rec.map(|r| ImageMeta::from_props(&r.props).validators)
+            .filter(|v| !v.is_empty())
+    } else {
+        let open = blocking(move || cache.open_for_read_uncounted(&key)).await?;
+        if let Some(reader) = open {
+            return Ok(Outcome::Done(Done::held(reader)));
+        }
+        None
     };
     state.metrics.origin_requests.inc();
     let response = state
@@ -301,31 +276,31 @@ async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phas
         .map_err(origin_error)?;
     let _inflight = InFlight::new(&state.metrics.inflight_downloads);
     let verified = Arc::new(AtomicBool::new(false));
+    let report = permit.reporter();
     let hooks = Hooks {
         progress: None,
         streaming: Some({
-            let f = fill.clone();
+            let (r, f) = (report.clone(), permit.flight().clone());
             Box::new(move |s: StreamInfo| {
-                f.start_streaming(Streaming {
+                let _ = f.extra().meta.set(s.meta);
+                r.streaming(Streaming {
                     file: Arc::new(s.file),
                     size: s.size,
                     checksum: s.checksum,
-                    meta: s.meta,
                 })
             })
         }),
         written: Some({
-            let f = fill.clone();
-            let notified = AtomicU64::new(0);
-            Arc::new(move |n| f.report_written(n, &notified))
+            let r = report.clone();
+            Arc::new(move |n| r.written(n))
         }),
         // Readers get the last byte as soon as the bytes are verified; fsync, record and
         // rename (the file is durable before it is published) finish after.
         verified: Some({
-            let (f, verified) = (fill.clone(), verified.clone());
+            let (r, verified) = (report.clone(), verified.clone());
             Box::new(move |rec| {
                 verified.store(true, Ordering::Release);
-                f.phase.send_replace(Phase::Verified { size: rec.size });
+                r.verified(rec.size);
             })
         }),
         evicted: Some({
@@ -342,11 +317,14 @@ async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phas
             Box::new(move |body| watched(body, cancel, counter))
         }),
     };
+    let Some(lock) = permit.take_lock() else {
+        return Err(ApiError::internal("the key's flock was handed out twice"));
+    };
     let adm = Admission {
-        key: fill.key.clone(),
+        key: permit.key().clone(),
         href: origin.href.clone(),
         href_raw: origin.href_raw.clone(),
-        permit,
+        permit: lock,
         declared: None,
         checksum: None,
         force_raw: false,
@@ -354,23 +332,31 @@ async fn run(state: &AppState, fill: &Arc<Fill>, origin: &Origin) -> Result<Phas
     };
     match state.fetcher.admit(adm, response).await {
         Ok(Admitted::Published(reader)) => {
-            let size = reader.record().size;
-            drop(reader);
             state.prune_wake.notify_one();
-            Ok(Phase::Done { size })
+            Ok(Outcome::Done(Done::written(reader)))
         }
-        Ok(Admitted::Unchanged(_)) => Ok(Phase::Published),
+        Ok(Admitted::Unchanged(Some(reader))) => Ok(Outcome::Done(Done::held(reader))),
+        // The copy the origin confirmed was evicted while it was asked.
+        Ok(Admitted::Unchanged(None)) => Ok(Outcome::failed(
+            FailKind::Unavailable,
+            "the cached copy was evicted while it was revalidated; retry",
+        )),
         Ok(Admitted::Passthrough { meta, body, room }) => {
-            tracing::info!(key = %fill.key, size = ?meta.size, ?room, "does not fit the cache: streamed without caching");
-            *fill.passthrough.lock().expect("poisoned") = Some((meta, body));
-            Ok(Phase::Passthrough)
+            tracing::info!(key = %permit.key(), size = ?meta.size, ?room, "does not fit the cache: streamed without caching");
+            *permit
+                .flight()
+                .extra()
+                .passthrough
+                .lock()
+                .expect("poisoned") = Some((meta, body));
+            Ok(Outcome::Passthrough)
         }
         Err(e) => {
             if verified.load(Ordering::Acquire) {
                 // Clients that already had every byte got the right image; it is just not
                 // cached. Readers still sending are cut (`Failed`): the file they read did not
                 // make it to the disk.
-                tracing::warn!(key = %fill.key, error = %e, "verified download served but not cached: publishing failed");
+                tracing::warn!(key = %permit.key(), error = %e, "verified download served but not cached: publishing failed");
             }
             state.metrics.count_refusal(&e);
             Err(origin_error(e))

@@ -23,13 +23,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use imgcache_fetch::source::Response as OriginResponse;
 use imgcache_fetch::{Href, ImageMeta, cache_key};
-use imgcache_store::{CacheReader, Key, Record};
+use imgcache_store::{CacheReader, Done, Key, Outcome, Phase, Record};
 use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::conditional::{self, Precondition};
 use crate::error::ApiError;
-use crate::fill::{Fill, Origin, Phase, blocking, origin_error, watched};
+use crate::fill::{Fill, Origin, blocking, origin_error, outcome_error, take_passthrough, watched};
 use crate::range::{self, Plan};
 use crate::representation::{Md5Style, Representation};
 use crate::sendfile::Sendfile;
@@ -219,8 +219,7 @@ async fn serve(
     zero_copy: Option<Sendfile>,
     headers: &HeaderMap,
 ) -> Response {
-    state.fills.settle(&key).await;
-    match hit(state, &key, &origin, head, zero_copy.clone(), headers, true).await {
+    match hit(state, &key, &origin, head, zero_copy.clone(), headers).await {
         Ok(Some(resp)) => return resp,
         Ok(None) => {}
         Err(e) => return e.into_response(),
@@ -228,71 +227,108 @@ async fn serve(
     if head {
         return head_of_miss(state, &key, &origin, headers).await;
     }
-    // A miss, whatever happens next: this request needed the origin (even if the fill it
-    // joined is published by the time it is served, which is then not counted as a hit too).
-    state.metrics.misses.inc();
-    // A fill that ends as "published elsewhere" between our look and its start is a hit after
-    // all: look again (bounded, a delete racing every time is no reason to loop forever).
-    for _ in 0..3 {
-        let fill = state.fills.join_or_start(state, &key, origin.clone());
-        let mut rx = fill.subscribe();
-        let phase = match rx.wait_for(|p| !matches!(p, Phase::Starting)).await {
-            Ok(p) => p.clone(),
-            Err(_) => return ApiError::internal("download vanished").into_response(),
-        };
-        match phase {
-            Phase::Streaming { .. } | Phase::Verified { .. } | Phase::Done { .. } => {
-                let Some(info) = fill.info() else {
-                    return ApiError::internal("download has no file").into_response();
-                };
-                let meta = Representation::of(info.size, &info.meta, md5_style(&origin));
-                let file = info.file.clone();
-                let total = info.size;
-                let written = fill.written();
-                let counter = state.metrics.bytes_from_cache.clone();
-                let zero_copied = state.metrics.bytes_sendfile.clone();
-                return respond(&meta, headers, head, move |start, end| {
-                    let follow = Some(Follow {
-                        phase: rx,
-                        written,
-                        total,
-                    });
-                    match zero_copy {
-                        Some(conn) => {
-                            let cursor = Cursor::new(start, end, follow);
-                            crate::sendfile::body(conn, file, cursor, counter, zero_copied)
-                        }
-                        None => serve_file::body(file, start, end, follow, counter),
+    let fill = match state.fills.join_or_start(state, &key, origin.clone()) {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let mut rx = fill.subscribe();
+    // Every byte is written and verified, and the image is being published: this request
+    // needs nothing of the origin. It is a hit once the flight is done (as it was when the
+    // image was published before clients got their last byte).
+    if matches!(*rx.borrow_and_update(), Phase::Verified { .. }) {
+        return match fill.ended().await {
+            Outcome::Done(done) => {
+                state.metrics.hits.inc();
+                let (cache, k, file) = (state.cache.clone(), key.clone(), done.file().clone());
+                let counted = blocking(move || {
+                    cache
+                        .driver()
+                        .record_hit(&k, &file, imgcache_store::record::now())
+                })
+                .await;
+                let rec = match counted {
+                    Ok(Some(rec)) => rec,
+                    Ok(None) => {
+                        return ApiError::not_found(format!("{key} was removed")).into_response();
                     }
-                });
-            }
-            Phase::Published => {
-                match hit(
+                    Err(e) => return e.into_response(),
+                };
+                send_published(
                     state,
                     &key,
                     &origin,
-                    head,
-                    zero_copy.clone(),
+                    &rec,
+                    done.file().clone(),
+                    zero_copy,
                     headers,
-                    false,
                 )
-                .await
-                {
-                    Ok(Some(resp)) => return resp,
-                    Ok(None) => continue,
-                    Err(e) => return e.into_response(),
-                }
             }
-            Phase::Passthrough => {
-                return passthrough(state, &origin, fill.take_passthrough()).await;
-            }
-            Phase::Failed { status, message } => {
-                return ApiError::new(status, message.to_string()).into_response();
-            }
-            Phase::Starting => unreachable!("waited for a later phase"),
-        }
+            other => outcome_error(&other).into_response(),
+        };
     }
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "image is changing; retry").into_response()
+    // A miss, whatever happens next: this request needed the origin (even if the fill it
+    // joined is published by the time it is served, which is then not counted as a hit too).
+    state.metrics.misses.inc();
+    let phase = match rx.wait_for(|p| !matches!(p, Phase::Starting)).await {
+        Ok(p) => p.clone(),
+        Err(_) => return ApiError::internal("download vanished").into_response(),
+    };
+    match phase {
+        // The bytes flow into a file readers follow (set before the first `Streaming`).
+        Phase::Streaming { .. } | Phase::Verified { .. } => {
+            follow(state, &fill, &origin, rx, zero_copy, headers)
+        }
+        Phase::Ended(Outcome::Done(Done::Written { .. })) if fill.info().is_some() => {
+            follow(state, &fill, &origin, rx, zero_copy, headers)
+        }
+        // Published before this request read a byte: the file the flight holds open.
+        Phase::Ended(Outcome::Done(Done::Written { size, file })) => {
+            let meta = fill_representation(&fill, Some(size), &origin);
+            file_response(state, &meta, file, zero_copy, headers)
+        }
+        Phase::Ended(Outcome::Done(Done::Held { record, file })) => {
+            send_published(state, &key, &origin, &record, file, zero_copy, headers)
+        }
+        Phase::Ended(Outcome::Passthrough) => {
+            passthrough(state, &origin, take_passthrough(&fill)).await
+        }
+        Phase::Ended(other) => outcome_error(&other).into_response(),
+        Phase::Starting => unreachable!("waited for a later phase"),
+    }
+}
+
+/// Streams the fill's growing file, each byte once it is written (the last once verified).
+fn follow(
+    state: &AppState,
+    fill: &Fill,
+    origin: &Origin,
+    rx: tokio::sync::watch::Receiver<Phase>,
+    zero_copy: Option<Sendfile>,
+    headers: &HeaderMap,
+) -> Response {
+    let Some(info) = fill.info() else {
+        return ApiError::internal("download has no file").into_response();
+    };
+    let meta = fill_representation(fill, info.size, origin);
+    let file = info.file.clone();
+    let total = info.size;
+    let written = fill.written();
+    let counter = state.metrics.bytes_from_cache.clone();
+    let zero_copied = state.metrics.bytes_sendfile.clone();
+    respond(&meta, headers, false, move |start, end| {
+        let follow = Some(Follow {
+            phase: rx,
+            written,
+            total,
+        });
+        match zero_copy {
+            Some(conn) => {
+                let cursor = Cursor::new(start, end, follow);
+                crate::sendfile::body(conn, file, cursor, counter, zero_copied)
+            }
+            None => serve_file::body(file, start, end, follow, counter),
+        }
+    })
 }
 
 /// `HEAD` of an image that is not cached: its headers from the running download if there is
@@ -305,9 +341,21 @@ async fn head_of_miss(
     origin: &Origin,
     headers: &HeaderMap,
 ) -> Response {
-    if let Some(info) = state.fills.get(key).as_deref().and_then(Fill::info) {
-        let meta = Representation::of(info.size, &info.meta, md5_style(origin));
-        return respond(&meta, headers, true, |_, _| Body::empty());
+    if let Some(fill) = state.fills.get(key) {
+        // Verified and being published: the headers of the hit it is about to be (a GET
+        // now is that hit), once the flight says it is done.
+        if matches!(fill.phase(), Phase::Verified { .. })
+            && let Outcome::Done(_) = fill.ended().await
+        {
+            let (cache, k) = (state.cache.clone(), key.clone());
+            if let Ok(Some(rec)) = blocking(move || cache.get_record(&k)).await {
+                return respond(&hit_meta(&rec, origin), headers, true, |_, _| Body::empty());
+            }
+        }
+        if let Some(info) = fill.info() {
+            let meta = fill_representation(&fill, info.size, origin);
+            return respond(&meta, headers, true, |_, _| Body::empty());
+        }
     }
     state.metrics.origin_requests.inc();
     let meta = match state
@@ -335,7 +383,6 @@ async fn hit(
     head: bool,
     zero_copy: Option<Sendfile>,
     headers: &HeaderMap,
-    count_hit: bool,
 ) -> Result<Option<Response>, ApiError> {
     let cache = state.cache.clone();
     let k = key.clone();
@@ -351,36 +398,57 @@ async fn hit(
             |_, _| Body::empty(),
         )));
     }
-    // The miss that just published the image is not a hit, in the metrics or in the record.
-    let open = move || match count_hit {
-        true => cache.open_for_read(&k),
-        false => cache.open_for_read_uncounted(&k),
-    };
-    let Some(reader): Option<CacheReader> = blocking(open).await? else {
+    let Some(reader): Option<CacheReader> = blocking(move || cache.open_for_read(&k)).await? else {
         return Ok(None);
     };
-    if count_hit {
-        state.metrics.hits.inc();
-    }
-    state
-        .revalidations
-        .maybe_start(state, key, reader.record(), origin);
-    let meta = hit_meta(reader.record(), origin);
+    state.metrics.hits.inc();
+    let rec = reader.record().clone();
     let file = Arc::new(reader.into_file());
+    Ok(Some(send_published(
+        state, key, origin, &rec, file, zero_copy, headers,
+    )))
+}
+
+/// Sends a published image, open as `file` (its shared flock keeps the evictor away while
+/// the response runs), described by `rec`.
+fn send_published(
+    state: &AppState,
+    key: &Key,
+    origin: &Origin,
+    rec: &Record,
+    file: Arc<std::fs::File>,
+    zero_copy: Option<Sendfile>,
+    headers: &HeaderMap,
+) -> Response {
+    state.revalidations.maybe_start(state, key, rec, origin);
+    file_response(state, &hit_meta(rec, origin), file, zero_copy, headers)
+}
+
+/// A complete file's bytes, as `meta` describes them.
+fn file_response(
+    state: &AppState,
+    meta: &Representation,
+    file: Arc<std::fs::File>,
+    zero_copy: Option<Sendfile>,
+    headers: &HeaderMap,
+) -> Response {
     let counter = state.metrics.bytes_from_cache.clone();
     let zero_copied = state.metrics.bytes_sendfile.clone();
-    Ok(Some(respond(
-        &meta,
-        headers,
-        false,
-        move |start, end| match (zero_copy, end) {
+    respond(meta, headers, false, move |start, end| {
+        match (zero_copy, end) {
             (Some(conn), Some(end)) => {
                 let cursor = Cursor::new(start, Some(end), None);
                 crate::sendfile::body(conn, file, cursor, counter, zero_copied)
             }
             _ => serve_file::body(file, start, end, None, counter),
-        },
-    )))
+        }
+    })
+}
+
+/// A running fill's image, described from what its record will say (before the first byte).
+fn fill_representation(fill: &Fill, len: Option<u64>, origin: &Origin) -> Representation {
+    let meta = crate::fill::image_meta(fill).cloned().unwrap_or_default();
+    Representation::of(len, &meta, md5_style(origin))
 }
 
 fn hit_meta(rec: &Record, origin: &Origin) -> Representation {

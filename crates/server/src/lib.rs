@@ -8,7 +8,6 @@ pub mod conditional;
 pub mod config;
 pub mod error;
 pub mod fill;
-pub mod fill_elsewhere;
 pub mod health;
 pub mod images;
 pub mod metrics;

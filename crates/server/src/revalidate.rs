@@ -19,7 +19,9 @@ use std::time::Instant;
 
 use imgcache_store::{Key, Record};
 
-use crate::fill::{Origin, Phase};
+use imgcache_store::{Done, Outcome};
+
+use crate::fill::Origin;
 use crate::state::AppState;
 
 #[derive(Default)]
@@ -59,23 +61,28 @@ impl Revalidations {
             };
             // A fill like a miss's (the same key lock and admission pipeline), asking with
             // the copy's validators.
-            let fill = st.fills.join_or_start(&st, &key, origin.clone());
-            let end = fill.ended().await;
-            match end {
-                Phase::Done { size } => {
+            let fill = match st.fills.join_or_start(&st, &key, origin.clone()) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::debug!(%key, error = %e.message, "revalidation not started");
+                    return;
+                }
+            };
+            match fill.ended().await {
+                Outcome::Done(Done::Written { size, .. }) => {
                     tracing::info!(%key, href = %origin.href, size, "origin changed: cached copy replaced");
                     if size > old.size {
                         st.prune_wake.notify_one(); // the cache may now be over its limit
                     }
                 }
-                Phase::Published => tracing::debug!(%key, "revalidated: unchanged"),
-                Phase::Failed { message, .. } => {
+                Outcome::Done(Done::Held { .. }) => tracing::debug!(%key, "revalidated: unchanged"),
+                Outcome::Failed(f) => {
                     st.metrics.revalidation_failures.inc();
-                    tracing::warn!(%key, href = %origin.href, error = %message, "revalidation failed: still serving the cached copy");
+                    tracing::warn!(%key, href = %origin.href, error = %f, "revalidation failed: still serving the cached copy");
                 }
                 other => {
                     st.metrics.revalidation_failures.inc();
-                    tracing::warn!(%key, href = %origin.href, phase = ?other, "revalidation did not replace the cached copy");
+                    tracing::warn!(%key, href = %origin.href, outcome = ?other, "revalidation did not replace the cached copy");
                 }
             }
         });

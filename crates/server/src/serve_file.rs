@@ -20,13 +20,13 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 
-use crate::fill::Phase;
+use imgcache_store::{Done, Outcome, Phase};
 
 /// Bytes per read (and per body frame).
 pub const CHUNK: usize = 512 << 10;
 
 /// Following a fill: the phase watch, the bytes written (fresher than the watch, which only
-/// wakes readers every [`crate::fill::NOTIFY_STEP`]) and the image's total size if known.
+/// wakes readers every [`imgcache_store::key_lock::NOTIFY_STEP`]) and the image's total size if known.
 pub struct Follow {
     pub phase: watch::Receiver<Phase>,
     pub written: Arc<AtomicU64>,
@@ -101,7 +101,7 @@ impl Cursor {
         };
         let phase = f.phase.borrow_and_update().clone();
         match phase {
-            Phase::Done { size } | Phase::Verified { size } => {
+            Phase::Ended(Outcome::Done(Done::Written { size, .. })) | Phase::Verified { size } => {
                 match self.end {
                     None => self.end = Some(size),
                     // A range asked for before the size was known reaches past the image.
@@ -129,10 +129,16 @@ impl Cursor {
                     (true, None) => written.saturating_sub(1),
                 })
             }
-            Phase::Failed { message, .. } => Err(io::Error::other(format!(
-                "origin download failed: {message}"
+            Phase::Ended(Outcome::Failed(failure)) => Err(io::Error::other(format!(
+                "origin download failed: {failure}"
             ))),
-            Phase::Starting | Phase::Published | Phase::Passthrough => {
+            Phase::Ended(o @ Outcome::TimedOut { .. }) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                o.error().map(|e| e.to_string()).unwrap_or_default(),
+            )),
+            Phase::Starting
+            | Phase::Ended(Outcome::Passthrough)
+            | Phase::Ended(Outcome::Done(Done::Held { .. })) => {
                 Err(io::Error::other("download is not streaming"))
             }
         }

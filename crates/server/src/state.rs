@@ -74,13 +74,16 @@ impl AppState {
         );
         let schemas = Arc::new(crate::schemas::Schemas::new(&config.cache_dir));
         Ok(AppState {
+            fills: Arc::new(crate::fill::Fills::new(
+                cache.clone(),
+                config.sources.http.read_timeout,
+            )),
             config: Arc::new(config),
             cache,
             metrics: Arc::new(Metrics::new()),
             prefetch_wake: Arc::new(Notify::new()),
             prune_wake: Arc::new(Notify::new()),
             admin_auth: Arc::default(),
-            fills: Arc::default(),
             fetcher: Arc::new(fetcher),
             upstream_auth: Arc::new(upstream_auth),
             revalidations: Arc::default(),

@@ -32,8 +32,9 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::fill::{Origin, Phase};
+use crate::fill::Origin;
 use crate::state::AppState;
+use imgcache_store::{Done, FailKind, Outcome};
 
 /// A worker step that failed is retried after this, doubling up to [`STEP_BACKOFF_MAX`].
 const STEP_BACKOFF: Duration = Duration::from_secs(1);
@@ -376,24 +377,29 @@ async fn prefetch_one(state: AppState, id: String) -> anyhow::Result<Prefetched>
         glance_token: None,
         revalidate: false,
     };
-    let fill = state.fills.join_or_start(&state, &key, origin);
-    let end = fill.ended().await;
-    match end {
-        Phase::Done { size } => {
+    let fill = state
+        .fills
+        .join_or_start(&state, &key, origin)
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    match fill.ended().await {
+        Outcome::Done(Done::Written { size, .. }) => {
             tracing::info!(image_id = %id, size, seconds = started.elapsed().as_secs_f64(), "prefetched");
             Ok(Prefetched::Done)
         }
-        Phase::Published => Ok(Prefetched::Done),
-        Phase::Passthrough => {
+        Outcome::Done(Done::Held { .. }) => Ok(Prefetched::Done),
+        Outcome::Passthrough => {
             tracing::warn!(image_id = %id, max_size = state.config.max_size, "larger than the cache can hold; dropped from the queue");
             Ok(Prefetched::Dropped)
         }
-        Phase::Failed { status, message } if status == axum::http::StatusCode::NOT_FOUND => {
-            tracing::warn!(image_id = %id, error = %message, "upstream has no such image; dropped from the queue");
+        Outcome::Failed(f) if f.kind == FailKind::NotFound => {
+            tracing::warn!(image_id = %id, error = %f, "upstream has no such image; dropped from the queue");
             Ok(Prefetched::Dropped)
         }
-        Phase::Failed { message, .. } => Err(anyhow::anyhow!("{message}")),
-        _ => unreachable!("waited for an end"),
+        Outcome::Failed(f) => Err(anyhow::anyhow!("{f}")),
+        timed_out @ Outcome::TimedOut { .. } => Err(anyhow::anyhow!(
+            "{}",
+            timed_out.error().map(|e| e.to_string()).unwrap_or_default()
+        )),
     }
 }
 

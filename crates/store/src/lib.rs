@@ -28,7 +28,10 @@ pub use driver::{Driver, DriverKind};
 pub use error::{KeyError, Result, StoreError};
 pub use integrity::{Algorithm, Hasher, Integrity};
 pub use key::Key;
-pub use key_lock::Stall;
+pub use key_lock::{
+    Acquired, Done, Elsewhere, FailKind, Failure, Flight, Followed, Follower, KeyLocks, Outcome,
+    Permit, Phase, Reporter, Stall, Streaming,
+};
 pub use layout::{Layout, Status};
 pub use lock::FileLock;
 pub use policy::{CleanReport, EvictPolicy, PruneReport};
