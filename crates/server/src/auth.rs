@@ -175,7 +175,7 @@ impl AdminAuth {
 }
 
 /// Equality whose time does not depend on where the inputs first differ.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -246,6 +246,7 @@ async fn delete_entry(
         Ok(cached || queued)
     })
     .await?;
+    state.withdraw([image_id.clone()]).await;
     refresh_gauges(&state).await;
     if !held {
         // As Glance 33: 404 only when the image is neither cached, queued nor known upstream.
@@ -287,6 +288,17 @@ async fn clear(
         _ => return Err(bad_target()),
     };
     let cache = state.cache.clone();
+    let before: Vec<String> = match target {
+        ClearTarget::Queue => Vec::new(),
+        _ => {
+            let c = cache.clone();
+            blocking(move || c.get_cached_images())
+                .await?
+                .into_iter()
+                .map(|r| r.image_id)
+                .collect()
+        }
+    };
     let (cached, queued) = blocking(move || {
         let cached = match target {
             ClearTarget::Cache | ClearTarget::Both => cache.delete_all_cached_images()?,
@@ -300,6 +312,7 @@ async fn clear(
     })
     .await?;
     tracing::info!(cached, queued, "cache cleared");
+    state.withdraw(before).await;
     refresh_gauges(&state).await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -339,19 +352,30 @@ async fn prune(_: Admin, State(state): State<AppState>) -> Result<Json<PruneResu
     }))
 }
 
-/// The nodes holding the image: this one when it is cached here (fleet mode extends this).
+/// The nodes holding the image (Glance 33's bare JSON list of node URLs), from the fleet
+/// index; 409 when fleet mode is off, as Glance answers without its `centralized_db` driver.
 async fn nodes(
     _: Admin,
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(image_id): Path<String>,
 ) -> Result<Json<Vec<String>>, ApiError> {
     let k = key(&image_id)?;
-    let cache = state.cache.clone();
-    let here = blocking(move || cache.is_cached(&k)).await?;
-    let mut nodes = Vec::new();
-    if here {
-        nodes.push(base_url(&state, &headers));
-    }
-    Ok(Json(nodes))
+    let Some(fleet) = &state.fleet else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "fleet mode is off (no fleet_db): this node does not know other nodes' caches",
+        ));
+    };
+    let holders = fleet
+        .fleet
+        .holders(k.as_str())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(Json(
+        holders
+            .into_iter()
+            .filter(|h| h.state == imgcache_fleet::HoldingState::Published)
+            .map(|h| h.node)
+            .collect(),
+    ))
 }

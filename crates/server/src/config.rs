@@ -40,6 +40,9 @@ pub struct ServerConfig {
     /// Formats an image may have at all (every format by default: Glance accepted it);
     /// unsafe images are refused whatever this says.
     pub permitted_formats: Vec<imgcache_fetch::formats::Format>,
+    /// Fleet mode: the shared index, this node's URL and the peers' token. `None`: a single
+    /// node, nothing changes.
+    pub fleet: Option<crate::fleet_node::FleetSettings>,
 }
 
 impl ServerConfig {
@@ -62,6 +65,7 @@ impl ServerConfig {
             tls_cert: None,
             tls_key: None,
             permitted_formats: imgcache_fetch::formats::Format::ALL.to_vec(),
+            fleet: None,
         }
     }
 }

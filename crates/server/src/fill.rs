@@ -38,6 +38,7 @@ use tokio::task::JoinSet;
 pub use imgcache_store::Phase;
 
 use crate::error::ApiError;
+use crate::peer_fill::Source;
 use crate::state::AppState;
 
 /// What the server keeps beside a flight: for [`Outcome::Passthrough`], the origin's answer,
@@ -268,21 +269,47 @@ async fn run(
         }
         None
     };
-    state.metrics.origin_requests.inc();
-    let response = state
-        .fetcher
-        .request(&origin.href, held.as_ref(), origin.glance_token.clone())
-        .await
-        .map_err(origin_error)?;
+    // Fleet mode: another node holding or filling the image is one more origin; else this
+    // node takes the fleet's origin lease (kept until the download ends).
+    let source = match origin.revalidate {
+        true => Source::Origin(None),
+        false => crate::peer_fill::source(state, permit.key(), origin).await,
+    };
+    let (response, checksum, peer, _lease) = match source {
+        Source::Peer {
+            response,
+            checksum,
+            node,
+        } => {
+            state.metrics.peer_fills.inc();
+            (response, Some(checksum), Some(node), None)
+        }
+        Source::Origin(lease) => {
+            state.metrics.origin_requests.inc();
+            let response = state
+                .fetcher
+                .request(&origin.href, held.as_ref(), origin.glance_token.clone())
+                .await
+                .map_err(origin_error)?;
+            (response, None, None, lease)
+        }
+    };
     let _inflight = InFlight::new(&state.metrics.inflight_downloads);
     let verified = Arc::new(AtomicBool::new(false));
     let report = permit.reporter();
     let hooks = Hooks {
         progress: None,
         streaming: Some({
-            let (r, f) = (report.clone(), permit.flight().clone());
+            let (r, f, fleet) = (report.clone(), permit.flight().clone(), state.fleet.clone());
             Box::new(move |s: StreamInfo| {
                 let _ = f.extra().meta.set(s.meta);
+                // Peers may follow this fill from now on.
+                if let Some(fleet) = fleet {
+                    let (k, size, sum) = (f.key().to_string(), s.size, s.checksum.clone());
+                    tokio::spawn(async move {
+                        fleet.filling(&k, size, sum.map(|c| c.to_string())).await;
+                    });
+                }
                 r.streaming(Streaming {
                     file: Arc::new(s.file),
                     size: s.size,
@@ -304,9 +331,14 @@ async fn run(
             })
         }),
         evicted: Some({
-            let counter = state.metrics.evictions.clone();
+            let (counter, st) = (state.metrics.evictions.clone(), state.clone());
             Arc::new(move |gone: &[(String, u64)]| {
                 counter.inc_by(gone.len() as u64);
+                let (st, keys) = (
+                    st.clone(),
+                    gone.iter().map(|g| g.0.clone()).collect::<Vec<_>>(),
+                );
+                tokio::spawn(async move { st.withdraw(keys).await });
             })
         }),
         body: Some({
@@ -326,13 +358,18 @@ async fn run(
         href_raw: origin.href_raw.clone(),
         permit: lock,
         declared: None,
-        checksum: None,
+        checksum,
         force_raw: false,
         hooks,
     };
     match state.fetcher.admit(adm, response).await {
         Ok(Admitted::Published(reader)) => {
             state.prune_wake.notify_one();
+            if let Some(fleet) = &state.fleet {
+                let rec = reader.record();
+                let sum = rec.checksum.as_ref().map(ToString::to_string);
+                fleet.published(permit.key().as_str(), rec.size, sum).await;
+            }
             Ok(Outcome::Done(Done::written(reader)))
         }
         Ok(Admitted::Unchanged(Some(reader))) => Ok(Outcome::Done(Done::held(reader))),
@@ -359,6 +396,16 @@ async fn run(
                 tracing::warn!(key = %permit.key(), error = %e, "verified download served but not cached: publishing failed");
             }
             state.metrics.count_refusal(&e);
+            if let Some(fleet) = &state.fleet {
+                // Nothing here to follow any more; a peer that sent a bad image is skipped
+                // for a while (the next miss tries another holder or the origin).
+                if let Some(node) = &peer
+                    && e.refusal().is_some()
+                {
+                    fleet.suspects.mark(node);
+                }
+                fleet.gone(permit.key().as_str()).await;
+            }
             Err(origin_error(e))
         }
     }

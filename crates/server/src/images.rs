@@ -276,14 +276,14 @@ async fn serve(
     match phase {
         // The bytes flow into a file readers follow (set before the first `Streaming`).
         Phase::Streaming { .. } | Phase::Verified { .. } => {
-            follow(state, &fill, &origin, rx, zero_copy, headers)
+            follow(state, &fill, md5_style(&origin), rx, zero_copy, headers)
         }
         Phase::Ended(Outcome::Done(Done::Written { .. })) if fill.info().is_some() => {
-            follow(state, &fill, &origin, rx, zero_copy, headers)
+            follow(state, &fill, md5_style(&origin), rx, zero_copy, headers)
         }
         // Published before this request read a byte: the file the flight holds open.
         Phase::Ended(Outcome::Done(Done::Written { size, file })) => {
-            let meta = fill_representation(&fill, Some(size), &origin);
+            let meta = fill_representation(&fill, Some(size), md5_style(&origin));
             file_response(state, &meta, file, zero_copy, headers)
         }
         Phase::Ended(Outcome::Done(Done::Held { record, file })) => {
@@ -298,10 +298,10 @@ async fn serve(
 }
 
 /// Streams the fill's growing file, each byte once it is written (the last once verified).
-fn follow(
+pub(crate) fn follow(
     state: &AppState,
     fill: &Fill,
-    origin: &Origin,
+    style: Md5Style,
     rx: tokio::sync::watch::Receiver<Phase>,
     zero_copy: Option<Sendfile>,
     headers: &HeaderMap,
@@ -309,7 +309,7 @@ fn follow(
     let Some(info) = fill.info() else {
         return ApiError::internal("download has no file").into_response();
     };
-    let meta = fill_representation(fill, info.size, origin);
+    let meta = fill_representation(fill, info.size, style);
     let file = info.file.clone();
     let total = info.size;
     let written = fill.written();
@@ -353,7 +353,7 @@ async fn head_of_miss(
             }
         }
         if let Some(info) = fill.info() {
-            let meta = fill_representation(&fill, info.size, origin);
+            let meta = fill_representation(&fill, info.size, md5_style(origin));
             return respond(&meta, headers, true, |_, _| Body::empty());
         }
     }
@@ -425,7 +425,7 @@ fn send_published(
 }
 
 /// A complete file's bytes, as `meta` describes them.
-fn file_response(
+pub(crate) fn file_response(
     state: &AppState,
     meta: &Representation,
     file: Arc<std::fs::File>,
@@ -446,17 +446,17 @@ fn file_response(
 }
 
 /// A running fill's image, described from what its record will say (before the first byte).
-fn fill_representation(fill: &Fill, len: Option<u64>, origin: &Origin) -> Representation {
+fn fill_representation(fill: &Fill, len: Option<u64>, style: Md5Style) -> Representation {
     let meta = crate::fill::image_meta(fill).cloned().unwrap_or_default();
-    Representation::of(len, &meta, md5_style(origin))
+    Representation::of(len, &meta, style)
 }
 
 fn hit_meta(rec: &Record, origin: &Origin) -> Representation {
-    Representation::of(
-        Some(rec.size),
-        &ImageMeta::from_props(&rec.props),
-        md5_style(origin),
-    )
+    record_representation(rec, md5_style(origin))
+}
+
+pub(crate) fn record_representation(rec: &Record, style: Md5Style) -> Representation {
+    Representation::of(Some(rec.size), &ImageMeta::from_props(&rec.props), style)
 }
 
 /// Glance images carry Glance's hex `Content-MD5`; other hrefs RFC 1864's.

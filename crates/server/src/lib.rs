@@ -8,9 +8,12 @@ pub mod conditional;
 pub mod config;
 pub mod error;
 pub mod fill;
+pub mod fleet_node;
 pub mod health;
 pub mod images;
 pub mod metrics;
+pub mod peer;
+pub mod peer_fill;
 pub mod proxy;
 pub mod public_url;
 pub mod range;
@@ -77,7 +80,14 @@ pub async fn run_on(
         (None, None) => None,
         _ => bail!("TLS needs both a certificate and a key"),
     };
-    let state = AppState::new(config)?;
+    let mut state = AppState::new(config)?;
+    if let Some(fleet) = state.config.fleet.clone() {
+        // Joining is part of starting: a node whose URL a live node already uses is refused.
+        let node = fleet_node::FleetNode::start(fleet, state.cache.clone())
+            .await
+            .context("joining the fleet")?;
+        state.fleet = Some(node);
+    }
     let cfg = state.config.clone();
     tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "serving");
     let workers = workers::spawn(state.clone());

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub refusals: Family<Refusal, Counter>,
     pub revalidations: Counter,
     pub revalidation_failures: Counter,
+    /// Fleet mode: streams served to peers, and misses filled from a peer.
+    pub peer_streams: Counter,
+    pub peer_fills: Counter,
     pub request_seconds: Histogram,
 }
 
@@ -46,6 +49,8 @@ impl Metrics {
             refusals: Family::default(),
             revalidations: Counter::default(),
             revalidation_failures: Counter::default(),
+            peer_streams: Counter::default(),
+            peer_fills: Counter::default(),
             request_seconds: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
             registry: Registry::default(),
         };
@@ -83,6 +88,16 @@ impl Metrics {
             "revalidation_failures",
             "Background checks that failed (origin down, new download failed): the cached copy stays",
             m.revalidation_failures.clone(),
+        );
+        registry.register(
+            "peer_streams",
+            "Fleet mode: image streams served to other nodes",
+            m.peer_streams.clone(),
+        );
+        registry.register(
+            "peer_fills",
+            "Fleet mode: misses filled from another node instead of the origin",
+            m.peer_fills.clone(),
         );
         registry.register(
             "origin_requests",

@@ -257,6 +257,7 @@ pub async fn evict_glance_image(state: &AppState, id: &Uuid, why: &str) {
     match res {
         Ok(Ok(gone)) => {
             tracing::info!(image_id = %raw, evicted = gone, why, "image evicted");
+            state.withdraw([raw.clone()]).await;
         }
         Ok(Err(e)) => tracing::warn!(image_id = %raw, error = %e, "cannot evict image"),
         Err(e) => tracing::warn!(image_id = %raw, error = %e, "cannot evict image"),

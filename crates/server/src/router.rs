@@ -10,6 +10,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(crate::images::routes())
         .merge(crate::cache_api::routes())
+        .merge(crate::peer::routes())
         .merge(crate::health::routes())
         // The rest of Glance's v2 API goes upstream; anything else is a JSON 404.
         .fallback(crate::proxy::fallback)

@@ -33,9 +33,20 @@ pub struct AppState {
     pub allow: Arc<AllowList>,
     /// The last good copy of each Glance schema, for clients the upstream refuses them.
     pub schemas: Arc<crate::schemas::Schemas>,
+    /// This node in its fleet (fleet mode only): the index of who holds what.
+    pub fleet: Option<Arc<crate::fleet_node::FleetNode>>,
 }
 
 impl AppState {
+    /// Tells the fleet index (fleet mode only) that this node no longer holds `keys`.
+    pub async fn withdraw(&self, keys: impl IntoIterator<Item = String>) {
+        if let Some(f) = &self.fleet {
+            for k in keys {
+                f.gone(&k).await;
+            }
+        }
+    }
+
     pub fn new(config: ServerConfig) -> anyhow::Result<AppState> {
         let allow = Arc::new(AllowList::new(&config.allow_href_prefixes)?);
         // The fetch layer checks every redirect of an http(s) href against the same list.
@@ -89,6 +100,7 @@ impl AppState {
             revalidations: Arc::default(),
             allow,
             schemas,
+            fleet: None,
         })
     }
 }

@@ -58,6 +58,10 @@ pub fn spawn(state: AppState) -> Workers {
     let s = state.clone();
     tasks.push(("prefetcher", tokio::spawn(prefetcher(s, stopped.clone()))));
 
+    if let Some(node) = state.fleet.clone() {
+        tasks.push(("fleet", tokio::spawn(node.run(stopped.clone()))));
+    }
+
     let s = state.clone();
     let interval = state.config.prune_interval;
     tasks.push((
@@ -137,6 +141,8 @@ pub async fn prune_now(state: &AppState) -> Result<PruneReport, ApiError> {
         .await
         .map_err(|e| ApiError::internal(format!("prune task failed: {e}")))??;
     state.metrics.evictions.inc_by(report.evicted.len() as u64);
+    let gone: Vec<String> = report.evicted.iter().map(|e| e.0.clone()).collect();
+    state.withdraw(gone).await;
     refresh_gauges(state).await;
     Ok(report)
 }

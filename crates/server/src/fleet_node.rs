@@ -1,0 +1,250 @@
+//! This server as a node of a fleet ([`imgcache_fleet`]): it joins at start (a live node with
+//! the same `node_url` refuses it), announces what it holds, heartbeats, and keeps the index
+//! told of every image it publishes or evicts.
+//!
+//! The index is bookkeeping, never on a hit's path, and the database may go away: updates go
+//! through a queue that keeps the latest state per key, and while the database is down they
+//! wait there; when it answers again they are replayed and the node re-announces everything
+//! it holds (the index may have dropped it as dead meanwhile). Lookups on a miss are bounded
+//! by the fleet's call timeout and treated as "nobody holds it" when the database is down,
+//! so the miss goes to the origin with this node's own coalescing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use imgcache_fleet::{Fleet, FleetConfig, FleetError, Holding, HoldingState};
+use imgcache_store::Cache;
+use tokio::sync::{Mutex, Notify};
+
+/// What `serve` is told about the fleet.
+#[derive(Clone, Debug)]
+pub struct FleetSettings {
+    pub index: FleetConfig,
+    /// What peers present to each other (`X-Imgcache-Fleet-Token`).
+    pub token: String,
+    /// A node serves at most this many peers at once; further peers go elsewhere, so that
+    /// the fleet fills as a pipelined tree, not a star on the first holder.
+    pub peer_fanout: usize,
+}
+
+/// A pending update of this node's holding of a key.
+#[derive(Clone, Debug)]
+enum Update {
+    Holds {
+        state: HoldingState,
+        size: Option<u64>,
+        checksum: Option<String>,
+        bytes: u64,
+    },
+    Gone,
+}
+
+pub struct FleetNode {
+    pub fleet: Fleet,
+    pub settings: FleetSettings,
+    cache: Cache,
+    pending: Mutex<HashMap<String, Update>>,
+    wake: Notify,
+    /// Peer streams this node is serving now.
+    pub serving_peers: AtomicUsize,
+    /// Peers that sent a bad image lately.
+    pub suspects: crate::peer_fill::Suspects,
+}
+
+impl FleetNode {
+    /// Joins the fleet and announces the local cache (adoption of an existing cache).
+    pub async fn start(
+        settings: FleetSettings,
+        cache: Cache,
+    ) -> Result<Arc<FleetNode>, FleetError> {
+        let fleet = Fleet::connect(settings.index.clone()).await?;
+        let node = Arc::new(FleetNode {
+            fleet,
+            settings,
+            cache,
+            pending: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            serving_peers: AtomicUsize::new(0),
+            suspects: Default::default(),
+        });
+        node.announce_all().await;
+        Ok(node)
+    }
+
+    /// Queues every published local image for announcement.
+    async fn announce_all(&self) {
+        let cache = self.cache.clone();
+        let records = tokio::task::spawn_blocking(move || cache.get_cached_images())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let n = records.len();
+        let mut pending = self.pending.lock().await;
+        for r in records {
+            pending.insert(
+                r.image_id.clone(),
+                Update::Holds {
+                    state: HoldingState::Published,
+                    size: Some(r.size),
+                    checksum: r.checksum.as_ref().map(ToString::to_string),
+                    bytes: r.size,
+                },
+            );
+        }
+        drop(pending);
+        tracing::info!(
+            images = n,
+            node = self.fleet.node_url(),
+            "announcing the local cache to the fleet"
+        );
+        self.wake.notify_one();
+    }
+
+    /// This node published `key`.
+    pub async fn published(&self, key: &str, size: u64, checksum: Option<String>) {
+        self.queue(
+            key,
+            Update::Holds {
+                state: HoldingState::Published,
+                size: Some(size),
+                checksum,
+                bytes: size,
+            },
+        )
+        .await;
+    }
+
+    /// This node started filling `key` (peers may follow it).
+    pub async fn filling(&self, key: &str, size: Option<u64>, checksum: Option<String>) {
+        self.queue(
+            key,
+            Update::Holds {
+                state: HoldingState::Filling,
+                size,
+                checksum,
+                bytes: 0,
+            },
+        )
+        .await;
+    }
+
+    /// This node no longer holds `key` (evicted, deleted, or its fill failed).
+    pub async fn gone(&self, key: &str) {
+        self.queue(key, Update::Gone).await;
+    }
+
+    async fn queue(&self, key: &str, u: Update) {
+        self.pending.lock().await.insert(key.to_string(), u);
+        self.wake.notify_one();
+    }
+
+    /// Live holders of `key` other than this node, best first; empty when the database does
+    /// not answer within the call timeout (the miss goes to the origin).
+    pub async fn holders(&self, key: &str) -> Vec<Holding> {
+        match self.fleet.holders(key).await {
+            Ok(h) => h
+                .into_iter()
+                .filter(|h| h.node != self.fleet.node_url())
+                .collect(),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "fleet index unavailable: going to the origin");
+                Vec::new()
+            }
+        }
+    }
+
+    /// A slot for serving one peer stream, or `None` at the fan-out limit.
+    pub fn serve_peer(self: &Arc<Self>) -> Option<PeerSlot> {
+        let k = self.settings.peer_fanout.max(1);
+        let prev = self.serving_peers.fetch_add(1, Ordering::AcqRel);
+        if prev >= k {
+            self.serving_peers.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(PeerSlot(self.clone()))
+    }
+
+    /// The bookkeeping loop: applies pending updates, heartbeats, re-joins when the index took
+    /// this node for dead, and replays everything once the database is back.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let beat = (self.settings.index.heartbeat_timeout / 4).max(Duration::from_millis(200));
+        let mut down = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(beat) => {}
+                _ = self.wake.notified() => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            match self.fleet.heartbeat().await {
+                Ok(()) => {}
+                Err(FleetError::DuplicateNode { .. }) => {
+                    tracing::warn!("the fleet took this node for dead: joining again");
+                    match self.fleet.join().await {
+                        Ok(()) => self.announce_all().await,
+                        Err(e) => tracing::warn!(error = %e, "cannot rejoin the fleet"),
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    if !down {
+                        tracing::warn!(error = %e, "fleet database unavailable: bookkeeping queued");
+                    }
+                    down = true;
+                    continue;
+                }
+            }
+            if down {
+                down = false;
+                tracing::info!("fleet database back: replaying and re-announcing");
+                // The index may have dropped this node meanwhile: join again (keeps the URL
+                // if no one took it), then announce everything held.
+                if let Err(e) = self.fleet.join().await {
+                    tracing::warn!(error = %e, "cannot rejoin the fleet");
+                    continue;
+                }
+                self.announce_all().await;
+            }
+            let batch: Vec<(String, Update)> = self.pending.lock().await.drain().collect();
+            for (i, (key, u)) in batch.iter().enumerate() {
+                let res = match u {
+                    Update::Holds {
+                        state,
+                        size,
+                        checksum,
+                        bytes,
+                    } => {
+                        self.fleet
+                            .announce(key, *state, *size, checksum.as_deref(), *bytes)
+                            .await
+                    }
+                    Update::Gone => self.fleet.withdraw(key).await,
+                };
+                if let Err(e) = res {
+                    // Put back what was not applied, unless a newer update came meanwhile.
+                    let mut pending = self.pending.lock().await;
+                    for (k, u) in batch[i..].iter().cloned() {
+                        pending.entry(k).or_insert(u);
+                    }
+                    tracing::warn!(error = %e, "fleet bookkeeping deferred");
+                    down = true;
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.fleet.leave().await {
+            tracing::warn!(error = %e, "cannot leave the fleet cleanly (it will drop this node after the heartbeat timeout)");
+        }
+    }
+}
+
+/// One peer stream being served; frees its slot when dropped.
+pub struct PeerSlot(Arc<FleetNode>);
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        self.0.serving_peers.fetch_sub(1, Ordering::AcqRel);
+    }
+}

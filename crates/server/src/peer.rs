@@ -1,0 +1,108 @@
+//! The peer endpoint, `GET /v1/peer/images/{key}`: how one node of a fleet fills from another
+//! (a peer is one more origin for the admission pipeline). It serves a published image whole,
+//! or follows a fill in progress exactly as a local client follows it (each byte once it is
+//! written, the last once it is verified), and never starts a download itself. Only a request
+//! carrying the fleet token is answered; a node already serving its fan-out of peers answers
+//! 503, so that the asking node tries another holder and the fleet fills as a pipelined tree.
+//!
+//! `X-Imgcache-Checksum` carries the checksum the image is (or will be) verified against, for
+//! the asking node to verify the whole image by.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::StreamExt;
+use imgcache_store::{Key, Phase};
+
+use crate::error::ApiError;
+use crate::fill::blocking;
+use crate::representation::Md5Style;
+use crate::state::AppState;
+
+pub const TOKEN_HEADER: &str = "x-imgcache-fleet-token";
+pub const CHECKSUM_HEADER: &str = "x-imgcache-checksum";
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v1/peer/images/{key}", get(peer_image))
+}
+
+async fn peer_image(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> Response {
+    let Some(node) = state.fleet.clone() else {
+        return ApiError::not_found("fleet mode is off").into_response();
+    };
+    let token = headers.get(TOKEN_HEADER).map(HeaderValue::as_bytes);
+    if !token.is_some_and(|t| crate::auth::ct_eq(t, node.settings.token.as_bytes())) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the peer endpoint needs the fleet token",
+        )
+        .into_response();
+    }
+    let key = match Key::new(&key) {
+        Ok(k) => k,
+        Err(e) => return ApiError::bad_request(format!("invalid key: {e}")).into_response(),
+    };
+    let Some(slot) = node.serve_peer() else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "serving {} peers already: ask another holder",
+                node.settings.peer_fanout
+            ),
+        )
+        .into_response();
+    };
+    // Followed while it fills: the peer's bytes as they are written.
+    let resp = if let Some(fill) = state.fills.get(&key)
+        && matches!(
+            fill.phase(),
+            Phase::Streaming { .. } | Phase::Verified { .. }
+        )
+        && let Some(info) = fill.info()
+    {
+        let checksum = info.checksum.as_ref().map(ToString::to_string);
+        let rx = fill.subscribe();
+        with_checksum(
+            crate::images::follow(&state, &fill, Md5Style::Base64, rx, None, &HeaderMap::new()),
+            checksum,
+        )
+    } else {
+        let (cache, k) = (state.cache.clone(), key.clone());
+        match blocking(move || cache.open_for_read_uncounted(&k)).await {
+            Ok(Some(reader)) => {
+                let rec = reader.record().clone();
+                let meta = crate::images::record_representation(&rec, Md5Style::Base64);
+                let file = std::sync::Arc::new(reader.into_file());
+                with_checksum(
+                    crate::images::file_response(&state, &meta, file, None, &HeaderMap::new()),
+                    rec.checksum.as_ref().map(ToString::to_string),
+                )
+            }
+            Ok(None) => {
+                return ApiError::not_found(format!("{key} is not held here")).into_response();
+            }
+            Err(e) => return e.into_response(),
+        }
+    };
+    state.metrics.peer_streams.inc();
+    // The slot is held for as long as the body streams.
+    let (parts, body) = resp.into_parts();
+    let body = axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
+        let _held = &slot;
+        chunk
+    }));
+    Response::from_parts(parts, body)
+}
+
+fn with_checksum(mut resp: Response, checksum: Option<String>) -> Response {
+    if let Some(v) = checksum.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().insert(CHECKSUM_HEADER, v);
+    }
+    resp
+}
