@@ -95,7 +95,8 @@ fn delete_of_an_image_and_of_a_record_without_its_file() {
 
 #[test]
 fn lost_database_with_images_is_refused_and_nothing_is_touched() {
-    let cases: [(&str, fn(&Path)); 4] = [
+    type Damage = fn(&Path);
+    let cases: [(&str, Damage); 4] = [
         ("missing", |db| remove_db(db)),
         ("empty (0 bytes)", |db| {
             remove_db(db);
