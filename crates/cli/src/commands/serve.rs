@@ -110,8 +110,8 @@ fn startup_check(ctx: &Ctx) -> Result<()> {
     tracing::info!(
         images = r.images,
         driver = r.driver,
-        "startup check: {} images with a record",
-        r.images
+        "startup check: {} with a record",
+        crate::output::count(r.images, "image", "images")
     );
     for (what, keys) in kinds {
         if !keys.is_empty() {
