@@ -99,6 +99,21 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", value_parser = duration_parser)]
         stall_time: Option<Duration>,
     },
+    /// Check the cache directory's files against its records; --repair fixes what disagrees
+    ///
+    /// Reports records without files, files without records, stale incomplete writes (older
+    /// than the stall time, writer gone), lock files of keys with nothing left, a driver
+    /// marker that disagrees with where the records are, and a missing, empty or unreadable
+    /// database in a directory that holds images. With --repair: records without files are
+    /// removed; files without records are adopted with a freshly computed sha256 and their
+    /// size, or moved aside into invalid/ when they cannot be read or are unsafe images; stale
+    /// writes and lock files are removed; the marker is rewritten; an unreadable database is
+    /// moved aside into invalid/ and rebuilt from the files.
+    ///
+    /// Exit status: 0 clean (or, with --repair, every problem repaired); 1 problems found
+    /// (without --repair), or some left unrepaired; 2 usage error; 8 the check could not run
+    /// (the reason as one line on stderr).
+    Fsck(FsckArgs),
     /// Show the cache's driver, location, size and counts
     Stats,
     /// Inspect a disk image file: its format (read from its bytes, never its name), virtual
@@ -258,6 +273,19 @@ pub struct FetchArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct FsckArgs {
+    /// Repair what is found (without it, nothing is changed)
+    #[arg(long)]
+    pub repair: bool,
+    /// Age after which an unfinished write counts as stalled, e.g. 24h, 30m
+    #[arg(long, value_name = "DURATION", value_parser = duration_parser)]
+    pub stall_time: Option<Duration>,
+    /// No progress bar while hashing (it is only shown when stderr is a terminal anyway)
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct AddArgs {
     /// Image key ([A-Za-z0-9._-], 1-255 chars, not starting with '.')
     pub key: String,
@@ -353,6 +381,7 @@ impl Cli {
         let (max_size, stall_time) = match &self.command {
             Command::Prune { max_size } => (*max_size, None),
             Command::Clean { stall_time } => (None, *stall_time),
+            Command::Fsck(a) => (None, a.stall_time),
             Command::Serve(a) => (a.max_size, None),
             _ => (None, None),
         };

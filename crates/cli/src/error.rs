@@ -23,6 +23,19 @@ pub fn one_line(err: &anyhow::Error) -> String {
     line
 }
 
+/// An exit status other than 1, carried by an error (`fsck`'s codes). Its own text is empty,
+/// so the line printed is that of what it wraps, if anything.
+#[derive(Debug)]
+pub struct Exit(pub u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Ok(())
+    }
+}
+
+impl std::error::Error for Exit {}
+
 /// `imgcache list | head` closes our stdout early; that is not an error.
 pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {

@@ -26,8 +26,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if error::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("imgcache: {}", error::one_line(&e));
-            ExitCode::FAILURE
+            let line = error::one_line(&e);
+            if !line.is_empty() {
+                eprintln!("imgcache: {line}");
+            }
+            match e.downcast_ref::<error::Exit>() {
+                Some(error::Exit(code)) => ExitCode::from(*code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -90,7 +90,7 @@ pub const SETTINGS: &[SettingDef] = &[
         name: "stall time",
         toml: "stall_time",
         env: &["IMGCACHE_STALL_TIME"],
-        flag: Some("`clean --stall-time`"),
+        flag: Some("`clean --stall-time`, `fsck --stall-time`"),
         default: "`24h` (Glance's default)",
         list: None,
         doc: "Age after which an unfinished write counts as stalled, e.g. 24h, 30m",

@@ -211,7 +211,7 @@ fn every_subcommand(driver: &'static str) {
     let d = env.json(&["delete", "alpha"]);
     assert_eq!(
         d,
-        serde_json::json!({"image_id": "alpha", "cached": true, "queued": false})
+        serde_json::json!({"image_id": "alpha", "cached": true, "record_only": false, "queued": false})
     );
     assert!(
         env.ok(&["delete", "gamma"])

@@ -50,6 +50,10 @@ impl From<imgcache_store::StoreError> for ApiError {
         match e {
             E::Key(k) => ApiError::bad_request(k.to_string()),
             E::NotCached(_) => ApiError::not_found(e.to_string()),
+            // A file the store has no record of is not the cache's to delete or replace.
+            E::NotOwned { .. } | E::ForeignFile { .. } => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
             other => ApiError::internal(other.to_string()),
         }
     }

@@ -105,6 +105,33 @@ async fn upstream_admin_role_grants_and_member_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_leaves_a_file_without_a_record_in_place() {
+    let srv = TestServer::start(None).await;
+    let c = client();
+    let cache = srv.cache();
+    let path = cache
+        .layout()
+        .path(&Key::new(ID_C).unwrap(), imgcache_store::Status::Active);
+    std::fs::write(&path, b"the operator's file").unwrap();
+    let r = c
+        .delete(srv.url(&format!("/v2/cache/{ID_C}")))
+        .header("x-auth-token", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    // Not the cache's to delete: 409, saying why, and the file stays.
+    assert_eq!(r.status(), 409);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("is not a cached image (no record): left alone"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"the operator's file");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_queue_delete_and_nodes() {
     // No upstream: queued images stay queued (the prefetcher cannot fetch them).
     let srv = TestServer::start(None).await;

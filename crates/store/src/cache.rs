@@ -51,11 +51,20 @@ impl Cache {
         // driver marker: opening is serialised across processes by a lock of its own.
         let _init = FileLock::acquire(&layout.locks_dir().join(".init.lock"), Mode::Exclusive)?;
         driver_marker(&layout, kind, false)?;
+        // Records gone while images sit here, or in the other driver: refused, never
+        // silently started afresh (`fsck --repair` rebuilds them).
+        crate::fsck::check_before_open(&layout, kind)?;
         let driver: Box<dyn Driver> = match kind {
-            DriverKind::Sqlite => Box::new(SqliteDriver::open(
-                &layout.sqlite_path(),
-                &SqliteOptions::default(),
-            )?),
+            DriverKind::Sqlite => {
+                let path = layout.sqlite_path();
+                match SqliteDriver::open(&path, &SqliteOptions::default()) {
+                    Ok(d) => Box::new(d),
+                    Err(StoreError::BadDriverConfiguration { driver, reason }) => {
+                        return Err(unreadable_db(&layout, driver, reason));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             DriverKind::Xattr => Box::new(XattrDriver::open(layout.clone())?),
         };
         // Recorded only once the driver has shown it works here.
@@ -195,21 +204,51 @@ impl Cache {
     }
 
     /// Removes a published image and its record. Readers that already have it open keep
-    /// reading the bytes they opened (the inode lives until they close it).
+    /// reading the bytes they opened (the inode lives until they close it). `true` when there
+    /// was an image or a record; fails with [`StoreError::NotOwned`], removing nothing, when
+    /// the key's path holds a file the store has no record of. See [`Cache::delete_image`].
     pub fn delete_cached_image(&self, key: &Key) -> Result<bool> {
+        Ok(self.delete_image(key)? != Deleted::Nothing)
+    }
+
+    /// [`Cache::delete_cached_image`], saying what there was: an image (file and record), a
+    /// record whose file had gone (the record is removed), or nothing.
+    pub fn delete_image(&self, key: &Key) -> Result<Deleted> {
         let _g = self.global_lock(Mode::Exclusive)?;
         self.delete_locked(key)
     }
 
-    pub(crate) fn delete_locked(&self, key: &Key) -> Result<bool> {
+    /// Only a file whose record exists is removed: clean-up never deletes what it does not own.
+    /// Caller holds the global lock exclusively, so no publish is half done.
+    pub(crate) fn delete_locked(&self, key: &Key) -> Result<Deleted> {
         let path = self.get_image_filepath(key, Status::Active);
+        let meta = match path.symlink_metadata() {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StoreError::io("stat", &path, e)),
+        };
+        // A symlink or directory at the key's path is never the store's (and the xattr driver
+        // would read the record of whatever a symlink points at).
+        if meta.as_ref().is_some_and(|m| !m.is_file()) {
+            return Err(StoreError::NotOwned { path });
+        }
+        if self.driver().get(key)?.is_none() {
+            return match meta {
+                Some(_) => Err(StoreError::NotOwned { path }),
+                None => Ok(Deleted::Nothing),
+            };
+        }
         let had_file = match fs::remove_file(&path) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(StoreError::io("remove", &path, e)),
         };
-        let had_record = self.driver().remove(key)?;
-        Ok(had_file || had_record)
+        self.driver().remove(key)?;
+        Ok(if had_file {
+            Deleted::Image
+        } else {
+            Deleted::RecordOnly
+        })
     }
 
     /// Removes every published image the store has a record of; returns how many.
@@ -219,7 +258,7 @@ impl Cache {
         let mut n = 0;
         for rec in self.driver().list()? {
             let key = Key::new(&rec.image_id)?;
-            if self.delete_locked(&key)? {
+            if self.delete_locked(&key)? != Deleted::Nothing {
                 n += 1;
             }
         }
@@ -338,6 +377,18 @@ impl Cache {
     }
 }
 
+/// What [`Cache::delete_image`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Deleted {
+    /// The image file and its record were removed.
+    Image,
+    /// There was a record but its file had already gone; the record was removed.
+    RecordOnly,
+    /// Neither file nor record.
+    Nothing,
+}
+
 /// A directory's records live in one driver; opened with the other it would look empty and
 /// every image foreign. The first open writes the driver's name to `.imgcache-driver`; later
 /// opens with another driver fail with a bad driver configuration.
@@ -376,6 +427,30 @@ fn driver_marker(layout: &Layout, kind: DriverKind, create: bool) -> Result<()> 
             }
         }
         Err(e) => Err(StoreError::io("read", &path, e)),
+    }
+}
+
+/// A database SQLite could not open: when it is unreadable (not a database, corrupt) and
+/// images sit beside it, their records are lost and `fsck --repair` is the way back; when no
+/// image is there, it still names what to do. Anything else (a lock held too long) stays as
+/// it was.
+fn unreadable_db(layout: &Layout, driver: &'static str, reason: String) -> StoreError {
+    let path = layout.sqlite_path();
+    let Some(why) = crate::fsck::sqlite_unreadable(&path) else {
+        return StoreError::BadDriverConfiguration { driver, reason };
+    };
+    match key_files(layout.root()).map(|f| f.len()) {
+        Ok(images) if images > 0 => StoreError::MetadataLost {
+            path,
+            state: format!("unreadable ({why})"),
+            images,
+        },
+        _ => StoreError::BadDriverConfiguration {
+            driver,
+            reason: format!(
+                "{reason}; move it away, or run `imgcache fsck --repair`, which moves it aside into invalid/"
+            ),
+        },
     }
 }
 

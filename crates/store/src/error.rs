@@ -80,6 +80,38 @@ pub enum StoreError {
     )]
     ForeignFile { path: PathBuf },
 
+    /// `delete` of a key whose published path holds a file the store has no record of.
+    #[error(
+        "{path} is not a cached image (no record): left alone; `imgcache fsck --repair` adopts or moves aside files without records"
+    )]
+    NotOwned { path: PathBuf },
+
+    /// The records of a directory that holds images are gone (missing, empty or unreadable
+    /// database): starting an empty one would silently turn every image into a foreign file.
+    #[error(
+        "metadata database {path} is {state}, but the cache directory holds {images} image file(s): refusing to start an empty one and forget them; run `imgcache fsck --repair` to rebuild the records from the files"
+    )]
+    MetadataLost {
+        path: PathBuf,
+        /// "missing", "empty (0 bytes)" or "unreadable (<why>)".
+        state: String,
+        images: usize,
+    },
+
+    /// The driver marker (`.imgcache-driver`) disagrees with where the records actually are.
+    #[error(
+        "{root}: the driver marker says {marker} but {evidence}; run `imgcache --driver {actual} fsck --repair` to set the marker from what is there"
+    )]
+    DriverMismatch {
+        root: PathBuf,
+        /// What the marker says ("sqlite", "xattr" or "nothing (no marker)").
+        marker: String,
+        /// What is there instead, in words.
+        evidence: String,
+        /// The driver whose records are there.
+        actual: &'static str,
+    },
+
     #[error("image {0} is not cached")]
     NotCached(String),
 

@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod driver;
 pub mod error;
+pub mod fsck;
 pub mod integrity;
 pub mod key;
 pub mod key_lock;
@@ -23,9 +24,10 @@ pub mod sqlite;
 pub mod writer;
 pub mod xattr;
 
-pub use cache::Cache;
+pub use cache::{Cache, Deleted};
 pub use driver::{Driver, DriverKind};
 pub use error::{KeyError, Result, StoreError};
+pub use fsck::{FsckOptions, FsckProgress, FsckReport};
 pub use integrity::{Algorithm, Hasher, Integrity};
 pub use key::Key;
 pub use key_lock::{

@@ -129,6 +129,11 @@ fn get_attr(file: &File, name: &str) -> io::Result<Option<String>> {
     }
 }
 
+/// Whether an open file carries an xattr record of ours (its publish-time attribute).
+pub(crate) fn has_record(file: &File) -> bool {
+    get_attr(file, LAST_MODIFIED).ok().flatten().is_some()
+}
+
 fn set_attr(file: &File, name: &str, value: &str) -> io::Result<()> {
     rustix::fs::fsetxattr(file, name, value.as_bytes(), XattrFlags::empty()).map_err(Into::into)
 }

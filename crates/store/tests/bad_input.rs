@@ -144,7 +144,7 @@ fn read_only_cache_dir(kind: DriverKind) {
 // ---- SQLite file --------------------------------------------------------------------------
 
 #[test]
-fn corrupt_sqlite_file_is_a_bad_driver_configuration() {
+fn corrupt_sqlite_file_beside_images_is_refused_naming_the_repair() {
     let tmp = tempdir();
     let dir = tmp.path().join("cache");
     let data = pattern(2, 50_000);
@@ -162,28 +162,45 @@ fn corrupt_sqlite_file_is_a_bad_driver_configuration() {
         }
         fs::write(&db, &garbage).unwrap();
         match Cache::open(&dir, DriverKind::Sqlite) {
-            Err(
-                e @ StoreError::BadDriverConfiguration {
-                    driver: "sqlite", ..
-                },
-            ) => {
+            // The records of the image beside it are lost: refused, naming the repair.
+            Err(e @ StoreError::MetadataLost { images: 1, .. }) => {
                 let msg = e.to_string();
-                assert!(
-                    msg.starts_with("bad driver configuration (sqlite)"),
-                    "{msg}"
-                );
+                assert!(msg.contains("is unreadable"), "{msg}");
+                assert!(msg.contains("imgcache fsck --repair"), "{msg}");
                 assert!(
                     msg.contains(&*db.to_string_lossy()),
                     "names the file: {msg}"
                 );
                 assert!(msg.contains("not a database"), "{msg}");
             }
-            other => panic!("expected BadDriverConfiguration, got {other:?}"),
+            other => panic!("expected MetadataLost, got {other:?}"),
         }
         // The failed open touched neither the image nor the bad file (left for the operator).
         assert!(fs::read(dir.join("img")).unwrap() == data);
         assert!(fs::read(&db).unwrap() == garbage);
     }
+}
+
+#[test]
+fn corrupt_sqlite_file_alone_is_a_bad_driver_configuration() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("cache");
+    fs::create_dir_all(&dir).unwrap();
+    let db = dir.join(".imgcache.sqlite");
+    fs::write(&db, pattern(3, 8192)).unwrap();
+    match Cache::open(&dir, DriverKind::Sqlite) {
+        Err(
+            e @ StoreError::BadDriverConfiguration {
+                driver: "sqlite", ..
+            },
+        ) => {
+            let msg = e.to_string();
+            assert!(msg.contains("not a database"), "{msg}");
+            assert!(msg.contains("imgcache fsck --repair"), "{msg}");
+        }
+        other => panic!("expected BadDriverConfiguration, got {other:?}"),
+    }
+    assert!(fs::read(&db).unwrap() == pattern(3, 8192));
 }
 
 fn exclusive_lock(db: &Path) -> rusqlite::Connection {

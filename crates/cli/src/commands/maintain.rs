@@ -104,3 +104,179 @@ pub fn clean(ctx: &Ctx) -> Result<()> {
         ),
     ]))
 }
+
+/// The format inspector's verdict as fsck's check of a file it would adopt: an image the one
+/// door would refuse (a qcow2 with a backing file, ...) is moved aside, not adopted.
+fn safe_image(path: &std::path::Path) -> std::result::Result<(), String> {
+    let detected = imgcache_formats::report_file(path, None).map_err(|e| e.to_string())?;
+    match detected.refusal() {
+        Some(e) => Err(e.to_string()),
+        None => Ok(()),
+    }
+}
+
+/// Hashing progress on stderr (a bar only when it is a terminal).
+struct HashBar(indicatif::ProgressBar);
+
+impl imgcache_store::FsckProgress for HashBar {
+    fn start(&self, files: usize, bytes: u64) {
+        if files > 0 {
+            self.0.set_length(bytes);
+            self.0
+                .set_message(output::count(files, "file to hash", "files to hash"));
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// `imgcache fsck [--repair]`; exit status 0 clean or all repaired, 1 problems left, 8 could
+/// not check (see `--help`).
+pub fn fsck(ctx: &Ctx, args: &crate::cli::FsckArgs) -> Result<()> {
+    use crate::error::Exit;
+    let run = || -> Result<imgcache_store::FsckReport> {
+        let (cache, prelude) = imgcache_store::Cache::open_for_fsck(
+            &ctx.settings.cache_dir,
+            ctx.settings.driver,
+            args.repair,
+        )?;
+        let bar = HashBar(output::progress_bar(args.quiet, Some(0)));
+        let mut report = cache.fsck(&imgcache_store::FsckOptions {
+            repair: args.repair,
+            quick: false,
+            stall_time: ctx.settings.stall_time,
+            validate: Some(&safe_image),
+            progress: Some(&bar),
+        })?;
+        report.database = prelude.database;
+        report.driver_marker = prelude.driver_marker;
+        Ok(report)
+    };
+    let report = run().map_err(|e| e.context(Exit(8)))?;
+    let left = fsck_left(&report);
+    if ctx.json {
+        output::json(&report)?;
+    } else {
+        output::text(fsck_text(ctx, &report, left))?;
+    }
+    if left > 0 {
+        return Err(Exit(1).into());
+    }
+    Ok(())
+}
+
+/// Problems still there after this run: all of them without `--repair`.
+fn fsck_left(r: &imgcache_store::FsckReport) -> usize {
+    if !r.repaired {
+        return r.problems();
+    }
+    r.files_without_records
+        .iter()
+        .filter(|o| o.action != "adopted" && o.action != "moved_aside")
+        .count()
+}
+
+fn fsck_text(ctx: &Ctx, r: &imgcache_store::FsckReport, left: usize) -> String {
+    let done = |did: &str, would: &str| -> String {
+        if r.repaired {
+            did.to_string()
+        } else {
+            format!("repair {would}")
+        }
+    };
+    let mut s = format!(
+        "fsck {} ({} driver): {} with a record\n",
+        ctx.settings.cache_dir.display(),
+        r.driver,
+        output::count(r.images, "image", "images"),
+    );
+    if let Some(db) = &r.database {
+        let what = match (&db.moved_to, r.repaired) {
+            (Some(to), _) => format!(
+                "moved aside to {}, a new one rebuilt from the files",
+                to.display()
+            ),
+            (None, true) => "a new one rebuilt from the files".into(),
+            (None, false) => "repair rebuilds it from the files".into(),
+        };
+        s += &format!("database {} is {}: {what}\n", db.path.display(), db.state);
+    }
+    if let Some(m) = &r.driver_marker {
+        s += &format!(
+            "driver marker says {}, the records are in {}: {}\n",
+            m.found.as_deref().unwrap_or("nothing (no marker)"),
+            m.records_in,
+            done("rewritten", "rewrites it"),
+        );
+    }
+    for k in &r.records_without_files {
+        s += &format!(
+            "record without a file: {k}: {}\n",
+            done("removed", "removes it")
+        );
+    }
+    for o in &r.files_without_records {
+        let size = format_size(o.size);
+        let why = o.reason.as_deref().unwrap_or("");
+        s += &match o.action {
+            "adopted" => format!(
+                "file without a record: {} ({size}): adopted with {}\n",
+                o.image_id,
+                o.checksum.as_deref().unwrap_or("-")
+            ),
+            "moved_aside" => format!(
+                "file without a record: {} ({size}): moved aside into invalid/: {why}\n",
+                o.image_id
+            ),
+            "move_aside" => format!(
+                "file without a record: {} ({size}): {why}: repair moves it aside into invalid/\n",
+                o.image_id
+            ),
+            _ if !why.is_empty() => format!(
+                "file without a record: {} ({size}): not adopted: {why}\n",
+                o.image_id
+            ),
+            _ => format!(
+                "file without a record: {} ({size}): repair adopts it (sha256 and size from the file)\n",
+                o.image_id
+            ),
+        };
+    }
+    for k in &r.stale_incomplete {
+        s += &format!(
+            "stale incomplete write: incomplete/{k} (older than {}, no writer): {}\n",
+            format_duration(ctx.settings.stall_time),
+            done("removed", "removes it")
+        );
+    }
+    for k in &r.stale_locks {
+        s += &format!(
+            "unused lock file: locks/{k}.lock: {}\n",
+            done("removed", "removes it")
+        );
+    }
+    let found = r.problems();
+    s += &if found == 0 {
+        "clean: no problems found\n".to_string()
+    } else if r.repaired && left == 0 {
+        format!(
+            "{} found, all repaired\n",
+            output::count(found, "problem", "problems")
+        )
+    } else if r.repaired {
+        format!(
+            "{} found, {left} left unrepaired\n",
+            output::count(found, "problem", "problems")
+        )
+    } else {
+        format!(
+            "{} found; `imgcache fsck --repair` repairs them\n",
+            output::count(found, "problem", "problems")
+        )
+    };
+    s
+}

@@ -46,7 +46,10 @@ pub fn queue(ctx: &Ctx, raw: &str) -> Result<()> {
 #[derive(Serialize)]
 struct Deleted {
     image_id: String,
+    /// The image's file and record were removed.
     cached: bool,
+    /// Only a record was there (its file had gone); it was removed.
+    record_only: bool,
     queued: bool,
 }
 
@@ -54,22 +57,31 @@ struct Deleted {
 pub fn delete(ctx: &Ctx, raw: &str) -> Result<()> {
     let key = parse_key(raw)?;
     let cache = ctx.open()?;
+    // A file without a record fails here, before the queue is touched: nothing is changed.
+    let what = cache.delete_image(&key)?;
     let r = Deleted {
         image_id: key.to_string(),
-        cached: cache.delete_cached_image(&key)?,
+        cached: what == imgcache_store::Deleted::Image,
+        record_only: what == imgcache_store::Deleted::RecordOnly,
         queued: cache.delete_queued_image(&key)?,
     };
-    if !r.cached && !r.queued {
+    if what == imgcache_store::Deleted::Nothing && !r.queued {
         bail!("{key} is neither cached nor queued");
     }
     if ctx.json {
         return output::json(&r);
     }
-    output::text(match (r.cached, r.queued) {
-        (true, true) => format!("deleted {key} from the cache and the queue"),
-        (true, false) => format!("deleted {key}"),
-        _ => format!("removed {key} from the queue"),
-    })
+    let mut line = match what {
+        imgcache_store::Deleted::Image => format!("deleted {key}"),
+        imgcache_store::Deleted::RecordOnly => {
+            format!("removed the record of {key} (its file had already gone)")
+        }
+        imgcache_store::Deleted::Nothing => format!("removed {key} from the queue"),
+    };
+    if r.queued && what != imgcache_store::Deleted::Nothing {
+        line += " and removed it from the queue";
+    }
+    output::text(line)
 }
 
 #[derive(Serialize)]

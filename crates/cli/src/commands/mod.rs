@@ -71,6 +71,7 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Clear { target } => manage::clear(ctx, target),
         Command::Prune { .. } => maintain::prune(ctx),
         Command::Clean { .. } => maintain::clean(ctx),
+        Command::Fsck(args) => maintain::fsck(ctx, &args),
         Command::Fetch(args) => provision::fetch(ctx, args),
         Command::Cleanup { cache, amount } => provision::cleanup(ctx, cache.as_deref(), amount),
         Command::Caches => provision::caches(ctx),

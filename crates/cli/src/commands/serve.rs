@@ -25,6 +25,8 @@ pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
         config.permitted_formats = policy.permitted;
     }
 
+    startup_check(ctx)?;
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -60,4 +62,69 @@ async fn signal() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
     }
+}
+
+/// The quick, read-only part of `fsck` (no hashing, nothing changed), logged: one line per
+/// kind of problem, as a warning, and the server starts anyway. A directory whose records are
+/// gone is refused here, before anything listens.
+fn startup_check(ctx: &Ctx) -> Result<()> {
+    let cache = ctx.open()?;
+    let r = cache.fsck(&imgcache_store::FsckOptions {
+        quick: true,
+        stall_time: ctx.settings.stall_time,
+        ..imgcache_store::FsckOptions::default()
+    })?;
+    let names = |v: Vec<String>| -> String {
+        const SHOWN: usize = 10;
+        let more = v.len().saturating_sub(SHOWN);
+        let mut s = v.into_iter().take(SHOWN).collect::<Vec<_>>().join(", ");
+        if more > 0 {
+            s += &format!(" and {more} more");
+        }
+        s
+    };
+    let kinds = [
+        ("records without files", r.records_without_files.clone()),
+        (
+            "files without records (left alone, not served)",
+            r.files_without_records
+                .iter()
+                .map(|o| o.image_id.clone())
+                .collect(),
+        ),
+        (
+            "stale incomplete writes",
+            r.stale_incomplete
+                .iter()
+                .map(|k| format!("incomplete/{k}"))
+                .collect(),
+        ),
+        (
+            "unused lock files",
+            r.stale_locks
+                .iter()
+                .map(|k| format!("locks/{k}.lock"))
+                .collect(),
+        ),
+    ];
+    tracing::info!(
+        images = r.images,
+        driver = r.driver,
+        "startup check: {} with a record",
+        crate::output::count(r.images, "image", "images")
+    );
+    for (what, keys) in kinds {
+        if !keys.is_empty() {
+            let n = keys.len();
+            tracing::warn!(
+                count = n,
+                "startup check: {n} {what}: {}; `imgcache fsck --repair` repairs them",
+                names(keys)
+            );
+        }
+    }
+    if r.problems() == 0 {
+        tracing::info!("startup check: clean");
+    }
+    Ok(())
 }
