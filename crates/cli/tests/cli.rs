@@ -272,9 +272,12 @@ fn list_json_has_glance_field_names() {
                 "last_accessed",
                 "last_modified",
                 "size",
-                "checksum"
+                "checksum",
+                // Not Glance's: where the image came from (here the file `add` took).
+                "href"
             ]),
         );
+        assert_eq!(rec["href"], img.to_str().unwrap());
         assert_eq!(rec["image_id"], "img-1");
         assert_eq!(rec["hits"], 0);
         assert_eq!(rec["size"], 1000);
