@@ -159,6 +159,15 @@ pub struct ServeArgs {
     /// X-Auth-Token that grants the cache-management API
     #[arg(long, value_name = "SECRET")]
     pub admin_token: Option<String>,
+    /// Fleet mode: the shared PostgreSQL index, e.g. postgresql://user@host:5432/imgcache
+    #[arg(long, value_name = "URL")]
+    pub fleet_db: Option<String>,
+    /// Fleet mode: how peers and clients reach this node (default http://LISTEN)
+    #[arg(long, value_name = "URL")]
+    pub node_url: Option<String>,
+    /// Fleet mode: the token peers present to each other
+    #[arg(long, value_name = "SECRET")]
+    pub fleet_token: Option<String>,
     /// /v1/fetch serves only hrefs under the URL PREFIX (scheme, host, port exact; path on a segment boundary; every redirect re-checked) (repeatable)
     #[arg(long = "allow-href-prefix", value_name = "PREFIX")]
     pub allow_href_prefix: Vec<String>,
@@ -405,6 +414,9 @@ impl Cli {
             layer.listen = a.listen;
             layer.glance_url = a.glance_url.clone();
             layer.admin_token = a.admin_token.clone();
+            layer.fleet_db = a.fleet_db.clone();
+            layer.node_url = a.node_url.clone();
+            layer.fleet_token = a.fleet_token.clone();
             if !a.allow_href_prefix.is_empty() {
                 layer.allow_href_prefixes = Some(a.allow_href_prefix.clone());
             }

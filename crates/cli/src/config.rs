@@ -100,6 +100,10 @@ pub struct Layer {
     pub listen: Option<std::net::SocketAddr>,
     pub admin_token: Option<String>,
     pub allow_href_prefixes: Option<Vec<String>>,
+    pub fleet_db: Option<String>,
+    pub node_url: Option<String>,
+    pub fleet_token: Option<String>,
+    pub heartbeat_timeout: Option<Duration>,
     /// `[caches.NAME]` tables (file only).
     pub caches: Option<BTreeMap<String, CacheTable>>,
 }
@@ -122,6 +126,10 @@ impl Layer {
             listen: upper.listen.or(self.listen),
             admin_token: upper.admin_token.or(self.admin_token),
             allow_href_prefixes: upper.allow_href_prefixes.or(self.allow_href_prefixes),
+            fleet_db: upper.fleet_db.or(self.fleet_db),
+            node_url: upper.node_url.or(self.node_url),
+            fleet_token: upper.fleet_token.or(self.fleet_token),
+            heartbeat_timeout: upper.heartbeat_timeout.or(self.heartbeat_timeout),
             caches: upper.caches.or(self.caches),
         }
     }
@@ -145,6 +153,10 @@ impl Layer {
             listen: Option<String>,
             admin_token: Option<String>,
             allow_href_prefixes: Option<Vec<String>>,
+            fleet_db: Option<String>,
+            node_url: Option<String>,
+            fleet_token: Option<String>,
+            heartbeat_timeout: Option<String>,
             caches: Option<BTreeMap<String, CacheTable>>,
         }
         let f: File = toml::from_str(text).map_err(|e| anyhow!(one_line(&e.to_string())))?;
@@ -186,6 +198,14 @@ impl Layer {
                 .context("listen")?,
             admin_token: f.admin_token,
             allow_href_prefixes: f.allow_href_prefixes,
+            fleet_db: f.fleet_db,
+            node_url: f.node_url,
+            fleet_token: f.fleet_token,
+            heartbeat_timeout: f
+                .heartbeat_timeout
+                .map(|s| parse_duration(&s))
+                .transpose()
+                .context("heartbeat_timeout")?,
             caches: f.caches,
         })
     }
@@ -231,6 +251,10 @@ impl Layer {
             listen: env_value(get, "listen", parse_listen)?,
             admin_token: string("admin_token")?,
             allow_href_prefixes: list("allow_href_prefixes")?,
+            fleet_db: string("fleet_db")?,
+            node_url: string("node_url")?,
+            fleet_token: string("fleet_token")?,
+            heartbeat_timeout: env_value(get, "heartbeat_timeout", parse_duration)?,
             caches: None,
         })
     }
@@ -273,6 +297,12 @@ pub struct Settings {
     /// `imgcache serve`: `/v1/fetch` serves only hrefs under one of these URL prefixes (see
     /// `imgcache_fetch::AllowList`).
     pub allow_href_prefixes: Vec<String>,
+    /// Fleet mode (`serve`): the shared PostgreSQL index, how peers reach this node, the
+    /// peers' token, and how long a silent node counts as alive.
+    pub fleet_db: Option<String>,
+    pub node_url: Option<String>,
+    pub fleet_token: Option<String>,
+    pub heartbeat_timeout: Duration,
     /// Named provisioning caches, highest priority first.
     pub caches: Vec<NamedCache>,
 }
@@ -349,6 +379,12 @@ impl Settings {
                 .unwrap_or_else(|| default_of("listen", parse_listen)),
             admin_token: l.admin_token,
             allow_href_prefixes: l.allow_href_prefixes.unwrap_or_default(),
+            fleet_db: l.fleet_db,
+            node_url: l.node_url,
+            fleet_token: l.fleet_token,
+            heartbeat_timeout: l
+                .heartbeat_timeout
+                .unwrap_or_else(|| default_of("heartbeat_timeout", parse_duration)),
             caches: resolve_caches(l.caches.unwrap_or_default())?,
         })
     }
@@ -811,6 +847,10 @@ mod tests {
                 listen: "127.0.0.1:9292".parse().unwrap(),
                 admin_token: None,
                 allow_href_prefixes: vec![],
+                fleet_db: None,
+                node_url: None,
+                fleet_token: None,
+                heartbeat_timeout: Duration::from_secs(60),
                 caches: vec![],
             }
         );

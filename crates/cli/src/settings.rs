@@ -186,6 +186,42 @@ pub const SETTINGS: &[SettingDef] = &[
         doc: "URL prefixes /v1/fetch serves hrefs under (scheme, host, port exact; path on a \
               segment boundary; every redirect re-checked)",
     },
+    SettingDef {
+        name: "fleet database (`serve`)",
+        toml: "fleet_db",
+        env: &["IMGCACHE_FLEET_DB"],
+        flag: Some("`serve --fleet-db`"),
+        default: "none: a single node",
+        list: None,
+        doc: "Fleet mode: the PostgreSQL index shared by the nodes, postgresql://USER@HOST:PORT/DB",
+    },
+    SettingDef {
+        name: "node URL (`serve`, fleet mode)",
+        toml: "node_url",
+        env: &["IMGCACHE_NODE_URL"],
+        flag: Some("`serve --node-url`"),
+        default: "none: `http://` and the listen address",
+        list: None,
+        doc: "How peers and clients reach this node (Glance's worker_self_reference_url)",
+    },
+    SettingDef {
+        name: "fleet token (`serve`, fleet mode)",
+        toml: "fleet_token",
+        env: &["IMGCACHE_FLEET_TOKEN"],
+        flag: Some("`serve --fleet-token`"),
+        default: "none: required with a fleet database",
+        list: None,
+        doc: "The secret peers present to each other's peer endpoint",
+    },
+    SettingDef {
+        name: "heartbeat timeout (fleet mode)",
+        toml: "heartbeat_timeout",
+        env: &["IMGCACHE_HEARTBEAT_TIMEOUT"],
+        flag: None,
+        default: "`60s`",
+        list: None,
+        doc: "A node silent this long is dropped from the fleet's answers",
+    },
 ];
 
 const fn str_eq(a: &str, b: &str) -> bool {

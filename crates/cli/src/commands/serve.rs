@@ -24,6 +24,22 @@ pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
     if let Some(policy) = args.formats.policy()? {
         config.permitted_formats = policy.permitted;
     }
+    if let Some(db) = &s.fleet_db {
+        let Some(token) = s.fleet_token.clone().filter(|t| !t.is_empty()) else {
+            anyhow::bail!("fleet mode (fleet_db) needs a fleet_token, the secret peers present");
+        };
+        let node_url = s
+            .node_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", s.listen));
+        let mut index = imgcache_fleet::FleetConfig::new(db.clone(), node_url);
+        index.heartbeat_timeout = s.heartbeat_timeout;
+        config.fleet = Some(imgcache_server::fleet_node::FleetSettings {
+            index,
+            token,
+            peer_fanout: 4,
+        });
+    }
 
     startup_check(ctx)?;
 
