@@ -43,7 +43,8 @@ use crate::source::{BodyStream, OriginMeta, Response};
 pub enum RoomPolicy {
     /// `max_size` is a hard limit: room is reserved before the first byte (evicting least
     /// recently used images when that makes enough), an unannounced length grows its
-    /// reservation as it is written, and what cannot fit is handed back uncached.
+    /// reservation as it is written, and what cannot fit is handed back uncached (also
+    /// mid-way, once an unannounced length outgrows the room the cache can make).
     HardLimit(u64),
     /// Ironic's: free disk space is made across the caches on the filesystem (with a
     /// registry), and the size cap is restored by clean-up after the download.

@@ -7,6 +7,7 @@
 //! each served by its own runtime on its own thread (usable from sync and async tests).
 
 mod background;
+pub mod faulty;
 pub mod glance;
 pub mod origin;
 
