@@ -353,7 +353,7 @@ impl ImageCache {
         match r.rest(len).await {
             Ok(Ok(rest)) => {
                 tracing::info!(key = %key, offset = len, "resuming the download a dead writer left");
-                let path = self.cache().get_image_filepath(&key, Status::Incomplete);
+                let path = self.cache().get_image_filepath(key, Status::Incomplete);
                 Some((resume::file_prefix(file, &path, len), rest))
             }
             Ok(Err(why)) => {
