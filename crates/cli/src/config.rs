@@ -97,6 +97,9 @@ pub struct Layer {
     pub revalidate_interval: Option<Duration>,
     pub ca_bundle: Option<PathBuf>,
     pub insecure: Option<bool>,
+    pub origin_attempt_timeout: Option<Duration>,
+    pub origin_retries: Option<u32>,
+    pub origin_retry_budget: Option<Duration>,
     pub listen: Option<std::net::SocketAddr>,
     pub admin_token: Option<String>,
     pub allow_href_prefixes: Option<Vec<String>>,
@@ -123,6 +126,9 @@ impl Layer {
             revalidate_interval: upper.revalidate_interval.or(self.revalidate_interval),
             ca_bundle: upper.ca_bundle.or(self.ca_bundle),
             insecure: upper.insecure.or(self.insecure),
+            origin_attempt_timeout: upper.origin_attempt_timeout.or(self.origin_attempt_timeout),
+            origin_retries: upper.origin_retries.or(self.origin_retries),
+            origin_retry_budget: upper.origin_retry_budget.or(self.origin_retry_budget),
             listen: upper.listen.or(self.listen),
             admin_token: upper.admin_token.or(self.admin_token),
             allow_href_prefixes: upper.allow_href_prefixes.or(self.allow_href_prefixes),
@@ -150,6 +156,9 @@ impl Layer {
             revalidate_interval: Option<String>,
             ca_bundle: Option<PathBuf>,
             insecure: Option<bool>,
+            origin_attempt_timeout: Option<String>,
+            origin_retries: Option<u32>,
+            origin_retry_budget: Option<String>,
             listen: Option<String>,
             admin_token: Option<String>,
             allow_href_prefixes: Option<Vec<String>>,
@@ -191,6 +200,17 @@ impl Layer {
                 .context("revalidate_interval")?,
             ca_bundle: f.ca_bundle,
             insecure: f.insecure,
+            origin_attempt_timeout: f
+                .origin_attempt_timeout
+                .map(|s| parse_duration(&s))
+                .transpose()
+                .context("origin_attempt_timeout")?,
+            origin_retries: f.origin_retries,
+            origin_retry_budget: f
+                .origin_retry_budget
+                .map(|s| parse_duration(&s))
+                .transpose()
+                .context("origin_retry_budget")?,
             listen: f
                 .listen
                 .map(|s| parse_listen(&s))
@@ -248,6 +268,9 @@ impl Layer {
             revalidate_interval: env_value(get, "revalidate_interval", parse_duration)?,
             ca_bundle: env_value(get, "ca_bundle", |v| Ok(PathBuf::from(v)))?,
             insecure: env_value(get, "insecure", parse_bool)?,
+            origin_attempt_timeout: env_value(get, "origin_attempt_timeout", parse_duration)?,
+            origin_retries: env_value(get, "origin_retries", parse_count)?,
+            origin_retry_budget: env_value(get, "origin_retry_budget", parse_duration)?,
             listen: env_value(get, "listen", parse_listen)?,
             admin_token: string("admin_token")?,
             allow_href_prefixes: list("allow_href_prefixes")?,
@@ -290,6 +313,12 @@ pub struct Settings {
     pub revalidate_interval: Option<Duration>,
     pub ca_bundle: Option<PathBuf>,
     pub insecure: bool,
+    /// One origin request's budget: connect plus response headers, retries included.
+    pub origin_attempt_timeout: Duration,
+    /// Retries of an origin request, and resumes of a broken body.
+    pub origin_retries: u32,
+    /// Total time a download may spend resuming after its body first broke.
+    pub origin_retry_budget: Duration,
     /// `imgcache serve`: address to listen on.
     pub listen: std::net::SocketAddr,
     /// `imgcache serve`: the `X-Auth-Token` that grants the cache-management API.
@@ -374,6 +403,15 @@ impl Settings {
             insecure: l
                 .insecure
                 .unwrap_or_else(|| default_of("insecure", parse_bool)),
+            origin_attempt_timeout: l
+                .origin_attempt_timeout
+                .unwrap_or_else(|| default_of("origin_attempt_timeout", parse_duration)),
+            origin_retries: l
+                .origin_retries
+                .unwrap_or_else(|| default_of("origin_retries", parse_count)),
+            origin_retry_budget: l
+                .origin_retry_budget
+                .unwrap_or_else(|| default_of("origin_retry_budget", parse_duration)),
             listen: l
                 .listen
                 .unwrap_or_else(|| default_of("listen", parse_listen)),
@@ -434,6 +472,12 @@ pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr> {
     s.trim()
         .parse()
         .map_err(|_| anyhow!("invalid listen address {s:?}: expected IP:PORT, e.g. 127.0.0.1:9292"))
+}
+
+fn parse_count(s: &str) -> Result<u32> {
+    s.trim()
+        .parse()
+        .map_err(|_| anyhow!("{s:?} is not a count (a whole number)"))
 }
 
 fn parse_bool(s: &str) -> Result<bool> {
@@ -844,6 +888,9 @@ mod tests {
                 revalidate_interval: None,
                 ca_bundle: None,
                 insecure: false,
+                origin_attempt_timeout: Duration::from_secs(30),
+                origin_retries: 3,
+                origin_retry_budget: Duration::from_secs(300),
                 listen: "127.0.0.1:9292".parse().unwrap(),
                 admin_token: None,
                 allow_href_prefixes: vec![],

@@ -18,12 +18,14 @@
 //! the moment they are verified; nothing is visible in the cache before the commit.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
 use imgcache_store::record::now;
-use imgcache_store::{CacheReader, FileLock, Integrity, Key, Reservation, Room, WriteOptions};
+use imgcache_store::{
+    CacheReader, FileLock, Integrity, Key, Reservation, Room, Status, WriteOptions,
+};
 
 use crate::download::{WrittenHook, stream_into_reporting};
 use crate::error::{FetchError, Result};
@@ -33,6 +35,7 @@ use crate::meta::ImageMeta;
 use crate::pipeline::{self, VerifiedHook};
 use crate::progress::{Progress, Quiet};
 use crate::provision::{ImageCache, blocking};
+use crate::resume;
 use crate::source::{BodyStream, OriginMeta, Response};
 
 /// How a download makes room in the cache.
@@ -40,7 +43,8 @@ use crate::source::{BodyStream, OriginMeta, Response};
 pub enum RoomPolicy {
     /// `max_size` is a hard limit: room is reserved before the first byte (evicting least
     /// recently used images when that makes enough), an unannounced length grows its
-    /// reservation as it is written, and what cannot fit is handed back uncached.
+    /// reservation as it is written, and what cannot fit is handed back uncached (also
+    /// mid-way, once an unannounced length outgrows the room the cache can make).
     HardLimit(u64),
     /// Ironic's: free disk space is made across the caches on the filesystem (with a
     /// registry), and the size cap is restored by clean-up after the download.
@@ -184,16 +188,40 @@ impl ImageCache {
     ) -> Result<Admitted> {
         let origin = adm.href.to_string();
         let declared = pipeline::declared(adm.declared, meta.disk_format.as_deref(), &origin)?;
-        let body = match adm.hooks.body.take() {
-            Some(wrap) => wrap(body),
-            None => body,
+        let wrap = adm.hooks.body.take();
+        let wrap = move |b: BodyStream| match wrap {
+            Some(w) => w(b),
+            None => b,
         };
         let reservation = match self.room(meta.size, adm.hooks.evicted.as_ref()).await? {
             Ok(r) => r,
             Err(room) => {
                 tracing::info!(key = %adm.key, size = ?meta.size, ?room, "does not fit the cache");
-                return Ok(Admitted::Passthrough { meta, body, room });
+                return Ok(Admitted::Passthrough {
+                    meta,
+                    body: wrap(body),
+                    room,
+                });
             }
+        };
+        // A dead writer's leftover of this very image: its bytes, then the rest from the origin.
+        let body = match self.resume_leftover(&adm.key, &adm.href_raw, &meta).await {
+            Some((prefix, rest)) => {
+                drop(body);
+                Box::pin(prefix.chain(wrap(rest)))
+            }
+            None => wrap(body),
+        };
+        // An unannounced length under the hard limit: once past what the cache can make room
+        // for, the origin's body is parked (not read further) and handed back to be streamed
+        // uncached, after the bytes already written.
+        let overflow = match (self.room_policy(), meta.size) {
+            (RoomPolicy::HardLimit(max), None) => Some(Overflow::new(max)),
+            _ => None,
+        };
+        let body = match &overflow {
+            Some(o) => o.tap(body, &origin),
+            None => body,
         };
         let expected = adm.checksum.clone().or_else(|| meta.checksum.clone());
         let prepared = pipeline::prepare(
@@ -225,6 +253,11 @@ impl ImageCache {
         let cache = self.cache().clone();
         let (key, permit) = (adm.key.clone(), adm.permit);
         let writer = blocking(move || cache.open_for_write_locked(&key, permit, wopts)).await?;
+        // Removed when this admission ends, published or not; left behind by a crash.
+        let _note = meta
+            .resume
+            .as_ref()
+            .and_then(|r| resume::write_note(self.cache(), &adm.key, &adm.href_raw, r));
         if let Some(streaming) = adm.hooks.streaming.take() {
             let file =
                 File::open(writer.path()).map_err(|e| FetchError::io("open", writer.path(), e))?;
@@ -235,26 +268,56 @@ impl ImageCache {
                 meta: record_meta.clone(),
             });
         }
-        // An unannounced length grows its reservation as it is written; past what the cache
-        // can make room for, the download stops (nothing fills the disk).
+        // The bytes written, readable after the writer gives up (an overflow hands them back).
+        let partial = match &overflow {
+            Some(_) if prepared.compressed.is_none() => File::open(writer.path()).ok(),
+            _ => None,
+        };
         let reservation = Arc::new(Mutex::new(reservation));
-        let over = Arc::new(AtomicBool::new(false));
         let evicted = adm.hooks.evicted.clone();
         let written = self.room_watch(
             reservation.clone(),
-            over.clone(),
+            overflow.as_ref().map(|o| o.over.clone()),
             size,
             adm.hooks.written.take(),
             evicted,
         );
-        let body = stop_when(prepared.body, over, &origin, self.room_policy());
         let progress: Arc<dyn Progress> = adm
             .hooks
             .progress
             .clone()
             .unwrap_or_else(|| Arc::new(Quiet));
-        let writer =
-            stream_into_reporting(writer, body, size, &origin, progress.as_ref(), written).await?;
+        let writer = match stream_into_reporting(
+            writer,
+            prepared.body,
+            size,
+            &origin,
+            progress.as_ref(),
+            written,
+        )
+        .await
+        {
+            Ok(w) => w,
+            Err(e) => {
+                return match overflow.and_then(|o| o.handed_back(partial, &adm.key, self.cache())) {
+                    Some((body, seen)) => {
+                        let RoomPolicy::HardLimit(max_size) = self.room_policy() else {
+                            unreachable!("overflow is HardLimit's")
+                        };
+                        tracing::info!(key = %adm.key, written = seen, max_size, "grew past the room the cache can make: streamed on without caching");
+                        Ok(Admitted::Passthrough {
+                            meta,
+                            body,
+                            room: Room::Full {
+                                size: seen,
+                                max_size,
+                            },
+                        })
+                    }
+                    None => Err(e),
+                };
+            }
+        };
         let source_checksum = prepared.compressed.as_ref().map(|d| d.get().cloned());
         let verified = adm.hooks.verified.take();
         let finish = self.finish_of(
@@ -269,6 +332,39 @@ impl ImageCache {
         // Published: its bytes count in the cache size now.
         drop(reservation);
         Ok(Admitted::Published(reader))
+    }
+
+    /// With the permit held: a dead writer's leftover of the same image (same href, same
+    /// strong validator, same length, same boot), as its bytes and the origin's rest after
+    /// them (a 206 to `Range` + `If-Range`). `None`: start over.
+    async fn resume_leftover(
+        &self,
+        key: &Key,
+        href_raw: &str,
+        meta: &OriginMeta,
+    ) -> Option<(BodyStream, BodyStream)> {
+        let r = meta.resume.clone()?;
+        let (cache, k, href) = (self.cache().clone(), key.clone(), href_raw.to_string());
+        let r2 = r.clone();
+        let (file, len) =
+            tokio::task::spawn_blocking(move || resume::leftover(&cache, &k, &href, &r2))
+                .await
+                .ok()??;
+        match r.rest(len).await {
+            Ok(Ok(rest)) => {
+                tracing::info!(key = %key, offset = len, "resuming the download a dead writer left");
+                let path = self.cache().get_image_filepath(key, Status::Incomplete);
+                Some((resume::file_prefix(file, &path, len), rest))
+            }
+            Ok(Err(why)) => {
+                tracing::info!(key = %key, offset = len, reason = %why, "cannot resume the leftover download: starting over");
+                None
+            }
+            Err(e) => {
+                tracing::info!(key = %key, offset = len, error = %e, "cannot resume the leftover download: starting over");
+                None
+            }
+        }
     }
 
     /// A `file://` source: hard-linked into the cache when on its filesystem (no bytes
@@ -397,7 +493,7 @@ impl ImageCache {
     fn room_watch(
         &self,
         reservation: Arc<Mutex<Option<Reservation>>>,
-        over: Arc<AtomicBool>,
+        over: Option<Arc<AtomicBool>>,
         size: Option<u64>,
         inner: Option<WrittenHook>,
         evicted: Option<EvictedHook>,
@@ -405,9 +501,9 @@ impl ImageCache {
         let RoomPolicy::HardLimit(max) = self.room_policy() else {
             return inner;
         };
-        if size.is_some() {
+        let Some(over) = over.filter(|_| size.is_none()) else {
             return inner;
-        }
+        };
         let cache = self.cache().clone();
         Some(Arc::new(move |n: u64| {
             let mut held = reservation.lock().expect("poisoned");
@@ -431,31 +527,84 @@ impl ImageCache {
     }
 }
 
-/// Ends `body` with [`FetchError::TooLarge`] once `over` is raised.
-fn stop_when(
-    body: BodyStream,
+/// An unannounced length under the hard limit: raised by the room watch when the cache can
+/// make no more room. Its tap then stops reading the origin's body, parks it, and fails the
+/// download with [`FetchError::TooLarge`]; [`Overflow::handed_back`] gives the bytes written
+/// and the parked rest, to stream on uncached.
+struct Overflow {
+    max_size: u64,
     over: Arc<AtomicBool>,
-    origin: &str,
-    policy: RoomPolicy,
-) -> BodyStream {
-    let RoomPolicy::HardLimit(max_size) = policy else {
-        return body;
-    };
-    let origin = origin.to_string();
-    let mut seen = 0u64;
-    Box::pin(body.map(move |chunk| {
-        if over.load(Ordering::Acquire) {
-            return Err(FetchError::TooLarge {
-                href: origin.clone(),
-                size: seen,
-                max_size,
-            });
+    /// The origin's body, not read past `seen`.
+    parked: Arc<Mutex<Option<BodyStream>>>,
+    /// Bytes of the body passed on to the pipeline.
+    seen: Arc<AtomicU64>,
+}
+
+impl Overflow {
+    fn new(max_size: u64) -> Overflow {
+        Overflow {
+            max_size,
+            over: Arc::new(AtomicBool::new(false)),
+            parked: Arc::new(Mutex::new(None)),
+            seen: Arc::new(AtomicU64::new(0)),
         }
-        if let Ok(c) = &chunk {
-            seen += c.len() as u64;
+    }
+
+    fn tap(&self, body: BodyStream, origin: &str) -> BodyStream {
+        let (over, parked, seen) = (self.over.clone(), self.parked.clone(), self.seen.clone());
+        let (origin, max_size) = (origin.to_string(), self.max_size);
+        Box::pin(futures_util::stream::unfold(Some(body), move |state| {
+            let (over, parked, seen, origin) =
+                (over.clone(), parked.clone(), seen.clone(), origin.clone());
+            async move {
+                let mut body = state?;
+                if over.load(Ordering::Acquire) {
+                    let size = seen.load(Ordering::Acquire);
+                    *parked.lock().expect("poisoned") = Some(body);
+                    let e = FetchError::TooLarge {
+                        href: origin,
+                        size,
+                        max_size,
+                    };
+                    return Some((Err(e), None));
+                }
+                let item = body.next().await?;
+                if let Ok(c) = &item {
+                    seen.fetch_add(c.len() as u64, Ordering::AcqRel);
+                }
+                Some((item, Some(body)))
+            }
+        }))
+    }
+
+    /// After the download failed: when it failed because it overflowed, and the file
+    /// `partial` holds exactly the bytes passed on, those bytes and then the parked rest of
+    /// the origin's body (the whole image from byte 0). The partial file is removed from
+    /// `invalid/` (it was never going to publish).
+    fn handed_back(
+        self,
+        partial: Option<File>,
+        key: &Key,
+        cache: &imgcache_store::Cache,
+    ) -> Option<(BodyStream, u64)> {
+        let rest = self.parked.lock().expect("poisoned").take()?;
+        let partial = partial?;
+        let seen = self.seen.load(Ordering::Acquire);
+        let stat = partial.metadata().ok()?;
+        if stat.len() != seen {
+            tracing::warn!(%key, written = stat.len(), seen, "an overflowing download lost bytes in flight: cut");
+            return None;
         }
-        chunk
-    }))
+        let invalid = cache.get_image_filepath(key, Status::Invalid);
+        if std::fs::symlink_metadata(&invalid).is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino() == stat.ino() && m.dev() == stat.dev()
+        }) {
+            let _ = std::fs::remove_file(&invalid);
+        }
+        let prefix = resume::file_prefix(partial, &invalid, seen);
+        Some((Box::pin(prefix.chain(rest)), seen))
+    }
 }
 
 /// A local file as a stream of 1 MiB chunks.

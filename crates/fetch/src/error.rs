@@ -53,6 +53,16 @@ pub enum FetchError {
         reason: String,
     },
 
+    /// A broken body could not be resumed because the origin's image changed (its validator
+    /// no longer matches) or it does not serve ranges: the bytes already written are not
+    /// mixed with new ones, and the next attempt starts over from byte 0.
+    #[error("origin {url} cut the body after {got} bytes and {reason}; the download starts over")]
+    Restart {
+        url: String,
+        got: u64,
+        reason: String,
+    },
+
     #[error(
         "checksum mismatch for {href}: expected {expected}, got {actual}; the download was moved to invalid/"
     )]
@@ -150,7 +160,7 @@ impl FetchError {
             FetchError::Length { .. } | FetchError::Store(StoreError::SizeMismatch { .. }) => {
                 Some("size")
             }
-            FetchError::Truncated { .. } => Some("truncated"),
+            FetchError::Truncated { .. } | FetchError::Restart { .. } => Some("truncated"),
             FetchError::Decompress { .. } => Some("decompress"),
             FetchError::TooLarge { .. } => Some("too_large"),
             _ => None,

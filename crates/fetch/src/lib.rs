@@ -14,6 +14,7 @@ pub mod pipeline;
 pub mod place;
 pub mod progress;
 pub mod provision;
+pub mod resume;
 pub mod source;
 pub mod zstd;
 

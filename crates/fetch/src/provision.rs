@@ -291,6 +291,7 @@ impl ImageCache {
         // Slow path: under the key lock, revalidate or download. Callers queued here behind a
         // download find it published and fresh once they get the lock. A master evicted
         // while it was being revalidated is simply downloaded on the next turn.
+        let mut restarted = false;
         for _ in 0..3 {
             let mut permit = self.wait_for_permit(&key).await?;
             if let Some(reader) = self.open_fresh(&key, &href).await? {
@@ -317,6 +318,14 @@ impl ImageCache {
             };
             let admitted = match self.admit(adm, response).await {
                 Ok(a) => a,
+                // The origin changed (or stopped serving ranges) while its body was resumed:
+                // nothing was kept of the old bytes; the next turn downloads from byte 0.
+                Err(e @ FetchError::Restart { .. }) if !restarted => {
+                    tracing::warn!(error = %e, "starting the download over");
+                    restarted = true;
+                    let _ = fail(permit, e);
+                    continue;
+                }
                 Err(e) => return Err(fail(permit, e)),
             };
             match admitted {

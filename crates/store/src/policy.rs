@@ -145,22 +145,44 @@ impl Cache {
     }
 
     /// Removes files in `incomplete/` last written at or before `older_than`, unless their
-    /// writer is still alive (holds the key lock). Returns the keys removed.
+    /// writer is still alive (holds the key lock). A download's resume note
+    /// (`<key>.resume`, see [`Cache::resume_note_path`]) goes with its file, and on its own
+    /// once it is as old. Returns the keys removed.
     pub fn delete_stalled_files(&self, older_than: SystemTime) -> Result<Vec<String>> {
         let dir = self.layout().incomplete_dir();
         let mut removed = Vec::new();
         for (key, meta) in key_files(&dir)? {
-            if mtime(&meta) > older_than {
+            let note_of = key
+                .as_str()
+                .strip_suffix(crate::writer::RESUME_NOTE)
+                .and_then(|k| Key::new(k).ok());
+            let (owner, last_written) = match &note_of {
+                // A note is as old as its leftover (the file that grows), else as itself.
+                Some(base) => {
+                    let data = fs::metadata(dir.join(base.as_str())).ok();
+                    (base.clone(), data.as_ref().map_or(mtime(&meta), mtime))
+                }
+                None => (key.clone(), mtime(&meta)),
+            };
+            if last_written > older_than {
                 continue;
             }
-            let Some(_lock) = self.key_lock(&key, false)? else {
+            let Some(_lock) = self.key_lock(&owner, false)? else {
                 continue; // a live writer: slow, not stalled
             };
             let path = dir.join(key.as_str());
             match fs::remove_file(&path) {
-                Ok(()) => removed.push(key.to_string()),
+                Ok(()) if note_of.is_none() => removed.push(key.to_string()),
+                Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StoreError::io("remove", &path, e)),
+            }
+            if note_of.is_none()
+                && let Some(note) = self.resume_note_path(&key)
+                && let Err(e) = fs::remove_file(&note)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(StoreError::io("remove", &note, e));
             }
         }
         Ok(removed)

@@ -139,11 +139,16 @@ impl CacheWriter {
         // `incomplete/<key>` while another process writes it) may have opened the leftover,
         // and must never see its bytes become the new image's; a new inode is only ever the
         // new image, and what it followed is not what gets published.
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(StoreError::io("remove leftover", &path, e));
+        // Its resume note (if any) goes with it: whoever resumes a leftover has read both
+        // before opening this writer, and writes the note of its own download after.
+        let note = cache.resume_note_path(&key);
+        for p in std::iter::once(&path).chain(note.as_ref()) {
+            match fs::remove_file(p) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(StoreError::io("remove leftover", p, e));
+                }
+                _ => {}
             }
-            _ => {}
         }
         let file = OpenOptions::new()
             .write(true)
@@ -594,6 +599,20 @@ impl Drop for CacheWriter {
         self.discard();
     }
 }
+
+impl Cache {
+    /// Where a download of `key` in progress keeps what resuming it after a crash needs
+    /// (`incomplete/<key>.resume`, written by the fetch layer); `None` when that name is not
+    /// a valid key (too long). The cleaner removes it with its leftover, after the stall time.
+    pub fn resume_note_path(&self, key: &Key) -> Option<PathBuf> {
+        let name = format!("{key}{RESUME_NOTE}");
+        Key::new(&name).ok()?;
+        Some(self.layout().incomplete_dir().join(name))
+    }
+}
+
+/// The suffix of a download's resume note in `incomplete/`.
+pub const RESUME_NOTE: &str = ".resume";
 
 /// fsyncs a directory so a rename into it survives a crash.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {

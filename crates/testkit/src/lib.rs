@@ -8,6 +8,7 @@
 
 mod background;
 pub mod clients;
+pub mod faulty;
 pub mod glance;
 pub mod origin;
 pub mod postgres;

@@ -38,6 +38,9 @@ impl Ctx {
             http: imgcache_fetch::HttpOptions {
                 ca_bundle: s.ca_bundle.clone(),
                 insecure: s.insecure,
+                attempt_timeout: s.origin_attempt_timeout,
+                retries: s.origin_retries,
+                retry_budget: s.origin_retry_budget,
                 ..imgcache_fetch::HttpOptions::default()
             },
             allowed_file_dirs: s.allow_file_dirs.clone(),

@@ -63,6 +63,7 @@ impl GlanceImage {
             checksum: self.integrity(),
             disk_format: self.disk_format.clone(),
             md5: self.md5(),
+            resume: None,
         }
     }
 }
@@ -148,7 +149,10 @@ impl GlanceSource {
         let url = self.url(&format!("/v2/images/{id}/file"))?;
         match self.http.get(&url, None, &self.headers()).await? {
             Response::Body { meta, body } => Ok(Response::Body {
-                meta: image.origin_meta(meta.size),
+                meta: OriginMeta {
+                    resume: meta.resume,
+                    ..image.origin_meta(meta.size)
+                },
                 body,
             }),
             other => Ok(other),

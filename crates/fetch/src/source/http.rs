@@ -19,8 +19,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::header::{
-    AUTHORIZATION, CONTENT_LENGTH, COOKIE, ETAG, HeaderMap, HeaderName, HeaderValue,
-    IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, LOCATION, PROXY_AUTHORIZATION,
+    AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, COOKIE, ETAG, HeaderMap, HeaderName, HeaderValue,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, LOCATION, PROXY_AUTHORIZATION,
+    RANGE,
 };
 use reqwest::{Method, StatusCode};
 use url::Url;
@@ -28,6 +29,7 @@ use url::Url;
 use super::{OriginMeta, Response, Validators};
 use crate::allow::{AllowList, Refusal, check_userinfo, redacted};
 use crate::error::{FetchError, Result};
+use crate::resume::Resumable;
 
 /// The most redirects one request follows (each hop checked, see the module docs); the next
 /// redirect after these is [`FetchError::TooManyRedirects`].
@@ -38,8 +40,15 @@ pub struct HttpOptions {
     pub connect_timeout: Duration,
     /// Longest wait for the next bytes of a response: a stalled origin fails after this.
     pub read_timeout: Duration,
-    /// Retries after the first attempt, for connection errors and 5xx.
+    /// One origin attempt's budget: connecting plus the response headers, its retries of
+    /// connection errors and 5xx included. An origin that accepts and never answers fails
+    /// within it.
+    pub attempt_timeout: Duration,
+    /// Retries after the first attempt, for connection errors and 5xx; also the most times
+    /// one download resumes a broken body (see [`crate::resume`]).
     pub retries: u32,
+    /// The total time one download may spend resuming after its body first broke.
+    pub retry_budget: Duration,
     /// First backoff; doubles on each retry.
     pub backoff: Duration,
     /// Extra CA certificates (PEM bundle) to trust, e.g. a lab's private CA.
@@ -53,7 +62,9 @@ impl Default for HttpOptions {
         HttpOptions {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
+            attempt_timeout: Duration::from_secs(30),
             retries: 3,
+            retry_budget: Duration::from_secs(300),
             backoff: Duration::from_millis(500),
             ca_bundle: None,
             insecure: false,
@@ -102,6 +113,10 @@ impl HttpSource {
         }
     }
 
+    pub fn options(&self) -> &HttpOptions {
+        &self.opts
+    }
+
     /// The process's HTTP client (connection pools, TLS roots), for a caller that relays
     /// requests itself: the server's Glance API proxy. It follows no redirects.
     pub fn client(&self) -> &reqwest::Client {
@@ -143,14 +158,22 @@ impl HttpSource {
                 headers.insert(IF_MODIFIED_SINCE, lm);
             }
         }
-        let resp = self.send(Method::GET, url, headers, allow).await?;
+        let resp = self.send(Method::GET, url, headers.clone(), allow).await?;
         if resp.status() == StatusCode::NOT_MODIFIED {
             return Ok(Response::NotModified);
         }
-        let meta = origin_meta(resp.headers());
+        let mut meta = origin_meta(resp.headers());
+        // A whole 200 body with a strong validator can be asked again from an offset.
+        for h in [IF_NONE_MATCH, IF_MODIFIED_SINCE] {
+            headers.remove(h);
+        }
+        let resume = (resp.status() == StatusCode::OK && !headers.contains_key(RANGE))
+            .then(|| Resumable::of(self, url, &headers, allow, resp.headers()))
+            .flatten();
+        meta.resume = resume.clone();
         Ok(Response::Body {
             meta,
-            body: body_stream(url.clone(), resp),
+            body: crate::resume::resuming(url.clone(), resp, 0, resume),
         })
     }
 
@@ -185,6 +208,48 @@ impl HttpSource {
             }
         }
         Ok(buf.into())
+    }
+
+    /// GETs the bytes of `url` from `offset` on, under `If-Range: if_range`: the rest of the
+    /// same image on a 206 whose `Content-Range` starts at `offset` (and whose total is
+    /// `total`, when known), else why not (the image changed, or no range support).
+    pub(crate) async fn get_rest(
+        &self,
+        url: &Url,
+        extra: &HeaderMap,
+        allow: Option<&AllowList>,
+        offset: u64,
+        if_range: &str,
+        total: Option<u64>,
+    ) -> Result<std::result::Result<reqwest::Response, String>> {
+        let mut headers = extra.clone();
+        let range = HeaderValue::from_str(&format!("bytes={offset}-")).expect("ASCII");
+        headers.insert(RANGE, range);
+        let Ok(ir) = HeaderValue::from_str(if_range) else {
+            return Ok(Err("its validator is not a header value".into()));
+        };
+        headers.insert(IF_RANGE, ir);
+        let resp = self.send(Method::GET, url, headers, allow).await?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::OK => {
+                return Ok(Err(
+                    "answered a range request with the whole image (it changed, or ranges are not supported)".into(),
+                ));
+            }
+            other => return Ok(Err(format!("answered a range request with {other}"))),
+        }
+        let cr = header(resp.headers(), &CONTENT_RANGE).unwrap_or_default();
+        match crate::resume::content_range(&cr) {
+            Some((start, _, t))
+                if start == offset && (total.is_none() || t.is_none() || t == total) =>
+            {
+                Ok(Ok(resp))
+            }
+            _ => Ok(Err(format!(
+                "answered bytes={offset}- with Content-Range {cr:?}"
+            ))),
+        }
     }
 
     /// The final answer to `method url`: a success or a 304, after at most [`MAX_REDIRECTS`]
@@ -250,13 +315,22 @@ impl HttpSource {
         headers: &HeaderMap,
     ) -> Result<reqwest::Response> {
         let mut attempt = 0;
+        let deadline = tokio::time::Instant::now() + self.opts.attempt_timeout;
         loop {
-            let res = self
+            let send = self
                 .client
                 .request(method.clone(), url.clone())
                 .headers(headers.clone())
-                .send()
-                .await;
+                .send();
+            let Ok(res) = tokio::time::timeout_at(deadline, send).await else {
+                return Err(FetchError::Origin {
+                    url: url.to_string(),
+                    reason: format!(
+                        "no response within the origin attempt timeout ({})",
+                        humantime::format_duration(self.opts.attempt_timeout)
+                    ),
+                });
+            };
             let err = match res {
                 Ok(r)
                     if r.status().is_success()
@@ -278,6 +352,9 @@ impl HttpSource {
                 return Err(err);
             }
             let wait = self.opts.backoff * 2u32.saturating_pow(attempt);
+            if tokio::time::Instant::now() + wait >= deadline {
+                return Err(err);
+            }
             tracing::warn!(%url, error = %err, attempt, ?wait, "origin request failed; retrying");
             tokio::time::sleep(wait).await;
             attempt += 1;
@@ -338,7 +415,7 @@ fn content_md5(h: &HeaderMap) -> Option<imgcache_store::Integrity> {
     imgcache_store::Integrity::new(imgcache_store::Algorithm::Md5, &hex).ok()
 }
 
-fn header(h: &HeaderMap, name: &HeaderName) -> Option<String> {
+pub(crate) fn header(h: &HeaderMap, name: &HeaderName) -> Option<String> {
     h.get(name)?.to_str().ok().map(str::to_owned)
 }
 

@@ -38,6 +38,9 @@ pub struct OriginMeta {
     /// The body's md5 when the origin gives it (Glance's legacy `checksum`, `Content-MD5`),
     /// also when `checksum` is a stronger one: Glance's clients check downloads against it.
     pub md5: Option<Integrity>,
+    /// How to ask the origin for the rest of this body from an offset (an HTTP 200 with a
+    /// strong validator); `None` when it cannot be resumed.
+    pub resume: Option<crate::resume::Resumable>,
 }
 
 pub enum Response {

@@ -1,0 +1,371 @@
+//! Resuming broken downloads.
+//!
+//! An HTTP 200 whose response carries a strong validator (a strong `ETag`, else
+//! `Last-Modified`) and no content coding is [`Resumable`]: the rest of the same image can be
+//! asked for with `Range: bytes=N-` and `If-Range: <validator>`, through the same redirect
+//! and allow-list checks as the first request ([`HttpSource::get_rest`]).
+//!
+//! - **Within one download** the body stream itself resumes ([`resuming`]): when the origin's
+//!   connection breaks mid-body (a reset, a read past the read timeout, a 5xx when asked again)
+//!   it asks for the bytes from the position it reached and goes on with a 206 whose
+//!   `Content-Range` starts there. Whoever reads the stream (zstd, the inspector, the hasher,
+//!   the writer, the server's followers) sees one unbroken body. A 200 (the image changed, or
+//!   the origin ignores ranges) or a `Content-Range` that does not fit ends it with
+//!   [`FetchError::Restart`]: nothing is mixed, the download fails and the next one starts
+//!   from byte 0. Bounded by [`HttpOptions::retries`] resumes and
+//!   [`HttpOptions::retry_budget`] of time from the first break.
+//! - **After the writer died** (`kill -9`): while a resumable download is written, a note
+//!   `incomplete/<key>.resume` beside the file records the href, the validator, the total
+//!   length and the boot it was written in. The next writer of the key, holding its permit,
+//!   finds the leftover and its note, asks the origin for the rest (If-Range), and feeds the
+//!   leftover's bytes and then the rest through the whole admission pipeline into its *new*
+//!   file (a new inode, as every writer's: followers of the dead writer never see its file
+//!   reused). The whole-file checksum is computed over all the bytes. The note is removed when
+//!   the download ends either way; the cleaner removes a leftover and its note after the
+//!   stall time. A leftover from before a reboot is never resumed (unsynced pages may be lost).
+//!
+//! [`HttpSource::get_rest`]: crate::source::http::HttpSource
+//! [`HttpOptions::retries`]: crate::source::http::HttpOptions::retries
+//! [`HttpOptions::retry_budget`]: crate::source::http::HttpOptions::retry_budget
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use imgcache_store::{Cache, Key, Status};
+use reqwest::header::{
+    ACCEPT_RANGES, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, HeaderMap, LAST_MODIFIED,
+};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::allow::AllowList;
+use crate::error::{FetchError, Result};
+use crate::source::BodyStream;
+use crate::source::http::{HttpSource, error_chain, header};
+
+/// How to ask an origin for the rest of one body (see the module docs).
+#[derive(Clone)]
+pub struct Resumable(Arc<Ctx>);
+
+struct Ctx {
+    http: HttpSource,
+    url: Url,
+    headers: HeaderMap,
+    allow: Option<AllowList>,
+    validator: String,
+    total: Option<u64>,
+}
+
+impl std::fmt::Debug for Resumable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resumable")
+            .field("url", &crate::allow::redacted(&self.0.url))
+            .field("validator", &self.0.validator)
+            .field("total", &self.0.total)
+            .finish()
+    }
+}
+
+impl Resumable {
+    /// For a 200 to `GET url` (with `headers`, no conditionals) that answered `resp`: `None`
+    /// without a strong validator, with a content coding, or with `Accept-Ranges: none`.
+    pub(crate) fn of(
+        http: &HttpSource,
+        url: &Url,
+        headers: &HeaderMap,
+        allow: Option<&AllowList>,
+        resp: &HeaderMap,
+    ) -> Option<Resumable> {
+        if header(resp, &CONTENT_ENCODING).is_some_and(|v| !v.eq_ignore_ascii_case("identity")) {
+            return None;
+        }
+        if header(resp, &ACCEPT_RANGES).is_some_and(|v| v.eq_ignore_ascii_case("none")) {
+            return None;
+        }
+        let validator = header(resp, &ETAG)
+            .filter(|e| e.starts_with('"'))
+            .or_else(|| header(resp, &LAST_MODIFIED))?;
+        Some(Resumable(Arc::new(Ctx {
+            http: http.clone(),
+            url: url.clone(),
+            headers: headers.clone(),
+            allow: allow.cloned(),
+            validator,
+            total: header(resp, &CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+        })))
+    }
+
+    /// The `If-Range` value: the strong ETag, else `Last-Modified`.
+    pub fn validator(&self) -> &str {
+        &self.0.validator
+    }
+
+    /// The whole body's length, when the origin said.
+    pub fn total(&self) -> Option<u64> {
+        self.0.total
+    }
+
+    /// The bytes from `offset` on, as a body that resumes itself in turn; `Ok(Err(why))` when
+    /// the origin will not give them (the image changed, or it does not serve ranges).
+    pub async fn rest(&self, offset: u64) -> Result<std::result::Result<BodyStream, String>> {
+        Ok(self
+            .rest_response(offset)
+            .await?
+            .map(|resp| resuming(self.0.url.clone(), resp, offset, Some(self.clone()))))
+    }
+}
+
+/// `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`).
+pub fn content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (span, total) = rest.split_once('/')?;
+    let (s, e) = span.split_once('-')?;
+    let (s, e): (u64, u64) = (s.trim().parse().ok()?, e.trim().parse().ok()?);
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    if e < s || total.is_some_and(|t| e >= t) {
+        return None;
+    }
+    Some((s, e, total))
+}
+
+type Chunks = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+struct Body {
+    inner: Chunks,
+    url: Url,
+    pos: u64,
+    resume: Option<Resumable>,
+    resumes: u32,
+    since: Option<Instant>,
+    done: bool,
+}
+
+/// `resp`'s body (its first byte at `pos` of the image), resuming itself when `resume` allows
+/// (see the module docs). A break that cannot be resumed is a [`FetchError::Origin`] (the
+/// writer reports it as truncated) or a [`FetchError::Restart`].
+pub(crate) fn resuming(
+    url: Url,
+    resp: reqwest::Response,
+    pos: u64,
+    resume: Option<Resumable>,
+) -> BodyStream {
+    let body = Body {
+        inner: Box::pin(resp.bytes_stream()),
+        url,
+        pos,
+        resume,
+        resumes: 0,
+        since: None,
+        done: false,
+    };
+    Box::pin(futures_util::stream::unfold(body, |mut b| async move {
+        if b.done {
+            return None;
+        }
+        loop {
+            match b.inner.next().await {
+                None => return None,
+                Some(Ok(chunk)) => {
+                    b.pos += chunk.len() as u64;
+                    return Some((Ok(chunk), b));
+                }
+                Some(Err(e)) => match b.resume_after(error_chain(&e)).await {
+                    Ok(()) => continue,
+                    Err(err) => {
+                        b.done = true;
+                        return Some((Err(err), b));
+                    }
+                },
+            }
+        }
+    }))
+}
+
+impl Body {
+    /// Asks for the rest after a break (`reason`), within the retry count and time budget.
+    async fn resume_after(&mut self, reason: String) -> Result<()> {
+        let Some(r) = self.resume.clone() else {
+            return Err(FetchError::Origin {
+                url: self.url.to_string(),
+                reason,
+            });
+        };
+        let opts = r.0.http.options().clone();
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let mut last = reason;
+        loop {
+            let spent = since.elapsed();
+            if self.resumes >= opts.retries || spent >= opts.retry_budget {
+                return Err(FetchError::Origin {
+                    url: self.url.to_string(),
+                    reason: format!(
+                        "{last} (gave up after {} resume attempts in {})",
+                        self.resumes,
+                        humantime::format_duration(std::time::Duration::from_millis(
+                            spent.as_millis() as u64
+                        ))
+                    ),
+                });
+            }
+            let wait = (opts.backoff * 2u32.saturating_pow(self.resumes))
+                .min(opts.retry_budget.saturating_sub(spent));
+            tokio::time::sleep(wait).await;
+            self.resumes += 1;
+            tracing::warn!(url = %crate::allow::redacted(&self.url), offset = self.pos, attempt = self.resumes, reason = %last, "origin body broke; resuming with a range request");
+            match r.rest_response(self.pos).await {
+                Ok(Ok(resp)) => {
+                    tracing::info!(url = %crate::allow::redacted(&self.url), offset = self.pos, "download resumed");
+                    self.inner = Box::pin(resp.bytes_stream());
+                    return Ok(());
+                }
+                Ok(Err(why)) => {
+                    return Err(FetchError::Restart {
+                        url: self.url.to_string(),
+                        got: self.pos,
+                        reason: why,
+                    });
+                }
+                Err(e) if e.is_transient() => last = e.to_string(),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Resumable {
+    async fn rest_response(
+        &self,
+        offset: u64,
+    ) -> Result<std::result::Result<reqwest::Response, String>> {
+        let c = &self.0;
+        c.http
+            .get_rest(
+                &c.url,
+                &c.headers,
+                c.allow.as_ref(),
+                offset,
+                &c.validator,
+                c.total,
+            )
+            .await
+    }
+}
+
+/// What a download's note beside its `incomplete/` file says.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Note {
+    href: String,
+    validator: String,
+    total: Option<u64>,
+    boot_id: String,
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Removes the note when dropped (the download ended, published or not).
+pub(crate) struct NoteGuard(PathBuf);
+
+impl Drop for NoteGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes the note of a resumable download of `href` into `key` (its writer holds the
+/// permit). `None` when it cannot (the key is too long to name a note): no resume after a
+/// crash then, nothing else changes.
+pub(crate) fn write_note(cache: &Cache, key: &Key, href: &str, r: &Resumable) -> Option<NoteGuard> {
+    let path = cache.resume_note_path(key)?;
+    let note = Note {
+        href: href.to_string(),
+        validator: r.validator().to_string(),
+        total: r.total(),
+        boot_id: boot_id(),
+    };
+    let tmp = path.with_file_name(format!(".{}.tmp", std::process::id()));
+    let json = serde_json::to_vec(&note).ok()?;
+    let written = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(path = %path.display(), error = %e, "could not write the resume note");
+        return None;
+    }
+    Some(NoteGuard(path))
+}
+
+/// A dead writer's leftover of `key` that the download `r` of `href` can continue: its file,
+/// open, and its length. Called with the key's permit held, before the new writer unlinks it.
+pub(crate) fn leftover(
+    cache: &Cache,
+    key: &Key,
+    href: &str,
+    r: &Resumable,
+) -> Option<(std::fs::File, u64)> {
+    let note_path = cache.resume_note_path(key)?;
+    let note: Note = serde_json::from_slice(&std::fs::read(&note_path).ok()?).ok()?;
+    let wanted = Note {
+        href: href.to_string(),
+        validator: r.validator().to_string(),
+        total: r.total(),
+        boot_id: boot_id(),
+    };
+    if note != wanted {
+        tracing::info!(%key, "a leftover download of another image version (or boot): starting over");
+        return None;
+    }
+    let path = cache.get_image_filepath(key, Status::Incomplete);
+    let file = std::fs::File::open(&path).ok()?;
+    let len = file.metadata().ok()?.len();
+    if len == 0 || r.total().is_some_and(|t| len >= t) {
+        return None;
+    }
+    Some((file, len))
+}
+
+/// The first `limit` bytes of `file` as a stream of 1 MiB chunks.
+pub(crate) fn file_prefix(file: std::fs::File, path: &Path, limit: u64) -> BodyStream {
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::from_std(file).take(limit);
+    let path = path.to_path_buf();
+    Box::pin(futures_util::stream::unfold(Some(file), move |state| {
+        let path = path.clone();
+        async move {
+            let mut file = state?;
+            let mut buf = vec![0u8; 1 << 20];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(Bytes::from(buf)), Some(file)))
+                }
+                Err(e) => Some((Err(FetchError::io("read", &path, e)), None)),
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::content_range;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(content_range("bytes 5-9/10"), Some((5, 9, Some(10))));
+        assert_eq!(content_range("bytes 5-9/*"), Some((5, 9, None)));
+        assert_eq!(content_range("bytes 5-10/10"), None);
+        assert_eq!(content_range("bytes 9-5/10"), None);
+        assert_eq!(content_range("bytes */10"), None);
+        assert_eq!(content_range("5-9/10"), None);
+    }
+}
