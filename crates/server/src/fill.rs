@@ -282,7 +282,7 @@ async fn run(
             node,
         } => {
             state.metrics.peer_fills.inc();
-            (response, Some(checksum), Some(node), None)
+            (*response, Some(checksum), Some(node), None)
         }
         Source::Origin(lease) => {
             state.metrics.origin_requests.inc();

@@ -12,6 +12,7 @@
 //! - another node holds the lease but has not announced its fill yet: the index is asked again
 //!   shortly, for at most two lease TTLs, then the origin is used (the lease's holder is taken
 //!   to be stuck; said in the log).
+//!
 //! A database that does not answer makes the miss go to the origin, with this node's own
 //! coalescing only.
 
@@ -38,7 +39,7 @@ const SUSPECT_FOR: Duration = Duration::from_secs(600);
 pub enum Source {
     /// A peer's answer, to admit against `checksum`.
     Peer {
-        response: Response,
+        response: Box<Response>,
         checksum: Integrity,
         node: String,
     },
@@ -167,7 +168,7 @@ async fn try_peer(
     };
     tracing::info!(%key, peer = h.node, state = ?h.state, "filling from a peer");
     Some(Source::Peer {
-        response: Response::Body { meta, body },
+        response: Box::new(Response::Body { meta, body }),
         checksum,
         node: h.node.clone(),
     })
