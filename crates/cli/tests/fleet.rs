@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use imgcache_testkit::glance::{FakeGlance, MEMBER_TOKEN, seed_bytes};
+use imgcache_testkit::glance::{ADMIN_TOKEN, FakeGlance, MEMBER_TOKEN, seed_bytes};
 use imgcache_testkit::image_bytes;
 use imgcache_testkit::origin::Origin;
 use imgcache_testkit::postgres::Postgres;
@@ -195,6 +195,35 @@ fn concurrent_clients_on_three_nodes_one_origin_request() {
         "fleet: 3 nodes x 3 clients at once: origin data requests = {}",
         glance.data_requests(&id)
     );
+    // The real glance client reads the holders list (no version flag), from any node.
+    let home = tempfile::tempdir().unwrap();
+    let mut last = String::new();
+    eventually(
+        "glance cache-nodes-list names all three nodes",
+        Duration::from_secs(10),
+        || {
+            let mut cmd = Command::new("glance");
+            imgcache_testkit::clients::client_env(&mut cmd, home.path());
+            let o = cmd
+                .args([
+                    "--os-image-url",
+                    &nodes[1].url,
+                    "--os-auth-token",
+                    ADMIN_TOKEN,
+                ])
+                .args(["cache-nodes-list", &id])
+                .stdin(Stdio::null())
+                .output()
+                .expect("glance");
+            last = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            nodes.iter().all(|n| last.contains(&n.url))
+        },
+    );
+    eprintln!("fleet: glance cache-nodes-list:\n{last}");
 }
 
 #[test]
