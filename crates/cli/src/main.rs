@@ -64,12 +64,16 @@ fn run(cli: Cli) -> Result<()> {
 /// reports those files itself. `serve` logs at info by default, with timestamps, as text or
 /// (`--log-format json`) one JSON object per line.
 fn init_tracing(cli: &Cli) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    // Colour only for a person at a terminal: a file, a pipe or journald gets plain text.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     if let cli::Command::Serve(args) = &cli.command {
         let filter =
             EnvFilter::try_from_env("IMGCACHE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
         let b = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(ansi)
             .with_writer(std::io::stderr);
         let _ = match args.log_format {
             cli::LogFormat::Json => b.json().try_init(),
@@ -81,6 +85,7 @@ fn init_tracing(cli: &Cli) {
         .unwrap_or_else(|_| EnvFilter::new("warn,imgcache_store::policy=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .without_time()
         .with_target(false)

@@ -247,3 +247,35 @@ fn serve_streams_a_download_another_process_is_running() {
     assert_eq!(std::fs::read(&dest).unwrap(), body);
     assert_eq!(count.load(Ordering::SeqCst), 1, "one origin request in all");
 }
+
+/// Logs written to a file or a pipe carry no ANSI colour codes (issue 13: journald and log
+/// files showed `\x1b[32m`).
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    // The first stdout byte comes once it serves (after its start-up log lines).
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    common::sigterm(child.id() as i32);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    child.wait().unwrap();
+    assert!(err.contains("startup check"), "{err}");
+    assert!(!err.contains('\u{1b}'), "ANSI codes in piped logs: {err:?}");
+}
