@@ -100,6 +100,7 @@ pub struct Layer {
     pub listen: Option<std::net::SocketAddr>,
     pub admin_token: Option<String>,
     pub allow_href_prefixes: Option<Vec<String>>,
+    pub scrub_interval: Option<Duration>,
     /// `[caches.NAME]` tables (file only).
     pub caches: Option<BTreeMap<String, CacheTable>>,
 }
@@ -122,6 +123,7 @@ impl Layer {
             listen: upper.listen.or(self.listen),
             admin_token: upper.admin_token.or(self.admin_token),
             allow_href_prefixes: upper.allow_href_prefixes.or(self.allow_href_prefixes),
+            scrub_interval: upper.scrub_interval.or(self.scrub_interval),
             caches: upper.caches.or(self.caches),
         }
     }
@@ -145,6 +147,7 @@ impl Layer {
             listen: Option<String>,
             admin_token: Option<String>,
             allow_href_prefixes: Option<Vec<String>>,
+            scrub_interval: Option<String>,
             caches: Option<BTreeMap<String, CacheTable>>,
         }
         let f: File = toml::from_str(text).map_err(|e| anyhow!(one_line(&e.to_string())))?;
@@ -186,6 +189,11 @@ impl Layer {
                 .context("listen")?,
             admin_token: f.admin_token,
             allow_href_prefixes: f.allow_href_prefixes,
+            scrub_interval: f
+                .scrub_interval
+                .map(|s| parse_duration(&s))
+                .transpose()
+                .context("scrub_interval")?,
             caches: f.caches,
         })
     }
@@ -231,6 +239,7 @@ impl Layer {
             listen: env_value(get, "listen", parse_listen)?,
             admin_token: string("admin_token")?,
             allow_href_prefixes: list("allow_href_prefixes")?,
+            scrub_interval: env_value(get, "scrub_interval", parse_duration)?,
             caches: None,
         })
     }
@@ -273,6 +282,8 @@ pub struct Settings {
     /// `imgcache serve`: `/v1/fetch` serves only hrefs under one of these URL prefixes (see
     /// `imgcache_fetch::AllowList`).
     pub allow_href_prefixes: Vec<String>,
+    /// `imgcache serve`: how often the background verify (scrub) pass runs; `None`: never.
+    pub scrub_interval: Option<Duration>,
     /// Named provisioning caches, highest priority first.
     pub caches: Vec<NamedCache>,
 }
@@ -349,6 +360,7 @@ impl Settings {
                 .unwrap_or_else(|| default_of("listen", parse_listen)),
             admin_token: l.admin_token,
             allow_href_prefixes: l.allow_href_prefixes.unwrap_or_default(),
+            scrub_interval: l.scrub_interval.filter(|d| !d.is_zero()),
             caches: resolve_caches(l.caches.unwrap_or_default())?,
         })
     }
@@ -811,6 +823,7 @@ mod tests {
                 listen: "127.0.0.1:9292".parse().unwrap(),
                 admin_token: None,
                 allow_href_prefixes: vec![],
+                scrub_interval: None,
                 caches: vec![],
             }
         );

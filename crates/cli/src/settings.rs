@@ -186,6 +186,16 @@ pub const SETTINGS: &[SettingDef] = &[
         doc: "URL prefixes /v1/fetch serves hrefs under (scheme, host, port exact; path on a \
               segment boundary; every redirect re-checked)",
     },
+    SettingDef {
+        name: "background verify interval (`serve`)",
+        toml: "scrub_interval",
+        env: &["IMGCACHE_SCRUB_INTERVAL"],
+        flag: Some("`serve --scrub-interval`"),
+        default: "none: no background verify",
+        list: None,
+        doc: "How often serve re-hashes every cached image against its recorded checksum, at \
+              low priority (a mismatch goes to invalid/); off unless set",
+    },
 ];
 
 const fn str_eq(a: &str, b: &str) -> bool {
