@@ -17,6 +17,8 @@ for t in "${targets[@]}"; do
     [[ $t == inspect ]] && dir="$here/../crates/formats/fuzz"
     mkdir -p "$dir/corpus/$t"
     echo "==> $t for ${secs}s ($dir)"
+    (cd "$dir" && nice -n 19 cargo +nightly fuzz build "$t" >"/tmp/fuzz-$t.build.log" 2>&1) ||
+        { echo "$t: build failed (/tmp/fuzz-$t.build.log)"; failed+=("$t"); continue; }
     start=$(date +%s)
     if (cd "$dir" && nice -n 19 cargo +nightly fuzz run "$t" "corpus/$t" -- \
         -max_total_time="$secs" -jobs="$jobs" -workers="$jobs" -print_final_stats=1 \

@@ -1,6 +1,6 @@
 //! Fuzz href parsing (`Href::parse`, `cache_key`) and the allow-list (`AllowList::new`,
 //! `permits`): never panics; every href that parses keys to a valid cache key; an allowed URL
-//! never has userinfo.
+//! never has userinfo, and has its prefix's scheme.
 //!
 //! Input: a prefix and an href separated by 0xff (no 0xff: the whole input is the href,
 //! checked against a fixed prefix).
@@ -43,8 +43,11 @@ fuzz_target!(|input: &[u8]| {
             url.username().is_empty() && url.password().is_none(),
             "{prefix:?} permits {url}"
         );
-        assert!(
-            matches!(url.scheme(), "http" | "https"),
+        // Only the prefix's own scheme (http, https or file) is ever allowed.
+        let scheme = url::Url::parse(prefix.trim()).map(|p| p.scheme().to_string());
+        assert_eq!(
+            scheme.as_deref(),
+            Ok(url.scheme()),
             "{prefix:?} permits {url}"
         );
     }
