@@ -116,6 +116,15 @@ pub enum Command {
     Fsck(FsckArgs),
     /// Show the cache's driver, location, size and counts
     Stats,
+    /// Re-hash cached images (all, or the given keys) against their recorded checksums; a
+    /// mismatch is moved to invalid/ and its record dropped (exit 1 when any mismatched)
+    Verify {
+        /// Image keys to verify (default: every cached image)
+        keys: Vec<String>,
+        /// No progress bar (it is only shown when stderr is a terminal anyway)
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// Inspect a disk image file: its format (read from its bytes, never its name), virtual
     /// size, header facts and every safety verdict; exits 1 when the image would be refused
     Inspect {
@@ -195,6 +204,10 @@ pub struct ServeArgs {
     /// Log format on stderr
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Re-hash every cached image against its recorded checksum this often, in the
+    /// background at low priority (a mismatch goes to invalid/), e.g. 24h
+    #[arg(long, value_name = "DURATION", value_parser = duration_parser)]
+    pub scrub_interval: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -423,6 +436,7 @@ impl Cli {
             if !a.allow_file_dir.is_empty() {
                 layer.allow_file_dirs = Some(a.allow_file_dir.clone());
             }
+            layer.scrub_interval = a.scrub_interval;
         }
         layer
     }

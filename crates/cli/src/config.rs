@@ -107,6 +107,7 @@ pub struct Layer {
     pub node_url: Option<String>,
     pub fleet_token: Option<String>,
     pub heartbeat_timeout: Option<Duration>,
+    pub scrub_interval: Option<Duration>,
     /// `[caches.NAME]` tables (file only).
     pub caches: Option<BTreeMap<String, CacheTable>>,
 }
@@ -136,6 +137,7 @@ impl Layer {
             node_url: upper.node_url.or(self.node_url),
             fleet_token: upper.fleet_token.or(self.fleet_token),
             heartbeat_timeout: upper.heartbeat_timeout.or(self.heartbeat_timeout),
+            scrub_interval: upper.scrub_interval.or(self.scrub_interval),
             caches: upper.caches.or(self.caches),
         }
     }
@@ -166,6 +168,7 @@ impl Layer {
             node_url: Option<String>,
             fleet_token: Option<String>,
             heartbeat_timeout: Option<String>,
+            scrub_interval: Option<String>,
             caches: Option<BTreeMap<String, CacheTable>>,
         }
         let f: File = toml::from_str(text).map_err(|e| anyhow!(one_line(&e.to_string())))?;
@@ -226,6 +229,11 @@ impl Layer {
                 .map(|s| parse_duration(&s))
                 .transpose()
                 .context("heartbeat_timeout")?,
+            scrub_interval: f
+                .scrub_interval
+                .map(|s| parse_duration(&s))
+                .transpose()
+                .context("scrub_interval")?,
             caches: f.caches,
         })
     }
@@ -278,6 +286,7 @@ impl Layer {
             node_url: string("node_url")?,
             fleet_token: string("fleet_token")?,
             heartbeat_timeout: env_value(get, "heartbeat_timeout", parse_duration)?,
+            scrub_interval: env_value(get, "scrub_interval", parse_duration)?,
             caches: None,
         })
     }
@@ -332,6 +341,8 @@ pub struct Settings {
     pub node_url: Option<String>,
     pub fleet_token: Option<String>,
     pub heartbeat_timeout: Duration,
+    /// `imgcache serve`: how often the background verify (scrub) pass runs; `None`: never.
+    pub scrub_interval: Option<Duration>,
     /// Named provisioning caches, highest priority first.
     pub caches: Vec<NamedCache>,
 }
@@ -423,6 +434,7 @@ impl Settings {
             heartbeat_timeout: l
                 .heartbeat_timeout
                 .unwrap_or_else(|| default_of("heartbeat_timeout", parse_duration)),
+            scrub_interval: l.scrub_interval.filter(|d| !d.is_zero()),
             caches: resolve_caches(l.caches.unwrap_or_default())?,
         })
     }
@@ -898,6 +910,7 @@ mod tests {
                 node_url: None,
                 fleet_token: None,
                 heartbeat_timeout: Duration::from_secs(60),
+                scrub_interval: None,
                 caches: vec![],
             }
         );

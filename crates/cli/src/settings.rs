@@ -249,6 +249,16 @@ pub const SETTINGS: &[SettingDef] = &[
         list: None,
         doc: "A node silent this long is dropped from the fleet's answers",
     },
+    SettingDef {
+        name: "background verify interval (`serve`)",
+        toml: "scrub_interval",
+        env: &["IMGCACHE_SCRUB_INTERVAL"],
+        flag: Some("`serve --scrub-interval`"),
+        default: "none: no background verify",
+        list: None,
+        doc: "How often serve re-hashes every cached image against its recorded checksum, at \
+              low priority (a mismatch goes to invalid/); off unless set",
+    },
 ];
 
 const fn str_eq(a: &str, b: &str) -> bool {

@@ -30,6 +30,9 @@ pub struct ServerConfig {
     pub auth_cache_ttl: Duration,
     pub prune_interval: Duration,
     pub clean_interval: Duration,
+    /// How often the scrubber re-hashes every cached image against its recorded checksum
+    /// (at low priority; a mismatch goes to `invalid/`). `None`: never (the default).
+    pub scrub_interval: Option<Duration>,
     /// How long in-flight responses may run after SIGTERM before they are cut.
     pub shutdown_grace: Duration,
     /// A client must send its request headers within this (slowloris protection).
@@ -60,6 +63,7 @@ impl ServerConfig {
             auth_cache_ttl: Duration::from_secs(60),
             prune_interval: Duration::from_secs(60),
             clean_interval: Duration::from_secs(600),
+            scrub_interval: None,
             shutdown_grace: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             tls_cert: None,

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     pub evictions: Counter,
     pub checksum_failures: Counter,
+    /// Images the background scrubber re-hashed, and those that no longer matched.
+    pub scrubbed: Counter,
+    pub scrub_mismatches: Counter,
     /// Images the admission pipeline refused, by reason (unsafe_image, checksum, size, ...).
     pub refusals: Family<Refusal, Counter>,
     pub revalidations: Counter,
@@ -46,6 +49,8 @@ impl Metrics {
             cache_entries: Gauge::default(),
             evictions: Counter::default(),
             checksum_failures: Counter::default(),
+            scrubbed: Counter::default(),
+            scrub_mismatches: Counter::default(),
             refusals: Family::default(),
             revalidations: Counter::default(),
             revalidation_failures: Counter::default(),
@@ -124,6 +129,16 @@ impl Metrics {
             "checksum_failures",
             "Downloads refused for a checksum mismatch",
             m.checksum_failures.clone(),
+        );
+        registry.register(
+            "scrubbed_images",
+            "Cached images the background scrubber re-hashed against their recorded checksum",
+            m.scrubbed.clone(),
+        );
+        registry.register(
+            "scrub_mismatches",
+            "Cached images the scrubber found not matching their checksum (moved to invalid/)",
+            m.scrub_mismatches.clone(),
         );
         registry.register(
             "refused_images",

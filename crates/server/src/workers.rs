@@ -18,6 +18,10 @@
 //!   least recently used images until the cache is at most `max_size`.
 //! - **Cleaner**: every `clean_interval`, `clean(stall_time)`: stalled incomplete files, invalid
 //!   files, records whose file vanished.
+//! - **Scrubber** (only with `scrub_interval`): every interval, one pass of
+//!   [`imgcache_store::Cache::verify`] over every cached image on a thread of its own at the
+//!   lowest CPU priority (nice 19), one image at a time; a mismatch is moved to `invalid/`
+//!   (never served again) and counted in `imgcache_scrub_mismatches_total`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -91,6 +95,23 @@ pub fn spawn(state: AppState) -> Workers {
         )),
     ));
 
+    if let Some(interval) = state.config.scrub_interval {
+        let s = state.clone();
+        tasks.push((
+            "scrubber",
+            tokio::spawn(periodic(
+                "scrubber",
+                stopped.clone(),
+                interval,
+                None,
+                move || {
+                    let s = s.clone();
+                    async move { scrub_pass(&s).await }
+                },
+            )),
+        ));
+    }
+
     let s = state.clone();
     let interval = state.config.clean_interval;
     tasks.push((
@@ -144,6 +165,80 @@ pub async fn prune_now(state: &AppState) -> Result<PruneReport, ApiError> {
     let gone: Vec<String> = report.evicted.iter().map(|e| e.0.clone()).collect();
     state.withdraw(gone).await;
     refresh_gauges(state).await;
+    Ok(report)
+}
+
+/// What one scrub pass found.
+#[derive(Debug, Default)]
+pub struct ScrubReport {
+    pub verified: u64,
+    pub mismatched: Vec<String>,
+}
+
+/// One background verify pass over every cached image, on a thread of its own at nice 19
+/// (so serving keeps the CPU), stopping between images once the pass is dropped (shutdown).
+pub async fn scrub_pass(state: &AppState) -> anyhow::Result<()> {
+    struct Cancel(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Cancel {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let cancel = Cancel(Arc::default());
+    let (flag, s) = (cancel.0.clone(), state.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("imgcache-scrub".into())
+        .spawn(move || {
+            // On Linux a thread has its own nice value: only this thread is lowered.
+            let _ = rustix::process::setpriority_process(None, 19);
+            let _ = tx.send(scrub_blocking(&s, &flag));
+        })?;
+    let report = rx
+        .await
+        .map_err(|_| anyhow::anyhow!("scrub thread ended abnormally"))??;
+    drop(cancel);
+    if !report.mismatched.is_empty() {
+        refresh_gauges(state).await;
+    }
+    tracing::info!(
+        verified = report.verified,
+        mismatched = report.mismatched.len(),
+        "scrub pass done"
+    );
+    Ok(())
+}
+
+fn scrub_blocking(
+    state: &AppState,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<ScrubReport, StoreError> {
+    let mut report = ScrubReport::default();
+    for rec in state.cache.get_cached_images()? {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let Ok(key) = Key::new(&rec.image_id) else {
+            continue;
+        };
+        let outcome = match state.cache.verify(&key, &mut |_| {}) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "scrub: cannot verify");
+                continue;
+            }
+        };
+        state.metrics.scrubbed.inc();
+        report.verified += 1;
+        if let imgcache_store::VerifyOutcome::Mismatch {
+            expected, actual, ..
+        } = &outcome
+        {
+            state.metrics.scrub_mismatches.inc();
+            tracing::warn!(key = %key, %expected, %actual, "scrub: cached image does not match its checksum; moved to invalid/");
+            report.mismatched.push(key.to_string());
+        }
+    }
     Ok(report)
 }
 

@@ -21,6 +21,7 @@ pub mod record;
 pub mod registry;
 pub mod room;
 pub mod sqlite;
+pub mod verify;
 pub mod writer;
 pub mod xattr;
 
@@ -41,4 +42,5 @@ pub use reader::CacheReader;
 pub use record::{LruEntry, Record, Timestamp};
 pub use registry::{CacheSpec, CleanUpReport, Registry};
 pub use room::{Reservation, Room};
+pub use verify::VerifyOutcome;
 pub use writer::{CacheWriter, WriteOptions};

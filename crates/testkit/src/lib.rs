@@ -3,11 +3,13 @@
 //! it outside `[dev-dependencies]`, and it depends on no other workspace crate (any crate's
 //! tests may use it).
 //!
-//! [`glance`] is a fake Keystone-protected Glance v2 and [`origin`] a plain HTTP file origin,
+//! [`glance`] is a fake Keystone-protected Glance v2, [`origin`] a plain HTTP file origin and
+//! [`faults`] an origin that misbehaves on purpose (resets, short bodies, stalls, ...),
 //! each served by its own runtime on its own thread (usable from sync and async tests).
 
 mod background;
 pub mod clients;
+pub mod faults;
 pub mod faulty;
 pub mod glance;
 pub mod origin;

@@ -8,6 +8,7 @@ mod maintain;
 mod manage;
 mod provision;
 mod serve;
+mod verify;
 
 use std::time::Duration;
 
@@ -78,6 +79,7 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Fetch(args) => provision::fetch(ctx, args),
         Command::Cleanup { cache, amount } => provision::cleanup(ctx, cache.as_deref(), amount),
         Command::Caches => provision::caches(ctx),
+        Command::Verify { keys, quiet } => verify::verify(ctx, &keys, quiet),
         Command::Serve(args) => serve::serve(ctx, args),
     }
 }
