@@ -287,10 +287,12 @@ fn every_fault_through_fetch_and_serve() {
         let ms = t0.elapsed().as_millis();
         let got = std::fs::read(&dest).ok();
         let ok = out.status.success();
+        // A file that changed between attempts may end as either version, whole: never a mix.
+        let now = expected(&origin, &path);
         let outcome = if ok {
-            assert_eq!(
-                got.as_deref(),
-                Some(&want[..]),
+            assert!(
+                got.as_deref() == Some(&want[..])
+                    || (!case.name.starts_with("redirect") && got.as_deref() == Some(&now[..])),
                 "{}: fetch exited 0 with wrong bytes at DEST",
                 case.name
             );
@@ -312,9 +314,10 @@ fn every_fault_through_fetch_and_serve() {
             disagreements(&cache)
         );
         for f in published_files(&cache) {
-            assert_eq!(
-                std::fs::read(cache.join(&f)).unwrap(),
-                want,
+            let published = std::fs::read(cache.join(&f)).unwrap();
+            assert!(
+                published == want[..]
+                    || (!case.name.starts_with("redirect") && published == now[..]),
                 "{}: a wrong image is published as {f}",
                 case.name
             );
@@ -373,17 +376,17 @@ fn every_fault_through_fetch_and_serve() {
             Duration::from_secs(90),
         );
         let ms = t0.elapsed().as_millis();
+        // A file that changed between attempts may be served as either version, whole.
+        let now = if case.name.starts_with("redirect") {
+            want.clone()
+        } else {
+            expected(&origin, &path)
+        };
         let (ok, outcome) = match &r {
             Err(e) => (false, format!("error: no response ({e})")),
             Ok(r) if r.status == 200 && r.complete => {
-                assert_eq!(
-                    r.body.len(),
-                    want.len(),
-                    "{}: serve sent a complete 200 of the wrong length",
-                    case.name
-                );
                 assert!(
-                    r.body == want[..],
+                    r.body == want[..] || r.body == now[..],
                     "{}: serve sent a complete 200 with wrong bytes",
                     case.name
                 );
@@ -415,9 +418,9 @@ fn every_fault_through_fetch_and_serve() {
             .into_iter()
             .find(|r| r.2.as_deref() == Some(&href));
         if let Some((id, _, _)) = &rec {
-            assert_eq!(
-                std::fs::read(cache.join(id)).unwrap(),
-                want,
+            let published = std::fs::read(cache.join(id)).unwrap();
+            assert!(
+                published == want[..] || published == now[..],
                 "{}: serve published wrong bytes",
                 case.name
             );
