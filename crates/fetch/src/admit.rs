@@ -607,8 +607,11 @@ impl Overflow {
     }
 }
 
-/// A local file as a stream of 1 MiB chunks.
-pub fn file_stream(file: tokio::fs::File, path: &std::path::Path) -> BodyStream {
+/// A local file (or any reader of one, such as its first bytes) as a stream of 1 MiB chunks.
+pub fn file_stream<R>(file: R, path: &std::path::Path) -> BodyStream
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
     use tokio::io::AsyncReadExt;
     let path = path.to_path_buf();
     Box::pin(futures_util::stream::unfold(Some(file), move |state| {

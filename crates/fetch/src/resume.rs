@@ -336,23 +336,7 @@ pub(crate) fn leftover(
 /// The first `limit` bytes of `file` as a stream of 1 MiB chunks.
 pub(crate) fn file_prefix(file: std::fs::File, path: &Path, limit: u64) -> BodyStream {
     use tokio::io::AsyncReadExt;
-    let file = tokio::fs::File::from_std(file).take(limit);
-    let path = path.to_path_buf();
-    Box::pin(futures_util::stream::unfold(Some(file), move |state| {
-        let path = path.clone();
-        async move {
-            let mut file = state?;
-            let mut buf = vec![0u8; 1 << 20];
-            match file.read(&mut buf).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(Bytes::from(buf)), Some(file)))
-                }
-                Err(e) => Some((Err(FetchError::io("read", &path, e)), None)),
-            }
-        }
-    }))
+    crate::admit::file_stream(tokio::fs::File::from_std(file).take(limit), path)
 }
 
 #[cfg(test)]
