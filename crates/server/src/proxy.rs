@@ -168,10 +168,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 fn response_headers(h: &HeaderMap, upstream: &str, public: &str) -> HeaderMap {
     let mut out = h.clone();
     strip_hop_by_hop(&mut out);
-    out.remove(header::CONTENT_LENGTH);
-    if let Some(len) = h.get(header::CONTENT_LENGTH) {
-        out.insert(header::CONTENT_LENGTH, len.clone());
-    }
     if let Some(loc) = h.get(header::LOCATION).and_then(|v| v.to_str().ok())
         && let Some(rest) = loc.strip_prefix(upstream)
         && let Ok(v) = HeaderValue::from_str(&format!("{public}{rest}"))

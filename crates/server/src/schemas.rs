@@ -46,14 +46,14 @@ impl Schemas {
     }
 
     fn keep(&self, name: &str, body: &Bytes) {
-        let known = self.copies.lock().expect("poisoned").get(name) == Some(body);
-        if known {
-            return;
-        }
-        self.copies
+        let prev = self
+            .copies
             .lock()
             .expect("poisoned")
             .insert(name.to_string(), body.clone());
+        if prev.as_ref() == Some(body) {
+            return;
+        }
         // Best effort, written aside and renamed: a torn copy is never read back.
         let path = self.file(name);
         let tmp = path.with_extension("tmp");

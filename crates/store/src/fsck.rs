@@ -490,25 +490,13 @@ impl Cache {
 
             // Lock files of keys with nothing left. The quick pass does not probe them (a
             // probe could make a writer's non-blocking attempt fail for an instant).
-            let locks = self.layout().locks_dir();
-            for entry in fs::read_dir(&locks).ctx("read directory", &locks)? {
-                let entry = entry.ctx("read directory", &locks)?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let Some(key) = name.strip_suffix(".lock").and_then(|k| Key::new(k).ok()) else {
-                    continue;
-                };
-                let busy = [Status::Active, Status::Incomplete, Status::Queue]
-                    .iter()
-                    .any(|s| self.get_image_filepath(&key, *s).exists());
-                if busy {
-                    continue;
-                }
+            for (key, path) in self.idle_lock_files()? {
                 let stale = if opts.repair {
-                    lock::remove_if_unused(&entry.path())?
+                    lock::remove_if_unused(&path)?
                 } else if quick {
                     true
                 } else {
-                    lock_unused(&entry.path())?
+                    lock_unused(&path)?
                 };
                 if stale {
                     report.stale_locks.push(key.to_string());

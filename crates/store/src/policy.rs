@@ -234,7 +234,19 @@ impl Cache {
             }
         }
 
+        for (_, path) in self.idle_lock_files()? {
+            if lock::remove_if_unused(&path)? {
+                report.stale_locks += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Lock files under `locks/` of keys with nothing left (no published, incomplete or
+    /// queued file): candidates for removal once no one holds them. Used by `clean` and fsck.
+    pub(crate) fn idle_lock_files(&self) -> Result<Vec<(Key, std::path::PathBuf)>> {
         let locks = self.layout().locks_dir();
+        let mut out = Vec::new();
         for entry in fs::read_dir(&locks).ctx("read directory", &locks)? {
             let entry = entry.ctx("read directory", &locks)?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -244,11 +256,11 @@ impl Cache {
             let busy = [Status::Active, Status::Incomplete, Status::Queue]
                 .iter()
                 .any(|s| self.get_image_filepath(&key, *s).exists());
-            if !busy && lock::remove_if_unused(&entry.path())? {
-                report.stale_locks += 1;
+            if !busy {
+                out.push((key, entry.path()));
             }
         }
-        Ok(report)
+        Ok(out)
     }
 }
 
