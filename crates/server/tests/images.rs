@@ -528,10 +528,12 @@ async fn a_download_by_another_process_is_streamed_while_it_runs() {
             assert!(!clean, "{id}: a failed writer cuts the client");
             assert!(got.len() < body.len());
         }
+        // Only a range that arrived after the other writer had ended (416) may have been a
+        // miss of the server's own; nothing that followed the other writer downloaded.
         assert_eq!(
             fake.data_requests(id),
-            0,
-            "{id}: no download of the server's own"
+            usize::from(status == 416 && !publish),
+            "{id}: no download of the server's own while the other writer ran"
         );
     }
     // Published by the other writer: a hit now.
