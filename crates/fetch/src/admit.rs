@@ -34,9 +34,10 @@ use crate::href::Href;
 use crate::meta::ImageMeta;
 use crate::pipeline::{self, VerifiedHook};
 use crate::progress::{Progress, Quiet};
-use crate::provision::{ImageCache, blocking};
+use crate::provision::ImageCache;
 use crate::resume;
 use crate::source::{BodyStream, OriginMeta, Response};
+use imgcache_store::off_thread;
 
 /// How a download makes room in the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,7 +139,7 @@ impl ImageCache {
     async fn unchanged(&self, adm: Admission) -> Result<Admitted> {
         let cache = self.cache().clone();
         let key = adm.key;
-        let reader = blocking(move || {
+        let reader = off_thread(move || {
             cache.set_prop(&key, ImageMeta::VALIDATED_AT, &now().to_string())?;
             cache.open_for_read_uncounted(&key)
         })
@@ -158,7 +159,7 @@ impl ImageCache {
             RoomPolicy::HardLimit(max) => {
                 let cache = self.cache().clone();
                 let need = size.unwrap_or(0);
-                match blocking(move || cache.reserve(need, max)).await? {
+                match off_thread(move || cache.reserve(need, max)).await? {
                     Room::Reserved(r) => {
                         if !r.evicted.is_empty() {
                             tracing::info!(evicted = r.evicted.len(), size = need, "made room");
@@ -252,7 +253,7 @@ impl ImageCache {
         };
         let cache = self.cache().clone();
         let (key, permit) = (adm.key.clone(), adm.permit);
-        let writer = blocking(move || cache.open_for_write_locked(&key, permit, wopts)).await?;
+        let writer = off_thread(move || cache.open_for_write_locked(&key, permit, wopts)).await?;
         // Removed when this admission ends, published or not; left behind by a crash.
         let _note = meta
             .resume
@@ -415,7 +416,7 @@ impl ImageCache {
         let cache = self.cache().clone();
         let (key, src) = (adm.key.clone(), path.clone());
         let permit = adm.permit;
-        let writer = blocking(move || {
+        let writer = off_thread(move || {
             let mut writer = cache.open_for_write_locked(&key, permit, wopts)?;
             if !writer.fill_by_link(&src)? {
                 return Err(imgcache_store::StoreError::io(

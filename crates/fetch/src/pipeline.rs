@@ -3,6 +3,7 @@
 //! file, inspection again, the declared and permitted formats, and conversion to raw for
 //! `force_raw` ([`finish`]).
 
+use imgcache_store::off_thread;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -145,13 +146,13 @@ pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<CacheReade
     if f.images.zstd && !f.decompressed && starts_with_zstd(&path)? {
         // The bytes published will not be the bytes downloaded: no early word.
         on_verified = None;
-        writer = blocking(move || decompress_file(writer))
+        writer = off_thread(move || decompress_file(writer))
             .await
             .map_err(|e| checksum_error(&href, e))?;
     }
     let expected = f.declared.and_then(DiskFormat::expected);
     let p = path.clone();
-    let detected = blocking(move || Ok::<_, FetchError>(report_file(&p, expected)))
+    let detected = off_thread(move || Ok::<_, FetchError>(report_file(&p, expected)))
         .await?
         .map_err(|e| image_error(&href, e))?;
     f.images
@@ -165,7 +166,7 @@ pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<CacheReade
         if let Some(registry) = f.registry {
             let (registry, root) = (registry.clone(), cache_root(&path));
             let need = conversion_space(&detected);
-            blocking(move || registry.clean_up_caches(&root, need)).await?;
+            off_thread(move || registry.clean_up_caches(&root, need)).await?;
         }
         let scratch = writer.scratch_path();
         let _ = std::fs::remove_file(&scratch); // a leftover of a dead conversion
@@ -180,7 +181,7 @@ pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<CacheReade
         .await?;
         let source_format = detected.format;
         let sent = f.source_checksum;
-        return blocking(move || {
+        return off_thread(move || {
             let source = writer.replace_with(&scratch);
             let _ = std::fs::remove_file(&scratch);
             let source = sent.unwrap_or(source?);
@@ -203,7 +204,7 @@ pub async fn finish(mut writer: CacheWriter, f: Finish<'_>) -> Result<CacheReade
         writer.set_prop(PROP_SOURCE_CHECKSUM, &sent.to_string());
         writer.set_prop(PROP_SOURCE_FORMAT, "zstd");
     }
-    blocking(move || {
+    off_thread(move || {
         writer.commit_open_notify(|rec| {
             if let Some(hook) = on_verified {
                 hook(rec);
@@ -267,8 +268,8 @@ fn image_error(href: &str, e: FormatError) -> FetchError {
     }
 }
 
-fn checksum_error(href: &str, e: FetchError) -> FetchError {
-    match e {
+fn checksum_error(href: &str, e: impl Into<FetchError>) -> FetchError {
+    match e.into() {
         FetchError::Store(StoreError::ChecksumMismatch {
             expected, actual, ..
         }) => FetchError::Checksum {
@@ -278,15 +279,4 @@ fn checksum_error(href: &str, e: FetchError) -> FetchError {
         },
         other => other,
     }
-}
-
-async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T>
-where
-    T: Send + 'static,
-    E: Into<FetchError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| FetchError::Config(format!("blocking task failed: {e}")))?
-        .map_err(Into::into)
 }

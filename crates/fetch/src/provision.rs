@@ -6,6 +6,7 @@
 //! before deciding to download, so tasks and processes sharing a cache directory queue behind
 //! the first, then find the image published and fresh and only link it.
 
+use imgcache_store::off_thread;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -262,7 +263,7 @@ impl ImageCache {
     /// Ironic's `clean_up(amount)`; returns the bytes of `amount` still unreclaimed.
     pub async fn clean_up(&self, amount: Option<u64>) -> Result<u64> {
         let spec = self.spec.clone();
-        let report = blocking(move || spec.clean_up(amount)).await?;
+        let report = off_thread(move || spec.clean_up(amount)).await?;
         Ok(report.evicted.still_needed)
     }
 
@@ -367,7 +368,7 @@ impl ImageCache {
         let master = reader.path().to_path_buf();
         let m = master.clone();
         let rec = reader.record().clone();
-        let placement = blocking(move || -> Result<Placement> {
+        let placement = off_thread(move || -> Result<Placement> {
             let placed = if same_file(&m, &d) {
                 Placement::AlreadyInPlace
             } else {
@@ -480,7 +481,7 @@ impl ImageCache {
     async fn record(&self, key: &Key) -> Result<Option<Record>> {
         let cache = self.spec.cache.clone();
         let k = key.clone();
-        blocking(move || cache.get_record(&k)).await
+        Ok(off_thread(move || cache.get_record(&k)).await?)
     }
 
     async fn held_validators(&self, key: &Key) -> Result<Option<Validators>> {
@@ -495,7 +496,7 @@ impl ImageCache {
     async fn open_fresh(&self, key: &Key, href: &Href) -> Result<Option<CacheReader>> {
         let cache = self.spec.cache.clone();
         let k = key.clone();
-        let Some(reader) = blocking(move || cache.open_for_read(&k)).await? else {
+        let Some(reader) = off_thread(move || cache.open_for_read(&k)).await? else {
             return Ok(None);
         };
         Ok(match self.freshness(reader.record(), href) {
@@ -510,7 +511,7 @@ impl ImageCache {
         if let Some(registry) = &self.registry {
             let registry = registry.clone();
             let root = self.spec.cache.root().to_path_buf();
-            blocking(move || registry.clean_up_caches(&root, size)).await?;
+            off_thread(move || registry.clean_up_caches(&root, size)).await?;
         }
         Ok(())
     }
@@ -547,18 +548,6 @@ pub fn too_large(href: &Href, size: Option<u64>, room: &Room) -> FetchError {
         size: size.unwrap_or(0),
         max_size,
     }
-}
-
-/// Runs blocking store work off the async runtime.
-pub(crate) async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T>
-where
-    T: Send + 'static,
-    E: Into<FetchError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| FetchError::Config(format!("blocking task failed: {e}")))?
-        .map_err(Into::into)
 }
 
 /// The permit's flock, for the admission's writer.

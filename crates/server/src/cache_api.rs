@@ -21,6 +21,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use imgcache_store::off_thread;
 use imgcache_store::{Key, StoreError};
 use serde::Serialize;
 
@@ -28,6 +29,7 @@ use crate::auth::Admin;
 use crate::error::ApiError;
 use crate::public_url::base_url;
 use crate::state::AppState;
+use crate::workers::refresh_gauges;
 
 /// Image API versions served, newest first; the first is CURRENT.
 pub const VERSIONS: [&str; 5] = ["2.18", "2.17", "2.16", "2.15", "2.14"];
@@ -89,27 +91,8 @@ async fn versions_root(State(state): State<AppState>, headers: HeaderMap) -> Res
         .into_response()
 }
 
-/// Runs blocking store work off the async runtime.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("store task failed: {e}")))?
-        .map_err(ApiError::from)
-}
-
 fn key(raw: &str) -> Result<Key, ApiError> {
     Key::new(raw).map_err(|e| ApiError::bad_request(format!("invalid image id: {e}")))
-}
-
-/// Updates the cache gauges after a call changed the cache.
-async fn refresh_gauges(state: &AppState) {
-    let s = state.clone();
-    let res = blocking(move || s.metrics.refresh_cache_gauges(&s.cache)).await;
-    if let Err(e) = res {
-        tracing::warn!(error = %e.message, "cannot refresh cache gauges");
-    }
 }
 
 #[derive(Serialize)]
@@ -133,8 +116,10 @@ struct CacheState {
 
 async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<CacheState>, ApiError> {
     let cache = state.cache.clone();
-    let (records, queued) =
-        blocking(move || Ok((cache.get_cached_images()?, cache.get_queued_images()?))).await?;
+    let (records, queued) = off_thread(move || {
+        Ok::<_, StoreError>((cache.get_cached_images()?, cache.get_queued_images()?))
+    })
+    .await?;
     let cached_images = records
         .into_iter()
         .map(|r| CachedImage {
@@ -177,7 +162,7 @@ async fn queue(
     }
     let cache = state.cache.clone();
     // false when already cached, being cached or queued: nothing to do.
-    let queued = blocking(move || cache.queue_image(&k)).await?;
+    let queued = off_thread(move || cache.queue_image(&k)).await?;
     if queued {
         tracing::info!(image_id, "queued for prefetching");
     }
@@ -240,10 +225,10 @@ async fn delete_entry(
 ) -> Result<StatusCode, ApiError> {
     let k = key(&image_id)?;
     let cache = state.cache.clone();
-    let held = blocking(move || {
+    let held = off_thread(move || {
         let cached = cache.delete_cached_image(&k)?;
         let queued = cache.delete_queued_image(&k)?;
-        Ok(cached || queued)
+        Ok::<_, StoreError>(cached || queued)
     })
     .await?;
     state.withdraw([image_id.clone()]).await;
@@ -292,14 +277,14 @@ async fn clear(
         ClearTarget::Queue => Vec::new(),
         _ => {
             let c = cache.clone();
-            blocking(move || c.get_cached_images())
+            off_thread(move || c.get_cached_images())
                 .await?
                 .into_iter()
                 .map(|r| r.image_id)
                 .collect()
         }
     };
-    let (cached, queued) = blocking(move || {
+    let (cached, queued) = off_thread(move || {
         let cached = match target {
             ClearTarget::Cache | ClearTarget::Both => cache.delete_all_cached_images()?,
             ClearTarget::Queue => 0,
@@ -308,7 +293,7 @@ async fn clear(
             ClearTarget::Queue | ClearTarget::Both => cache.delete_all_queued_images()?,
             ClearTarget::Cache => 0,
         };
-        Ok((cached, queued))
+        Ok::<_, StoreError>((cached, queued))
     })
     .await?;
     tracing::info!(cached, queued, "cache cleared");
@@ -327,7 +312,7 @@ fn bad_target() -> ApiError {
 async fn clean(_: Admin, State(state): State<AppState>) -> Result<StatusCode, ApiError> {
     let cache = state.cache.clone();
     let stall = state.config.stall_time;
-    let report = blocking(move || cache.clean(stall)).await?;
+    let report = off_thread(move || cache.clean(stall)).await?;
     tracing::info!(
         stalled = report.stalled.len(),
         invalid = report.invalid.len(),

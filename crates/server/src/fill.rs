@@ -19,6 +19,7 @@
 //! Every flight ends with an explicit [`Outcome`]; what the server keeps beside it is only the
 //! origin's answer for a [`Outcome::Passthrough`] ([`Beside`]).
 
+use imgcache_store::off_thread;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -259,11 +260,11 @@ async fn run(
     // is opened under the flock, so no eviction comes between. A revalidation asks with the
     // copy's validators.
     let held = if origin.revalidate {
-        let rec = blocking(move || cache.get_record(&key)).await?;
+        let rec = off_thread(move || cache.get_record(&key)).await?;
         rec.map(|r| ImageMeta::from_props(&r.props).validators)
             .filter(|v| !v.is_empty())
     } else {
-        let open = blocking(move || cache.open_for_read_uncounted(&key)).await?;
+        let open = off_thread(move || cache.open_for_read_uncounted(&key)).await?;
         if let Some(reader) = open {
             return Ok(Outcome::Done(Done::held(reader)));
         }
@@ -485,14 +486,4 @@ pub fn origin_error(e: FetchError) -> ApiError {
         }
         _ => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
     }
-}
-
-/// Runs blocking store work off the async runtime.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("blocking task: {e}")))?
-        .map_err(ApiError::from)
 }

@@ -76,10 +76,8 @@ impl FleetNode {
     /// Queues every published local image for announcement.
     async fn announce_all(&self) {
         let cache = self.cache.clone();
-        let records = tokio::task::spawn_blocking(move || cache.get_cached_images())
+        let records = imgcache_store::off_thread(move || cache.get_cached_images())
             .await
-            .ok()
-            .and_then(Result::ok)
             .unwrap_or_default();
         let n = records.len();
         let mut pending = self.pending.lock().await;

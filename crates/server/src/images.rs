@@ -23,13 +23,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use imgcache_fetch::source::Response as OriginResponse;
 use imgcache_fetch::{Href, ImageMeta, cache_key};
+use imgcache_store::off_thread;
 use imgcache_store::{CacheReader, Done, Key, Outcome, Phase, Record};
 use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::conditional::{self, Precondition};
 use crate::error::ApiError;
-use crate::fill::{Fill, Origin, blocking, origin_error, outcome_error, take_passthrough, watched};
+use crate::fill::{Fill, Origin, origin_error, outcome_error, take_passthrough, watched};
 use crate::range::{self, Plan};
 use crate::representation::{Md5Style, Representation};
 use crate::sendfile::Sendfile;
@@ -240,7 +241,7 @@ async fn serve(
             Outcome::Done(done) => {
                 state.metrics.hits.inc();
                 let (cache, k, file) = (state.cache.clone(), key.clone(), done.file().clone());
-                let counted = blocking(move || {
+                let counted = off_thread(move || {
                     cache
                         .driver()
                         .record_hit(&k, &file, imgcache_store::record::now())
@@ -251,7 +252,7 @@ async fn serve(
                     Ok(None) => {
                         return ApiError::not_found(format!("{key} was removed")).into_response();
                     }
-                    Err(e) => return e.into_response(),
+                    Err(e) => return ApiError::from(e).into_response(),
                 };
                 send_published(
                     state,
@@ -348,7 +349,7 @@ async fn head_of_miss(
             && let Outcome::Done(_) = fill.ended().await
         {
             let (cache, k) = (state.cache.clone(), key.clone());
-            if let Ok(Some(rec)) = blocking(move || cache.get_record(&k)).await {
+            if let Ok(Some(rec)) = off_thread(move || cache.get_record(&k)).await {
                 return respond(&hit_meta(&rec, origin), headers, true, |_, _| Body::empty());
             }
         }
@@ -387,7 +388,7 @@ async fn hit(
     let cache = state.cache.clone();
     let k = key.clone();
     if head {
-        let Some(rec) = blocking(move || cache.get_record(&k)).await? else {
+        let Some(rec) = off_thread(move || cache.get_record(&k)).await? else {
             return Ok(None);
         };
         state.revalidations.maybe_start(state, key, &rec, origin);
@@ -398,7 +399,8 @@ async fn hit(
             |_, _| Body::empty(),
         )));
     }
-    let Some(reader): Option<CacheReader> = blocking(move || cache.open_for_read(&k)).await? else {
+    let Some(reader): Option<CacheReader> = off_thread(move || cache.open_for_read(&k)).await?
+    else {
         return Ok(None);
     };
     state.metrics.hits.inc();

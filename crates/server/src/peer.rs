@@ -17,9 +17,9 @@ use futures_util::StreamExt;
 use imgcache_store::{Key, Phase};
 
 use crate::error::ApiError;
-use crate::fill::blocking;
 use crate::representation::Md5Style;
 use crate::state::AppState;
+use imgcache_store::off_thread;
 
 pub const TOKEN_HEADER: &str = "x-imgcache-fleet-token";
 pub const CHECKSUM_HEADER: &str = "x-imgcache-checksum";
@@ -74,7 +74,7 @@ async fn peer_image(
         )
     } else {
         let (cache, k) = (state.cache.clone(), key.clone());
-        match blocking(move || cache.open_for_read_uncounted(&k)).await {
+        match off_thread(move || cache.open_for_read_uncounted(&k)).await {
             Ok(Some(reader)) => {
                 let rec = reader.record().clone();
                 let meta = crate::images::record_representation(&rec, Md5Style::Base64);
@@ -87,7 +87,7 @@ async fn peer_image(
             Ok(None) => {
                 return ApiError::not_found(format!("{key} is not held here")).into_response();
             }
-            Err(e) => return e.into_response(),
+            Err(e) => return ApiError::from(e).into_response(),
         }
     };
     state.metrics.peer_streams.inc();

@@ -23,6 +23,7 @@
 //!   lowest CPU priority (nice 19), one image at a time; a mismatch is moved to `invalid/`
 //!   (never served again) and counted in `imgcache_scrub_mismatches_total`.
 
+use imgcache_store::off_thread;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -121,7 +122,7 @@ pub fn spawn(state: AppState) -> Workers {
             async move {
                 let stall = s.config.stall_time;
                 let cache = s.cache.clone();
-                let report = blocking(move || cache.clean(stall)).await?;
+                let report = off_thread(move || cache.clean(stall)).await?;
                 if !(report.stalled.is_empty()
                     && report.invalid.is_empty()
                     && report.dangling_records.is_empty())
@@ -158,9 +159,7 @@ impl Workers {
 pub async fn prune_now(state: &AppState) -> Result<PruneReport, ApiError> {
     let cache = state.cache.clone();
     let max = state.config.max_size;
-    let report = tokio::task::spawn_blocking(move || cache.prune(max))
-        .await
-        .map_err(|e| ApiError::internal(format!("prune task failed: {e}")))??;
+    let report = off_thread(move || cache.prune(max)).await?;
     state.metrics.evictions.inc_by(report.evicted.len() as u64);
     let gone: Vec<String> = report.evicted.iter().map(|e| e.0.clone()).collect();
     state.withdraw(gone).await;
@@ -242,20 +241,12 @@ fn scrub_blocking(
     Ok(report)
 }
 
-async fn refresh_gauges(state: &AppState) {
+/// Updates the cache gauges after something changed the cache.
+pub(crate) async fn refresh_gauges(state: &AppState) {
     let s = state.clone();
-    let res = tokio::task::spawn_blocking(move || s.metrics.refresh_cache_gauges(&s.cache)).await;
-    match res {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh cache gauges"),
-        Err(e) => tracing::warn!(error = %e, "cannot refresh cache gauges"),
+    if let Err(e) = off_thread(move || s.metrics.refresh_cache_gauges(&s.cache)).await {
+        tracing::warn!(error = %e, "cannot refresh cache gauges");
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> anyhow::Result<T> {
-    Ok(tokio::task::spawn_blocking(f).await??)
 }
 
 /// Exponential backoff: `base`, doubling, at most `max`.
@@ -402,7 +393,7 @@ async fn prefetch_pass(
     retries: &mut HashMap<String, Retry>,
 ) -> anyhow::Result<Option<Option<Instant>>> {
     let cache = state.cache.clone();
-    let queued = blocking(move || cache.get_queued_images()).await?;
+    let queued = off_thread(move || cache.get_queued_images()).await?;
     retries.retain(|id, _| queued.contains(id));
     let mut next_due: Option<Instant> = None;
     for id in queued {
@@ -424,7 +415,7 @@ async fn prefetch_pass(
                 retries.remove(&id);
                 let key = Key::new(&id)?;
                 let cache = state.cache.clone();
-                blocking(move || cache.delete_queued_image(&key)).await?;
+                off_thread(move || cache.delete_queued_image(&key)).await?;
                 if let Prefetched::Done = outcome {
                     state.prune_wake.notify_one();
                 }
@@ -465,7 +456,7 @@ async fn prefetch_one(state: AppState, id: String) -> anyhow::Result<Prefetched>
     };
     let cache = state.cache.clone();
     let k = key.clone();
-    if blocking(move || cache.is_cached(&k)).await? {
+    if off_thread(move || cache.is_cached(&k)).await? {
         return Ok(Prefetched::Done);
     }
     if state.config.sources.glance_url.is_none() {

@@ -151,6 +151,10 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
+
+    /// Store work run off the async runtime panicked or was cancelled (a bug, or shutdown).
+    #[error("store task did not finish: {0}")]
+    Task(String),
 }
 
 impl StoreError {

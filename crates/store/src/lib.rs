@@ -14,6 +14,7 @@ pub mod key;
 pub mod key_lock;
 pub mod layout;
 pub mod lock;
+pub mod off_thread;
 pub mod policy;
 pub mod queue;
 pub mod reader;
@@ -37,6 +38,7 @@ pub use key_lock::{
 };
 pub use layout::{Layout, Status};
 pub use lock::FileLock;
+pub use off_thread::off_thread;
 pub use policy::{CleanReport, EvictPolicy, PruneReport};
 pub use reader::CacheReader;
 pub use record::{LruEntry, Record, Timestamp};
