@@ -136,24 +136,6 @@ pub fn count(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-/// A progress bar on stderr when it is a terminal and not `--quiet`; hidden otherwise.
-pub fn progress_bar(quiet: bool, len: Option<u64>) -> indicatif::ProgressBar {
-    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-    if quiet || !io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr());
-    let template = if len.is_some() {
-        "{bar:40.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
-    } else {
-        "{spinner} {bytes} {bytes_per_sec}"
-    };
-    if let Ok(style) = ProgressStyle::with_template(template) {
-        bar.set_style(style);
-    }
-    bar
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -97,10 +97,17 @@ fn bare() -> Command {
     c
 }
 
-/// Failed with `code`, and said why in exactly one line on stderr, without panicking.
+/// Failed with `code`, and said why in exactly one line on stderr, without panicking. A
+/// phase that ran before the failure may have said how far it got, on a line of its own
+/// (`imgcache: download: ...`, stderr not being a terminal): that line is not the error.
 fn assert_one_line_error(out: &Output, code: i32, needle: &str) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    let all = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "stderr: {all}");
+    let err: String = all
+        .lines()
+        .filter(|l| !l.starts_with("imgcache: download: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
     assert!(!err.contains("panicked"), "{err}");
     assert!(!err.contains("backtrace"), "{err}");
     assert_eq!(err.lines().count(), 1, "one line expected: {err:?}");

@@ -201,7 +201,12 @@ fn fetch_errors_are_one_line_and_publish_nothing() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        // The error is one line; a download that ran also says how far it got.
+        let errors: Vec<&str> = err
+            .lines()
+            .filter(|l| !l.starts_with("imgcache: download: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "{err}");
         assert!(!err.contains("panicked"), "{err}");
         assert!(!dest.exists(), "no dest after {args:?}");
     }
@@ -258,4 +263,71 @@ fn caches_lists_named_caches_from_the_config() {
         ],
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("no cache named \"nope\""));
+}
+
+/// Progress tells time: on a terminal a bar with the total, percentage, rate and ETA (the
+/// origin sent Content-Length); on a pipe one line per phase; under `--json` a JSON object.
+#[test]
+fn progress_shows_the_total_on_a_terminal_and_one_line_per_phase_elsewhere() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let body = image(48 << 20);
+    let (base, _) = origin(body.clone());
+    let href = format!("{base}/p.img");
+
+    // A pipe: one line, with the total and 100%.
+    let cache = dir.path().join("c1");
+    let out = imgcache(
+        &cache,
+        &["fetch", &href, dir.path().join("d1").to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("imgcache: download: 48.0 MiB of 48.0 MiB (100%) in "),
+        "{err}"
+    );
+    assert!(!err.contains('\x1b'), "no escape codes on a pipe: {err:?}");
+
+    // --json: the phase as an object.
+    let cache = dir.path().join("c2");
+    let out = imgcache(
+        &cache,
+        &[
+            "--json",
+            "fetch",
+            &href,
+            dir.path().join("d2").to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success());
+    let phase: Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(phase["event"], "phase");
+    assert_eq!(phase["phase"], "download");
+    assert_eq!(phase["bytes"], body.len() as u64);
+    assert_eq!(phase["total"], body.len() as u64);
+
+    // A terminal (script(1) gives the command a pty): a bar that knows the total.
+    let cache = dir.path().join("c3");
+    let cmd = format!(
+        "{} --cache-dir {} fetch {href} {}",
+        env!("CARGO_BIN_EXE_imgcache"),
+        cache.display(),
+        dir.path().join("d3").display()
+    );
+    let out = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TERM", "xterm")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("script(1) from util-linux");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(tty.contains("download"), "{tty:?}");
+    assert!(tty.contains("/48.00 MiB"), "the total: {tty:?}");
+    assert!(tty.contains('%') && tty.contains("eta"), "{tty:?}");
+    assert_eq!(fs::read(dir.path().join("d3")).unwrap(), body);
 }

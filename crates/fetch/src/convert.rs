@@ -174,8 +174,10 @@ pub async fn convert_to_raw(
     };
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
-    let total = virtual_size.unwrap_or(10_000);
-    progress.start(Some(total));
+    // Without a virtual size (none of the convertible formats lacks one) there is no total
+    // to take qemu-img's percentage of: the phase is reported, its progress is not.
+    progress.start(crate::progress::Phase::Convert, virtual_size);
+    let total = virtual_size.unwrap_or(0);
     let (_, stderr, status) = tokio::join!(
         report_progress(stdout, total, progress),
         read_capped(stderr, 8 * 1024),

@@ -65,7 +65,7 @@ pub async fn stream_into_reporting(
 
     let mut got: u64 = 0;
     let mut failure = None;
-    progress.start(expected_len);
+    progress.start(crate::progress::Phase::Download, expected_len);
     let mut body = body.ready_chunks(BATCH);
     'body: while let Some(items) = body.next().await {
         let mut batch = Vec::with_capacity(items.len());

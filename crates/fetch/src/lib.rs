@@ -29,6 +29,6 @@ pub use error::{FetchError, Result};
 pub use href::{Href, cache_key};
 pub use meta::{Freshness, ImageMeta};
 pub use place::Placement;
-pub use progress::{Progress, Quiet};
+pub use progress::{Phase, Progress, Quiet};
 pub use provision::{FetchOptions, FetchReport, ImageCache, Outcome, SourceConfig};
 pub use source::http::HttpOptions;

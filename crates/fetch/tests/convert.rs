@@ -15,7 +15,9 @@ use imgcache_fetch::ImageMeta;
 use imgcache_fetch::convert::{ConvertError, ConvertOptions};
 use imgcache_fetch::formats::{DiskFormat, Format, FormatError, Policy};
 use imgcache_fetch::pipeline::ImageOptions;
-use imgcache_fetch::{ChecksumSpec, FetchError, FetchOptions, ImageCache, Outcome, Progress};
+use imgcache_fetch::{
+    ChecksumSpec, FetchError, FetchOptions, ImageCache, Outcome, Phase, Progress,
+};
 use imgcache_store::{Algorithm, Integrity, Status};
 
 use imgcache_testkit::qemu_img;
@@ -85,17 +87,17 @@ fn raw_opts() -> FetchOptions {
     }
 }
 
-/// Records what is reported: (total announced, bytes advanced) per phase.
+/// Records what is reported: (phase, total announced, units advanced) per phase.
 #[derive(Default)]
-struct Recorder(Mutex<Vec<(Option<u64>, u64)>>);
+struct Recorder(Mutex<Vec<(Phase, Option<u64>, u64)>>);
 
 impl Progress for Recorder {
-    fn start(&self, total: Option<u64>) {
-        self.0.lock().unwrap().push((total, 0));
+    fn start(&self, phase: Phase, total: Option<u64>) {
+        self.0.lock().unwrap().push((phase, total, 0));
     }
     fn advance(&self, bytes: u64) {
         if let Some(last) = self.0.lock().unwrap().last_mut() {
-            last.1 += bytes;
+            last.2 += bytes;
         }
     }
 }
@@ -161,12 +163,14 @@ async fn force_raw_converts_each_format_like_qemu_img() {
         // The conversion reported its progress in bytes of the virtual size, up to 100%.
         let phases = progress.0.lock().unwrap().clone();
         let conversion = phases.last().unwrap();
+        assert_eq!(conversion.0, Phase::Convert, "{format}: {phases:?}");
         assert_eq!(
-            conversion.0,
+            conversion.1,
             Some(expected.len() as u64),
             "{format}: {phases:?}"
         );
-        assert_eq!(conversion.1, expected.len() as u64, "{format}: {phases:?}");
+        assert_eq!(conversion.2, expected.len() as u64, "{format}: {phases:?}");
+        assert_eq!(phases[0].0, Phase::Download, "{format}: {phases:?}");
         no_leftovers(&env);
         assert!(!env.cache().is_cached(&key_of(&href, false)).unwrap());
     }

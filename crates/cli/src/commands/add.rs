@@ -14,6 +14,7 @@ use super::{Ctx, parse_key};
 use crate::cli::AddArgs;
 use crate::config::format_size_exact;
 use crate::output::{self, RecordJson};
+use crate::progress::PhaseBar;
 
 #[derive(Serialize)]
 struct Added {
@@ -51,8 +52,7 @@ pub fn add(ctx: &Ctx, args: AddArgs) -> Result<()> {
         zstd: false,
         ..ImageOptions::default()
     });
-    let bar = output::progress_bar(args.quiet, meta.is_file().then_some(meta.len()));
-    let progress: Arc<dyn Progress> = Arc::new(super::provision::Bar(bar));
+    let progress: Arc<dyn Progress> = Arc::new(PhaseBar::new(args.quiet, ctx.json));
     let record = super::provision::runtime()?.block_on(images.add_file(
         &key,
         &args.file,

@@ -115,25 +115,6 @@ fn safe_image(path: &std::path::Path) -> std::result::Result<(), String> {
     }
 }
 
-/// Hashing progress on stderr (a bar only when it is a terminal).
-struct HashBar(indicatif::ProgressBar);
-
-impl imgcache_store::FsckProgress for HashBar {
-    fn start(&self, files: usize, bytes: u64) {
-        if files > 0 {
-            self.0.set_length(bytes);
-            self.0
-                .set_message(output::count(files, "file to hash", "files to hash"));
-        }
-    }
-    fn advance(&self, bytes: u64) {
-        self.0.inc(bytes);
-    }
-    fn finish(&self) {
-        self.0.finish_and_clear();
-    }
-}
-
 /// `imgcache fsck [--repair]`; exit status 0 clean or all repaired, 1 problems left, 8 could
 /// not check (see `--help`).
 pub fn fsck(ctx: &Ctx, args: &crate::cli::FsckArgs) -> Result<()> {
@@ -144,7 +125,7 @@ pub fn fsck(ctx: &Ctx, args: &crate::cli::FsckArgs) -> Result<()> {
             ctx.settings.driver,
             args.repair,
         )?;
-        let bar = HashBar(output::progress_bar(args.quiet, Some(0)));
+        let bar = crate::progress::PhaseBar::new(args.quiet, ctx.json);
         let mut report = cache.fsck(&imgcache_store::FsckOptions {
             repair: args.repair,
             quick: false,

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use imgcache_fetch::convert::ConvertOptions;
 use imgcache_fetch::formats::DiskFormat;
 use imgcache_fetch::pipeline::ImageOptions;
-use imgcache_fetch::{ChecksumSpec, FetchOptions, ImageCache, Progress};
+use imgcache_fetch::{ChecksumSpec, FetchOptions, ImageCache};
 use imgcache_store::registry::{PRIORITY_INSTANCE, free_space};
 use imgcache_store::{Cache, CacheSpec, Registry};
 use serde::Serialize;
@@ -15,6 +15,7 @@ use super::Ctx;
 use crate::cli::FetchArgs;
 use crate::config::{format_duration, format_size};
 use crate::output;
+use crate::progress::PhaseBar;
 
 /// The cache `--cache-dir` names, as a provisioning cache.
 const DEFAULT_NAME: &str = "default";
@@ -62,25 +63,6 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Draws the transfer on the CLI's progress bar.
-pub(super) struct Bar(pub(super) indicatif::ProgressBar);
-
-impl Progress for Bar {
-    fn start(&self, total: Option<u64>) {
-        // A fetch may run several phases (download, then conversion): each starts afresh.
-        self.0.reset();
-        if let Some(t) = total {
-            self.0.set_length(t);
-        }
-    }
-    fn advance(&self, bytes: u64) {
-        self.0.inc(bytes);
-    }
-    fn finish(&self) {
-        self.0.finish_and_clear();
-    }
-}
-
 pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
     let reg = Arc::new(registry(ctx)?);
     let spec = pick(&reg, args.cache.as_deref())?.clone();
@@ -90,7 +72,6 @@ pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
         .as_deref()
         .map(str::parse::<ChecksumSpec>)
         .transpose()?;
-    let bar = output::progress_bar(args.quiet || ctx.json, None);
     let disk_format = args
         .format
         .as_deref()
@@ -99,7 +80,7 @@ pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
     let opts = FetchOptions {
         force_raw: args.raw,
         checksum,
-        progress: Some(Arc::new(Bar(bar))),
+        progress: Some(Arc::new(PhaseBar::new(args.quiet, ctx.json))),
         disk_format,
     };
     let images = ImageCache::new(spec, &sources)?

@@ -43,7 +43,8 @@ pub fn verify(ctx: &Ctx, keys: &[String], quiet: bool) -> Result<()> {
             .collect::<Result<_>>()?
     };
     let total: u64 = targets.iter().filter_map(|(_, s)| *s).sum();
-    let bar = output::progress_bar(quiet, Some(total));
+    let bar = crate::progress::PhaseBar::new(quiet, ctx.json);
+    bar.begin("verify", Some(total));
     let mut images = Vec::new();
     for (key, _) in &targets {
         let outcome = cache.verify(key, &mut |n| bar.inc(n))?;
@@ -52,7 +53,7 @@ pub fn verify(ctx: &Ctx, keys: &[String], quiet: bool) -> Result<()> {
             outcome,
         });
     }
-    bar.finish_and_clear();
+    bar.end();
     let count = |f: fn(&VerifyOutcome) -> bool| images.iter().filter(|c| f(&c.outcome)).count();
     let r = Verified {
         checked: images.len(),
