@@ -23,6 +23,23 @@ pub fn one_line(err: &anyhow::Error) -> String {
     line
 }
 
+/// Prints the final error on stderr: `imgcache: <line>`, or under `--json` one object,
+/// `{"error": "<line>", "exit_code": N}`, so a program reading stderr never parses prose.
+/// An error with no text (an [`Exit`] alone, after the command reported for itself) prints
+/// nothing.
+pub fn report(err: &anyhow::Error, code: u8, json: bool) {
+    let line = one_line(err);
+    if line.is_empty() {
+        return;
+    }
+    if json {
+        let obj = serde_json::json!({ "error": line, "exit_code": code });
+        eprintln!("{obj}");
+    } else {
+        eprintln!("imgcache: {line}");
+    }
+}
+
 /// An exit status other than 1, carried by an error (`fsck`'s codes). Its own text is empty,
 /// so the line printed is that of what it wraps, if anything.
 #[derive(Debug)]

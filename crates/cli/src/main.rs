@@ -23,20 +23,25 @@ fn main() -> ExitCode {
     // Usage errors: clap prints them and exits with 2; --help and --version exit 0.
     let cli = cli::parse();
     init_tracing(&cli);
+    let json = error_as_json(&cli);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if error::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            let line = error::one_line(&e);
-            if !line.is_empty() {
-                eprintln!("imgcache: {line}");
-            }
-            match e.downcast_ref::<error::Exit>() {
-                Some(error::Exit(code)) => ExitCode::from(*code),
-                None => ExitCode::FAILURE,
-            }
+            let code = match e.downcast_ref::<error::Exit>() {
+                Some(error::Exit(code)) => *code,
+                None => 1,
+            };
+            error::report(&e, code, json);
+            ExitCode::from(code)
         }
     }
+}
+
+/// Under `--json` (or `serve --log-format json`), the final error is a JSON object too.
+fn error_as_json(cli: &Cli) -> bool {
+    cli.global.json
+        || matches!(&cli.command, cli::Command::Serve(a) if matches!(a.log_format, cli::LogFormat::Json))
 }
 
 fn run(cli: Cli) -> Result<()> {

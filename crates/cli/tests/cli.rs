@@ -342,6 +342,41 @@ fn invalid_keys_are_one_line_errors() {
     }
 }
 
+/// Under `--json` the error is one JSON object on stderr, with the exit code; stdout holds
+/// nothing a program could mistake for a result.
+#[test]
+fn json_errors_are_one_object() {
+    let env = Env::new("sqlite");
+    let missing = env.path("nope.img");
+    for (args, code, needle) in [
+        (
+            vec!["--json", "delete", "a/b"],
+            1,
+            "character '/' not allowed",
+        ),
+        (
+            vec!["--json", "add", "k", missing.to_str().unwrap()],
+            1,
+            "nope.img",
+        ),
+        (
+            vec!["--json", "delete", "never-cached"],
+            1,
+            "neither cached nor queued",
+        ),
+    ] {
+        let out = env.run(&args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: stdout {:?}", out.stdout);
+        let err: serde_json::Value = serde_json::from_slice(&out.stderr)
+            .unwrap_or_else(|e| panic!("{args:?}: not one JSON object ({e}): {:?}", out.stderr));
+        assert_eq!(err["exit_code"], code, "{args:?}");
+        let msg = err["error"].as_str().unwrap();
+        assert!(msg.contains(needle), "{args:?}: {msg}");
+        assert!(!msg.starts_with("imgcache: "), "{msg}");
+    }
+}
+
 #[test]
 fn missing_file() {
     let env = Env::new("sqlite");
