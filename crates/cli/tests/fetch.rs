@@ -331,3 +331,56 @@ fn progress_shows_the_total_on_a_terminal_and_one_line_per_phase_elsewhere() {
     assert!(tty.contains('%') && tty.contains("eta"), "{tty:?}");
     assert_eq!(fs::read(dir.path().join("d3")).unwrap(), body);
 }
+
+/// Every download's story is logged, once, by the admission pipeline: started, then finished
+/// or refused (with the reason).
+#[test]
+fn downloads_are_logged_started_finished_or_refused() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cache = dir.path().join("cache");
+    let (base, _) = origin(image(1 << 20));
+    let run = |href: &str, extra: &[&str], dest: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_imgcache"));
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("IMGCACHE_LOG", "info")
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(["fetch", "-q", href])
+            .args(extra)
+            .arg(dir.path().join(dest));
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, log) = run(&format!("{base}/good.img"), &[], "good");
+    assert!(ok, "{log}");
+    let started: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("download started"))
+        .collect();
+    assert_eq!(started.len(), 1, "{log}");
+    assert!(started[0].contains("size=Some(1048576)"), "{log}");
+    let done: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("download finished"))
+        .collect();
+    assert_eq!(done.len(), 1, "{log}");
+    assert!(
+        done[0].contains("size=1048576") && done[0].contains("good.img"),
+        "{log}"
+    );
+
+    let bad = Integrity::of(Algorithm::Sha256, b"other").to_string();
+    let (ok, log) = run(&format!("{base}/bad.img"), &["--checksum", &bad], "bad");
+    assert!(!ok);
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("download refused"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{log}");
+    assert!(refused[0].contains("reason=\"checksum\""), "{log}");
+    assert!(!log.contains("download finished"), "{log}");
+}

@@ -120,7 +120,38 @@ pub enum Admitted {
 
 impl ImageCache {
     /// Admits the origin's answer `response` for `adm.key` (see the module docs).
+    ///
+    /// Every download's story is logged here, once for all entrances: started (the origin
+    /// answered with bytes), finished (published), refused (a verdict on the image: unsafe,
+    /// checksum, size, truncated) or failed.
     pub async fn admit(&self, adm: Admission, response: Response) -> Result<Admitted> {
+        let (key, href) = (adm.key.clone(), adm.href_raw.clone());
+        if let Response::Body { meta, .. } | Response::LocalFile { meta, .. } = &response {
+            tracing::info!(%key, %href, size = ?meta.size, "download started");
+        }
+        let t0 = std::time::Instant::now();
+        let res = self.admit_response(adm, response).await;
+        let seconds = (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+        match &res {
+            Ok(Admitted::Published(r)) => {
+                tracing::info!(%key, %href, size = r.record().size, seconds, "download finished: published")
+            }
+            Ok(Admitted::Unchanged(_)) => {
+                tracing::debug!(%key, %href, "the origin confirmed the cached copy")
+            }
+            // Logged where the decision is made (it does not fit the cache).
+            Ok(Admitted::Passthrough { .. }) => {}
+            Err(e) => match e.refusal() {
+                Some(reason) => {
+                    tracing::warn!(%key, %href, reason, error = %e, seconds, "download refused")
+                }
+                None => tracing::warn!(%key, %href, error = %e, seconds, "download failed"),
+            },
+        }
+        res
+    }
+
+    async fn admit_response(&self, adm: Admission, response: Response) -> Result<Admitted> {
         let (meta, body) = match response {
             Response::NotModified => return self.unchanged(adm).await,
             Response::Body { meta, body } => (meta, body),
