@@ -123,7 +123,13 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         metrics: state.metrics.clone(),
         log: state.config.access_log,
     };
-    let expected = body.size_hint().exact();
+    // A streamed body does not know its length; the `Content-Length` it is sent with does.
+    let expected = body.size_hint().exact().or_else(|| {
+        parts
+            .headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+    });
     let body = Observed {
         inner: body,
         bytes: 0,
@@ -185,14 +191,14 @@ impl Observation {
             .map_or_else(|| "-".to_string(), |c| c.to_string());
         tracing::info!(
             target: ACCESS_TARGET,
-            method = self.labels.method,
+            method = %self.labels.method,
             path = %self.target,
             status = self.labels.status,
             bytes,
             duration_s = (seconds * 1e6).round() / 1e6,
-            outcome = self.outcome.as_str(),
+            outcome = %self.outcome.as_str(),
             client = %client,
-            request_id = self.request_id.as_deref().unwrap_or("-"),
+            request_id = %self.request_id.as_deref().unwrap_or("-"),
             complete = end == End::Complete,
             error = end == End::Error,
             "request",
