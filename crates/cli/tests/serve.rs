@@ -594,11 +594,33 @@ fn alert_rules_and_dashboard_name_live_metrics() {
     }
 
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let server = serve(&dir.path().join("cache"), "http", &[]);
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let unsafe_image = imgcache_testkit::bad_images::qcow2_backing_file(&images);
+    let server = serve(
+        &dir.path().join("cache"),
+        "http",
+        &[
+            "--allow-file-dir",
+            images.to_str().unwrap(),
+            "--allow-href-prefix",
+            &format!("file://{}/", images.display()),
+        ],
+    );
+    // Families with labels have samples once something happened: a request, a refusal.
+    assert_eq!(request(&server.addr, "GET", "/healthz", &[]).0, 200);
+    let refused = format!("/v1/fetch?href=file://{}", unsafe_image.display());
+    // Streamed as it downloads, then cut when the inspection refuses it.
+    let (_, _, got) = request(&server.addr, "GET", &refused, &[]);
+    assert!(got.len() < std::fs::metadata(&unsafe_image).unwrap().len() as usize);
     let (_, _, text) = request(&server.addr, "GET", "/metrics", &[]);
     let text = String::from_utf8(text).unwrap();
-    // Every sample name the families give (histograms: _bucket, _sum, _count), families
-    // without samples yet included.
+    assert_eq!(
+        sample(&text, r#"imgcache_refused_images_total{reason="unsafe_image"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    // Every sample name the families give (histograms: _bucket, _sum, _count).
     let mut exposed = std::collections::BTreeSet::new();
     for l in text.lines() {
         if let Some(rest) = l.strip_prefix("# TYPE ") {
