@@ -19,7 +19,13 @@ fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String, Vec<u8>) {
-    request_on(TcpStream::connect(addr).unwrap(), addr, method, path, headers)
+    request_on(
+        TcpStream::connect(addr).unwrap(),
+        addr,
+        method,
+        path,
+        headers,
+    )
 }
 
 fn request_on(
@@ -324,7 +330,9 @@ fn promtool() -> Option<&'static str> {
         std::env::var("CI").as_deref() != Ok("true"),
         "promtool is missing in CI: .ci/run installs it (Debian's prometheus package)"
     );
-    eprintln!("SKIPPED the promtool checks: promtool is not installed (apt-get install prometheus)");
+    eprintln!(
+        "SKIPPED the promtool checks: promtool is not installed (apt-get install prometheus)"
+    );
     None
 }
 
@@ -368,13 +376,19 @@ fn metrics_pass_promtool_and_time_downloads_to_the_last_byte() {
     }
     assert_eq!(request(&addr, "GET", "/no/such/thing", &[]).0, 404);
     // Path-style, so that its route is a series of its own.
-    let slow_path = format!("/v1/fetch/http/{}/slow.img", slow.trim_start_matches("http://"));
+    let slow_path = format!(
+        "/v1/fetch/http/{}/slow.img",
+        slow.trim_start_matches("http://")
+    );
     let t0 = Instant::now();
     let (status, head, got) = request(&addr, "GET", &slow_path, &[]);
     let took = t0.elapsed();
     assert_eq!(status, 200, "{head}");
     assert!(got == slow_body);
-    assert!(took > Duration::from_millis(600), "the origin is throttled: {took:?}");
+    assert!(
+        took > Duration::from_millis(600),
+        "the origin is throttled: {took:?}"
+    );
     // Observed when its body ended: the access-log line is written right after.
     let line = log.wait_for("the slow download", Duration::from_secs(10), |l| {
         l.contains("imgcache::access") && l.contains("/slow.img")
@@ -409,7 +423,10 @@ fn metrics_pass_promtool_and_time_downloads_to_the_last_byte() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        eprintln!("promtool check metrics: rc {:?}, output {said:?}", out.status.code());
+        eprintln!(
+            "promtool check metrics: rc {:?}, output {said:?}",
+            out.status.code()
+        );
         assert!(
             out.status.success() && said.is_empty(),
             "promtool check metrics: {:?}\n{said}\n{text}",
@@ -425,7 +442,10 @@ fn metrics_pass_promtool_and_time_downloads_to_the_last_byte() {
         )
     };
     assert_eq!(
-        sample(&text, &format!("imgcache_request_duration_seconds_count{{{slow_series}}}")),
+        sample(
+            &text,
+            &format!("imgcache_request_duration_seconds_count{{{slow_series}}}")
+        ),
         Some(1.0),
         "{text}"
     );
@@ -439,17 +459,32 @@ fn metrics_pass_promtool_and_time_downloads_to_the_last_byte() {
         &format!("imgcache_request_duration_seconds_sum{{{slow_series}}}"),
     )
     .unwrap();
-    assert!(sum > 0.6 && sum <= took.as_secs_f64() + 0.05, "{sum} against {took:?}");
+    assert!(
+        sum > 0.6 && sum <= took.as_secs_f64() + 0.05,
+        "{sum} against {took:?}"
+    );
 
     // The counter by route, method and status: the miss and the hit share the route.
     for (series, n) in [
-        (r#"imgcache_requests_total{route="/v1/fetch",method="GET",status="200"}"#, 2.0),
-        (r#"imgcache_requests_total{route="other",method="GET",status="404"}"#, 1.0),
-        (r#"imgcache_requests_total{route="/v1/fetch/{*href}",method="GET",status="200"}"#, 1.0),
+        (
+            r#"imgcache_requests_total{route="/v1/fetch",method="GET",status="200"}"#,
+            2.0,
+        ),
+        (
+            r#"imgcache_requests_total{route="other",method="GET",status="404"}"#,
+            1.0,
+        ),
+        (
+            r#"imgcache_requests_total{route="/v1/fetch/{*href}",method="GET",status="200"}"#,
+            1.0,
+        ),
     ] {
         assert_eq!(sample(&text, series), Some(n), "{series}\n{text}");
     }
-    assert!(!text.contains("/no/such/thing"), "raw paths never become labels");
+    assert!(
+        !text.contains("/no/such/thing"),
+        "raw paths never become labels"
+    );
     // Process, build and configuration.
     for family in [
         "process_cpu_seconds_total",
@@ -460,7 +495,10 @@ fn metrics_pass_promtool_and_time_downloads_to_the_last_byte() {
         "process_start_time_seconds",
     ] {
         let v = sample(&text, family).unwrap_or_else(|| panic!("no {family}:\n{text}"));
-        assert!(v > 0.0 || family == "process_cpu_seconds_total", "{family} {v}");
+        assert!(
+            v > 0.0 || family == "process_cpu_seconds_total",
+            "{family} {v}"
+        );
     }
     assert_eq!(
         sample(
@@ -472,7 +510,10 @@ fn metrics_pass_promtool_and_time_downloads_to_the_last_byte() {
         ),
         Some(1.0)
     );
-    assert_eq!(sample(&text, "imgcache_cache_max_bytes"), Some(64.0 * 1048576.0));
+    assert_eq!(
+        sample(&text, "imgcache_cache_max_bytes"),
+        Some(64.0 * 1048576.0)
+    );
     assert_eq!(sample(&text, "imgcache_prefetch_queue_length"), Some(0.0));
     assert_eq!(sample(&text, "imgcache_cache_hits_total"), Some(1.0));
     assert_eq!(sample(&text, "imgcache_cache_misses_total"), Some(2.0));
@@ -537,7 +578,11 @@ fn the_access_log_has_one_line_per_request() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON log lines"))
         .filter(|v| v["target"] == "imgcache::access")
         .collect();
-    assert_eq!(access.len(), asked.len(), "one line per request: {lines:#?}");
+    assert_eq!(
+        access.len(),
+        asked.len(),
+        "one line per request: {lines:#?}"
+    );
     for (p, status, outcome, bytes, from, id) in asked {
         let mine: Vec<&serde_json::Value> = access
             .iter()
@@ -566,7 +611,10 @@ fn the_access_log_has_one_line_per_request() {
     assert_eq!(request(&server.addr, "GET", &path, &[]).0, 200);
     assert_eq!(common::sigterm(server.child.id() as i32), 0);
     let lines = log.closed(Duration::from_secs(30));
-    assert!(lines.iter().any(|l| l.contains("shutting down")), "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("shutting down")),
+        "{lines:#?}"
+    );
     assert!(
         !lines.iter().any(|l| l.contains("imgcache::access")),
         "{lines:#?}"
@@ -616,7 +664,10 @@ fn alert_rules_and_dashboard_name_live_metrics() {
     let (_, _, text) = request(&server.addr, "GET", "/metrics", &[]);
     let text = String::from_utf8(text).unwrap();
     assert_eq!(
-        sample(&text, r#"imgcache_refused_images_total{reason="unsafe_image"}"#),
+        sample(
+            &text,
+            r#"imgcache_refused_images_total{reason="unsafe_image"}"#
+        ),
         Some(1.0),
         "{text}"
     );
@@ -664,7 +715,10 @@ fn alert_rules_and_dashboard_name_live_metrics() {
     assert!(exprs.len() >= 20, "the dashboard's queries: {exprs:?}");
     let from_alerts = names_in(&alerts);
     let from_dashboard: Vec<String> = exprs.iter().flat_map(|e| names_in(e)).collect();
-    for (what, names) in [("alerts.yml", &from_alerts), ("imgcache.json", &from_dashboard)] {
+    for (what, names) in [
+        ("alerts.yml", &from_alerts),
+        ("imgcache.json", &from_dashboard),
+    ] {
         assert!(names.len() >= 5, "{what} names {names:?}");
         for n in names {
             assert!(
@@ -681,6 +735,9 @@ fn alert_rules_and_dashboard_name_live_metrics() {
         "imgcache_origin_errors_total",
         "imgcache_cache_hits_total",
     ] {
-        assert!(from_alerts.iter().any(|n| n == needed), "alerts.yml lacks {needed}");
+        assert!(
+            from_alerts.iter().any(|n| n == needed),
+            "alerts.yml lacks {needed}"
+        );
     }
 }

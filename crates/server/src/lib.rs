@@ -213,7 +213,8 @@ where
     type Future = S::Future;
 
     fn call(&self, mut req: hyper::Request<B>) -> Self::Future {
-        req.extensions_mut().insert(observe::ClientAddr(self.client));
+        req.extensions_mut()
+            .insert(observe::ClientAddr(self.client));
         if let Some(handle) = &self.sendfile
             && req.version() <= hyper::Version::HTTP_11
         {

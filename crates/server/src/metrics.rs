@@ -24,8 +24,8 @@ use prometheus_client::registry::Registry;
 /// Upper bounds of the request latency buckets, in seconds: from a warm hit's headers
 /// (about a millisecond) to a multi-GiB image streamed for ten minutes.
 pub const LATENCY_BUCKETS: [f64; 17] = [
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-    300.0, 600.0,
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0,
 ];
 
 fn latency_histogram() -> Histogram {
@@ -442,7 +442,10 @@ mod tests {
         assert!(om.contains("\nimgcache_cache_hits_total 1\n"), "{om}");
         assert!(om.ends_with("# EOF\n"), "{om}");
         let text = m.render(Format::Text004);
-        assert!(text.contains("# TYPE imgcache_cache_hits_total counter\n"), "{text}");
+        assert!(
+            text.contains("# TYPE imgcache_cache_hits_total counter\n"),
+            "{text}"
+        );
         assert!(text.contains("\nimgcache_cache_hits_total 1\n"), "{text}");
         assert!(!text.contains("# EOF"), "{text}");
         assert!(text.contains("imgcache_build_info{version=\""), "{text}");

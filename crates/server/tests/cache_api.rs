@@ -828,7 +828,11 @@ async fn readyz_names_an_unreachable_upstream() {
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["status"], "not_ready", "{body}");
-    assert_eq!(body["failed"], serde_json::json!(["upstream_glance"]), "{body}");
+    assert_eq!(
+        body["failed"],
+        serde_json::json!(["upstream_glance"]),
+        "{body}"
+    );
     let up = &body["checks"]["upstream_glance"];
     assert_eq!(up["ok"], false, "{body}");
     let error = up["error"].as_str().unwrap();

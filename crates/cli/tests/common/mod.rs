@@ -6,8 +6,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Serves `body` at any path, counting requests.
 pub fn origin(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
@@ -129,7 +129,10 @@ fn start(
 /// The lines a process wrote to stderr, as they come (read by a thread of their own, so the
 /// pipe never fills), and whether it closed.
 #[derive(Clone, Default)]
-pub struct Log(Arc<(Mutex<(Vec<String>, bool)>, Condvar)>);
+pub struct Log(Arc<(Mutex<Lines>, Condvar)>);
+
+/// The lines so far, and whether the stream closed.
+type Lines = (Vec<String>, bool);
 
 impl Log {
     fn drain(&self, stderr: impl std::io::Read + Send + 'static) {
