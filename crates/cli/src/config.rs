@@ -108,6 +108,7 @@ pub struct Layer {
     pub fleet_token: Option<String>,
     pub heartbeat_timeout: Option<Duration>,
     pub scrub_interval: Option<Duration>,
+    pub access_log: Option<bool>,
     /// `[caches.NAME]` tables (file only).
     pub caches: Option<BTreeMap<String, CacheTable>>,
 }
@@ -138,6 +139,7 @@ impl Layer {
             fleet_token: upper.fleet_token.or(self.fleet_token),
             heartbeat_timeout: upper.heartbeat_timeout.or(self.heartbeat_timeout),
             scrub_interval: upper.scrub_interval.or(self.scrub_interval),
+            access_log: upper.access_log.or(self.access_log),
             caches: upper.caches.or(self.caches),
         }
     }
@@ -169,6 +171,7 @@ impl Layer {
             fleet_token: Option<String>,
             heartbeat_timeout: Option<String>,
             scrub_interval: Option<String>,
+            access_log: Option<bool>,
             caches: Option<BTreeMap<String, CacheTable>>,
         }
         let f: File = toml::from_str(text).map_err(|e| anyhow!(one_line(&e.to_string())))?;
@@ -234,6 +237,7 @@ impl Layer {
                 .map(|s| parse_duration(&s))
                 .transpose()
                 .context("scrub_interval")?,
+            access_log: f.access_log,
             caches: f.caches,
         })
     }
@@ -287,6 +291,7 @@ impl Layer {
             fleet_token: string("fleet_token")?,
             heartbeat_timeout: env_value(get, "heartbeat_timeout", parse_duration)?,
             scrub_interval: env_value(get, "scrub_interval", parse_duration)?,
+            access_log: env_value(get, "access_log", parse_bool)?,
             caches: None,
         })
     }
@@ -343,6 +348,8 @@ pub struct Settings {
     pub heartbeat_timeout: Duration,
     /// `imgcache serve`: how often the background verify (scrub) pass runs; `None`: never.
     pub scrub_interval: Option<Duration>,
+    /// `imgcache serve`: one access-log line per request.
+    pub access_log: bool,
     /// Named provisioning caches, highest priority first.
     pub caches: Vec<NamedCache>,
 }
@@ -435,6 +442,9 @@ impl Settings {
                 .heartbeat_timeout
                 .unwrap_or_else(|| default_of("heartbeat_timeout", parse_duration)),
             scrub_interval: l.scrub_interval.filter(|d| !d.is_zero()),
+            access_log: l
+                .access_log
+                .unwrap_or_else(|| default_of("access_log", parse_bool)),
             caches: resolve_caches(l.caches.unwrap_or_default())?,
         })
     }
@@ -911,6 +921,7 @@ mod tests {
                 fleet_token: None,
                 heartbeat_timeout: Duration::from_secs(60),
                 scrub_interval: None,
+                access_log: true,
                 caches: vec![],
             }
         );

@@ -67,7 +67,7 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Logs go to stderr, filtered by `IMGCACHE_LOG` (tracing's env-filter syntax), warnings by
 /// default. The store's per-file warnings during `clean` are left out by default: `clean`
-/// reports those files itself. `serve` logs at info by default, with timestamps, as text or
+/// reports those files itself (and likewise the admission's refusals: the error line says it). `serve` logs at info by default, with timestamps, as text or
 /// (`--log-format json`) one JSON object per line.
 fn init_tracing(cli: &Cli) {
     use std::io::IsTerminal;
@@ -87,8 +87,11 @@ fn init_tracing(cli: &Cli) {
         };
         return;
     }
-    let filter = EnvFilter::try_from_env("IMGCACHE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("warn,imgcache_store::policy=error"));
+    // The admission's "download refused/failed" warnings are left out too: the command's
+    // own error line says the same.
+    let filter = EnvFilter::try_from_env("IMGCACHE_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("warn,imgcache_store::policy=error,imgcache_fetch::admit=error")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)

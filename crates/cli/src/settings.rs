@@ -259,6 +259,16 @@ pub const SETTINGS: &[SettingDef] = &[
         doc: "How often serve re-hashes every cached image against its recorded checksum, at \
               low priority (a mismatch goes to invalid/); off unless set",
     },
+    SettingDef {
+        name: "access log (`serve`)",
+        toml: "access_log",
+        env: &["IMGCACHE_ACCESS_LOG"],
+        flag: None,
+        default: "`true`",
+        list: None,
+        doc: "One log line per request (target imgcache::access, at info level), text or JSON \
+              as --log-format says; false turns it off",
+    },
 ];
 
 const fn str_eq(a: &str, b: &str) -> bool {

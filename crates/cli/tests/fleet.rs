@@ -270,8 +270,27 @@ fn the_database_going_away_stops_no_hit_and_no_miss() {
     let h1 = format!("{}/images/one.img", origin.url);
     let h2 = format!("{}/images/two.img", origin.url);
     assert_eq!(get(&fetch_url(&a, &h1), &[]).0, 200);
+    let ready = |n: &Node| {
+        let (status, body, _) = get(&format!("{}/readyz", n.url), &[]);
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        (status, body)
+    };
+    let (status, body) = ready(&a);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["checks"]["fleet_db"]["ok"], true, "{body}");
 
     pg.stop_immediate().unwrap();
+    // Not ready, and says it is the fleet database (liveness stays).
+    let (status, body) = ready(&a);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["failed"], serde_json::json!(["fleet_db"]), "{body}");
+    assert!(
+        body["checks"]["fleet_db"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("fleet database")),
+        "{body}"
+    );
+    assert_eq!(get(&format!("{}/healthz", a.url), &[]).0, 200);
     // A hit: served at the usual latency (the index is never on a hit's path).
     let mut worst = Duration::ZERO;
     for _ in 0..5 {
@@ -291,4 +310,5 @@ fn the_database_going_away_stops_no_hit_and_no_miss() {
         holders(&a, &key_of(&h2)) == [b.url.clone()]
     });
     eprintln!("fleet: index caught up {caught_up:?} after the database returned");
+    assert_eq!(ready(&b).0, 200, "ready again with the database back");
 }

@@ -19,7 +19,22 @@ fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
+    request_on(
+        TcpStream::connect(addr).unwrap(),
+        addr,
+        method,
+        path,
+        headers,
+    )
+}
+
+fn request_on(
+    mut s: TcpStream,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Vec<u8>) {
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -278,4 +293,451 @@ fn logs_to_a_pipe_have_no_colour_codes() {
     child.wait().unwrap();
     assert!(err.contains("startup check"), "{err}");
     assert!(!err.contains('\u{1b}'), "ANSI codes in piped logs: {err:?}");
+}
+
+/// `request`, also telling the client address the request went from.
+fn request_from(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Vec<u8>, std::net::SocketAddr) {
+    let s = TcpStream::connect(addr).unwrap();
+    let local = s.local_addr().unwrap();
+    let (status, head, body) = request_on(s, addr, method, path, headers);
+    (status, head, body, local)
+}
+
+/// A response header's value (the first of that name).
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// promtool from Debian's `prometheus` package: required in CI (`CI=true`), else a test may
+/// skip what needs it, saying so.
+fn promtool() -> Option<&'static str> {
+    let found = Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some("promtool");
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "promtool is missing in CI: .ci/run installs it (Debian's prometheus package)"
+    );
+    eprintln!(
+        "SKIPPED the promtool checks: promtool is not installed (apt-get install prometheus)"
+    );
+    None
+}
+
+/// The value of the sample `name{labels}` (labels exactly as rendered, in order).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// `/metrics` as `curl` gets it, in the classic text format, passes `promtool check metrics`
+/// without a word, after a miss, a hit, a 404 and a slow download; the slow download's
+/// latency is its whole transfer (the last byte), labelled by the route template.
+#[test]
+fn metrics_pass_promtool_and_time_downloads_to_the_last_byte() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let (fast, _) = origin(body.clone());
+    // 12 pieces 60 ms apart: at least 0.66 s from the first byte to the last.
+    let slow_body: Vec<u8> = (0..(96u32 << 10)).map(|i| (i % 241) as u8).collect();
+    let (slow, _) = origin_paced(slow_body.clone(), 8 << 10, Duration::from_millis(60));
+    let (server, log) = common::serve_logged(
+        &dir.path().join("cache"),
+        "http",
+        &[
+            "--allow-href-prefix",
+            &fast,
+            "--allow-href-prefix",
+            &slow,
+            "--max-size",
+            "64M",
+        ],
+        &[],
+    );
+    let addr = server.addr.clone();
+    let path = format!("/v1/fetch?href={fast}/a.img");
+    for _ in 0..2 {
+        let (status, head, got) = request(&addr, "GET", &path, &[]);
+        assert_eq!(status, 200, "{head}");
+        assert!(got == body);
+    }
+    assert_eq!(request(&addr, "GET", "/no/such/thing", &[]).0, 404);
+    // Path-style, so that its route is a series of its own.
+    let slow_path = format!(
+        "/v1/fetch/http/{}/slow.img",
+        slow.trim_start_matches("http://")
+    );
+    let t0 = Instant::now();
+    let (status, head, got) = request(&addr, "GET", &slow_path, &[]);
+    let took = t0.elapsed();
+    assert_eq!(status, 200, "{head}");
+    assert!(got == slow_body);
+    assert!(
+        took > Duration::from_millis(600),
+        "the origin is throttled: {took:?}"
+    );
+    // Observed when its body ended: the access-log line is written right after.
+    let line = log.wait_for("the slow download", Duration::from_secs(10), |l| {
+        l.contains("imgcache::access") && l.contains("/slow.img")
+    });
+    assert!(line.contains("outcome=miss"), "{line}");
+
+    let (status, head, text) = request(&addr, "GET", "/metrics", &[("Accept", "*/*")]);
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&head, "content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = String::from_utf8(text).unwrap();
+    assert!(!text.contains("# EOF"), "no OpenMetrics in 0.0.4");
+    if let Some(promtool) = promtool() {
+        let mut child = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!(
+            "promtool check metrics: rc {:?}, output {said:?}",
+            out.status.code()
+        );
+        assert!(
+            out.status.success() && said.is_empty(),
+            "promtool check metrics: {:?}\n{said}\n{text}",
+            out.status.code()
+        );
+    }
+
+    let slow_series = r#"route="/v1/fetch/{*href}",method="GET",status="200""#;
+    let bucket = |le: &str| {
+        sample(
+            &text,
+            &format!("imgcache_request_duration_seconds_bucket{{{slow_series},le=\"{le}\"}}"),
+        )
+    };
+    assert_eq!(
+        sample(
+            &text,
+            &format!("imgcache_request_duration_seconds_count{{{slow_series}}}")
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // In no bucket up to 0.5 s (its head came at once, its last byte after 0.66 s).
+    assert_eq!(bucket("0.25"), Some(0.0), "{text}");
+    assert_eq!(bucket("0.5"), Some(0.0), "{text}");
+    assert_eq!(bucket("600"), Some(1.0), "{text}");
+    assert_eq!(bucket("+Inf"), Some(1.0), "{text}");
+    let sum = sample(
+        &text,
+        &format!("imgcache_request_duration_seconds_sum{{{slow_series}}}"),
+    )
+    .unwrap();
+    assert!(
+        sum > 0.6 && sum <= took.as_secs_f64() + 0.05,
+        "{sum} against {took:?}"
+    );
+
+    // The counter by route, method and status: the miss and the hit share the route.
+    for (series, n) in [
+        (
+            r#"imgcache_requests_total{route="/v1/fetch",method="GET",status="200"}"#,
+            2.0,
+        ),
+        (
+            r#"imgcache_requests_total{route="other",method="GET",status="404"}"#,
+            1.0,
+        ),
+        (
+            r#"imgcache_requests_total{route="/v1/fetch/{*href}",method="GET",status="200"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&text, series), Some(n), "{series}\n{text}");
+    }
+    assert!(
+        !text.contains("/no/such/thing"),
+        "raw paths never become labels"
+    );
+    // Process, build and configuration.
+    for family in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        let v = sample(&text, family).unwrap_or_else(|| panic!("no {family}:\n{text}"));
+        assert!(
+            v > 0.0 || family == "process_cpu_seconds_total",
+            "{family} {v}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                "imgcache_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "imgcache_cache_max_bytes"),
+        Some(64.0 * 1048576.0)
+    );
+    assert_eq!(sample(&text, "imgcache_prefetch_queue_length"), Some(0.0));
+    assert_eq!(sample(&text, "imgcache_cache_hits_total"), Some(1.0));
+    assert_eq!(sample(&text, "imgcache_cache_misses_total"), Some(2.0));
+
+    // A Prometheus scrape asks for OpenMetrics first, and gets it.
+    let (_, head, om) = request(
+        &addr,
+        "GET",
+        "/metrics",
+        &[(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+             version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        )],
+    );
+    assert_eq!(
+        header(&head, "content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let om = String::from_utf8(om).unwrap();
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE imgcache_cache_hits counter\n"), "{om}");
+    assert!(om.contains("# TYPE imgcache_build info\n"), "{om}");
+}
+
+/// One access-log line per request, in JSON with `--log-format json`: what was asked, the
+/// answer, its bytes and time, what it was for the cache, who asked, and the request id the
+/// client got.
+#[test]
+fn the_access_log_has_one_line_per_request() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let (base, _) = origin(body.clone());
+    let (server, log) = common::serve_logged(
+        &dir.path().join("cache"),
+        "http",
+        &["--allow-href-prefix", &base, "--log-format", "json"],
+        &[],
+    );
+    let path = format!("/v1/fetch?href={base}/a.img");
+    let mut asked = Vec::new();
+    for (want_status, want_outcome, p) in [
+        (200, "miss", path.as_str()),
+        (200, "hit", path.as_str()),
+        (404, "none", "/nothing/here"),
+        (200, "none", "/healthz"),
+    ] {
+        let (status, head, got, from) = request_from(&server.addr, "GET", p, &[]);
+        assert_eq!(status, want_status, "{p}: {head}");
+        let id = header(&head, "x-openstack-request-id").unwrap().to_string();
+        asked.push((p.to_string(), status, want_outcome, got.len(), from, id));
+    }
+    let (status, head, _, from) = request_from(&server.addr, "HEAD", &path, &[]);
+    assert_eq!(status, 200);
+    let id = header(&head, "x-openstack-request-id").unwrap().to_string();
+    asked.push((path.clone(), 200, "hit", 0, from, id));
+
+    assert_eq!(common::sigterm(server.child.id() as i32), 0);
+    let lines = log.closed(Duration::from_secs(30));
+    let access: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON log lines"))
+        .filter(|v| v["target"] == "imgcache::access")
+        .collect();
+    assert_eq!(
+        access.len(),
+        asked.len(),
+        "one line per request: {lines:#?}"
+    );
+    for (p, status, outcome, bytes, from, id) in asked {
+        let mine: Vec<&serde_json::Value> = access
+            .iter()
+            .filter(|v| v["fields"]["request_id"] == id.as_str())
+            .collect();
+        assert_eq!(mine.len(), 1, "request {id}: {access:#?}");
+        let f = &mine[0]["fields"];
+        assert_eq!(f["path"], p.as_str(), "{f}");
+        assert_eq!(f["status"], status, "{f}");
+        assert_eq!(f["outcome"], outcome, "{f}");
+        assert_eq!(f["bytes"], bytes as u64, "{f}");
+        assert_eq!(f["client"], from.to_string(), "{f}");
+        assert_eq!(f["complete"], true, "{f}");
+        assert!(f["duration_s"].as_f64().unwrap() >= 0.0, "{f}");
+        assert!(f["method"] == "GET" || f["method"] == "HEAD", "{f}");
+        assert_eq!(mine[0]["level"], "INFO");
+    }
+
+    // access_log = false: the same server says nothing per request.
+    let (server, log) = common::serve_logged(
+        &dir.path().join("cache"),
+        "http",
+        &["--allow-href-prefix", &base],
+        &[("IMGCACHE_ACCESS_LOG", "false")],
+    );
+    assert_eq!(request(&server.addr, "GET", &path, &[]).0, 200);
+    assert_eq!(common::sigterm(server.child.id() as i32), 0);
+    let lines = log.closed(Duration::from_secs(30));
+    assert!(
+        lines.iter().any(|l| l.contains("shutting down")),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("imgcache::access")),
+        "{lines:#?}"
+    );
+}
+
+/// The shipped alert rules load in Prometheus (`promtool check rules`), and every metric the
+/// rules and the Grafana dashboard name is one a live server exposes.
+#[test]
+fn alert_rules_and_dashboard_name_live_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let alerts_path = root.join("packaging/prometheus/alerts.yml");
+    let dashboard_path = root.join("packaging/grafana/imgcache.json");
+    if let Some(promtool) = promtool() {
+        let out = Command::new(promtool)
+            .args(["check", "rules"])
+            .arg(&alerts_path)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        eprintln!("promtool check rules: rc {:?}\n{said}", out.status.code());
+        assert!(out.status.success(), "{said}");
+        assert!(said.contains("SUCCESS"), "{said}");
+    }
+
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let unsafe_image = imgcache_testkit::bad_images::qcow2_backing_file(&images);
+    let server = serve(
+        &dir.path().join("cache"),
+        "http",
+        &[
+            "--allow-file-dir",
+            images.to_str().unwrap(),
+            "--allow-href-prefix",
+            &format!("file://{}/", images.display()),
+        ],
+    );
+    // Families with labels have samples once something happened: a request, a refusal.
+    assert_eq!(request(&server.addr, "GET", "/healthz", &[]).0, 200);
+    let refused = format!("/v1/fetch?href=file://{}", unsafe_image.display());
+    // Streamed as it downloads, then cut when the inspection refuses it.
+    let (_, _, got) = request(&server.addr, "GET", &refused, &[]);
+    assert!(got.len() < std::fs::metadata(&unsafe_image).unwrap().len() as usize);
+    let (_, _, text) = request(&server.addr, "GET", "/metrics", &[]);
+    let text = String::from_utf8(text).unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            r#"imgcache_refused_images_total{reason="unsafe_image"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // Every sample name the families give (histograms: _bucket, _sum, _count).
+    let mut exposed = std::collections::BTreeSet::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    exposed.insert(format!("{name}{suffix}"));
+                }
+            } else {
+                exposed.insert(name.to_string());
+            }
+        }
+    }
+    let names_in = |s: &str| -> Vec<String> {
+        s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .filter(|t| t.starts_with("imgcache_") || t.starts_with("process_"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let alerts = std::fs::read_to_string(&alerts_path).unwrap();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&dashboard_path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match v {
+                        serde_json::Value::String(s) if k == "expr" || k == "definition" => {
+                            out.push(s.clone())
+                        }
+                        _ => collect(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| collect(v, out)),
+            _ => {}
+        }
+    }
+    collect(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 20, "the dashboard's queries: {exprs:?}");
+    let from_alerts = names_in(&alerts);
+    let from_dashboard: Vec<String> = exprs.iter().flat_map(|e| names_in(e)).collect();
+    for (what, names) in [
+        ("alerts.yml", &from_alerts),
+        ("imgcache.json", &from_dashboard),
+    ] {
+        assert!(names.len() >= 5, "{what} names {names:?}");
+        for n in names {
+            assert!(
+                exposed.contains(n),
+                "{what} uses {n}, which /metrics does not expose:\n{text}"
+            );
+        }
+    }
+    // What the issue asks the alerts to watch.
+    for needed in [
+        "imgcache_cache_size_bytes",
+        "imgcache_cache_max_bytes",
+        "imgcache_checksum_failures_total",
+        "imgcache_origin_errors_total",
+        "imgcache_cache_hits_total",
+    ] {
+        assert!(
+            from_alerts.iter().any(|n| n == needed),
+            "alerts.yml lacks {needed}"
+        );
+    }
 }

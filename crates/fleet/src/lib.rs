@@ -182,6 +182,16 @@ impl Fleet {
         self.cfg.heartbeat_timeout.as_secs_f64()
     }
 
+    /// One round trip to the database (`SELECT 1`) within `call_timeout`: is the index
+    /// reachable now?
+    pub async fn ping(&self) -> Result<()> {
+        self.call(|c| async move {
+            c.query_one("SELECT 1", &[]).await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Registers this node (or takes over its URL from a dead instance). The URL's holdings
     /// are dropped: the node announces what it holds after joining.
     pub async fn join(&self) -> Result<()> {

@@ -46,6 +46,8 @@ pub struct ServerConfig {
     /// Fleet mode: the shared index, this node's URL and the peers' token. `None`: a single
     /// node, nothing changes.
     pub fleet: Option<crate::fleet_node::FleetSettings>,
+    /// One access-log line per request (tracing target `imgcache::access`, info level).
+    pub access_log: bool,
 }
 
 impl ServerConfig {
@@ -70,6 +72,7 @@ impl ServerConfig {
             tls_key: None,
             permitted_formats: imgcache_fetch::formats::Format::ALL.to_vec(),
             fleet: None,
+            access_log: true,
         }
     }
 }

@@ -51,6 +51,23 @@ pub struct Beside {
     /// What the record will say of the image (set before the first byte): the responses of
     /// its followers take their validators from it, as a hit's come from the record.
     meta: OnceLock<ImageMeta>,
+    /// Fleet mode: the bytes come from another node, not the origin (set before the first
+    /// byte).
+    from_peer: AtomicBool,
+}
+
+/// Whether a fill's bytes come from another node of the fleet.
+pub fn from_peer(fill: &Fill) -> bool {
+    fill.extra().from_peer.load(Ordering::Acquire)
+}
+
+/// How a request came to a fill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Joined {
+    /// Its download started for this request.
+    Started,
+    /// It follows a download already running (this server's or another process's).
+    Followed,
 }
 
 /// What a fill's record will say of its image, once it streams (`None` while it follows
@@ -109,18 +126,18 @@ impl Fills {
         state: &AppState,
         key: &Key,
         origin: Origin,
-    ) -> Result<Arc<Fill>, ApiError> {
+    ) -> Result<(Arc<Fill>, Joined), ApiError> {
         if *self.cancel.borrow() {
             return Err(shutting_down());
         }
         let lead = match self.locks.acquire(key)? {
-            Acquired::Follow(f) => return Ok(f.into_flight()),
+            Acquired::Follow(f) => return Ok((f.into_flight(), Joined::Followed)),
             Acquired::Write(p) => Lead::Write(p),
             Acquired::Elsewhere(e) => Lead::Elsewhere(e),
         };
-        let fill = match &lead {
-            Lead::Write(p) => p.flight().clone(),
-            Lead::Elsewhere(e) => e.flight().clone(),
+        let (fill, joined) = match &lead {
+            Lead::Write(p) => (p.flight().clone(), Joined::Started),
+            Lead::Elsewhere(e) => (e.flight().clone(), Joined::Followed),
         };
         let st = state.clone();
         let mut tasks = self.tasks.lock().expect("poisoned");
@@ -138,7 +155,7 @@ impl Fills {
             };
             permit.finish(outcome);
         });
-        Ok(fill)
+        Ok((fill, joined))
     }
 
     /// The running fill of `key`, if any.
@@ -283,6 +300,11 @@ async fn run(
             node,
         } => {
             state.metrics.peer_fills.inc();
+            permit
+                .flight()
+                .extra()
+                .from_peer
+                .store(true, Ordering::Release);
             (*response, Some(checksum), Some(node), None)
         }
         Source::Origin(lease) => {
@@ -291,7 +313,10 @@ async fn run(
                 .fetcher
                 .request(&origin.href, held.as_ref(), origin.glance_token.clone())
                 .await
-                .map_err(origin_error)?;
+                .map_err(|e| {
+                    state.metrics.count_origin_error(&e);
+                    origin_error(e)
+                })?;
             (response, None, None, lease)
         }
     };
@@ -397,6 +422,9 @@ async fn run(
                 tracing::warn!(key = %permit.key(), error = %e, "verified download served but not cached: publishing failed");
             }
             state.metrics.count_refusal(&e);
+            if peer.is_none() {
+                state.metrics.count_origin_error(&e);
+            }
             if let Some(fleet) = &state.fleet {
                 // Nothing here to follow any more; a peer that sent a bad image is skipped
                 // for a while (the next miss tries another holder or the origin).

@@ -30,7 +30,8 @@ use uuid::Uuid;
 
 use crate::conditional::{self, Precondition};
 use crate::error::ApiError;
-use crate::fill::{Fill, Origin, origin_error, outcome_error, take_passthrough, watched};
+use crate::fill::{Fill, Joined, Origin, origin_error, outcome_error, take_passthrough, watched};
+use crate::observe::{CacheOutcome, tagged};
 use crate::range::{self, Plan};
 use crate::representation::{Md5Style, Representation};
 use crate::sendfile::Sendfile;
@@ -211,7 +212,8 @@ async fn fetch_href(
 }
 
 /// A hit, else the key's download. `zero_copy`: the connection can send a hit with
-/// `sendfile` (plain-TCP HTTP/1).
+/// `sendfile` (plain-TCP HTTP/1). The answer says what it was for the cache
+/// ([`CacheOutcome`], for the access log).
 async fn serve(
     state: &AppState,
     key: Key,
@@ -221,14 +223,14 @@ async fn serve(
     headers: &HeaderMap,
 ) -> Response {
     match hit(state, &key, &origin, head, zero_copy.clone(), headers).await {
-        Ok(Some(resp)) => return resp,
+        Ok(Some(resp)) => return tagged(resp, CacheOutcome::Hit),
         Ok(None) => {}
         Err(e) => return e.into_response(),
     }
     if head {
         return head_of_miss(state, &key, &origin, headers).await;
     }
-    let fill = match state.fills.join_or_start(state, &key, origin.clone()) {
+    let (fill, joined) = match state.fills.join_or_start(state, &key, origin.clone()) {
         Ok(f) => f,
         Err(e) => return e.into_response(),
     };
@@ -237,7 +239,7 @@ async fn serve(
     // needs nothing of the origin. It is a hit once the flight is done (as it was when the
     // image was published before clients got their last byte).
     if matches!(*rx.borrow_and_update(), Phase::Verified { .. }) {
-        return match fill.ended().await {
+        let resp = match fill.ended().await {
             Outcome::Done(done) => {
                 state.metrics.hits.inc();
                 let (cache, k, file) = (state.cache.clone(), key.clone(), done.file().clone());
@@ -266,6 +268,7 @@ async fn serve(
             }
             other => outcome_error(&other).into_response(),
         };
+        return tagged(resp, CacheOutcome::Hit);
     }
     // A miss, whatever happens next: this request needed the origin (even if the fill it
     // joined is published by the time it is served, which is then not counted as a hit too).
@@ -274,7 +277,13 @@ async fn serve(
         Ok(p) => p.clone(),
         Err(_) => return ApiError::internal("download vanished").into_response(),
     };
-    match phase {
+    // Known once the download streams (its source is chosen before its first byte).
+    let outcome = match joined {
+        Joined::Started if crate::fill::from_peer(&fill) => CacheOutcome::Peer,
+        Joined::Started => CacheOutcome::Miss,
+        Joined::Followed => CacheOutcome::Follow,
+    };
+    let resp = match phase {
         // The bytes flow into a file readers follow (set before the first `Streaming`).
         Phase::Streaming { .. } | Phase::Verified { .. } => {
             follow(state, &fill, md5_style(&origin), rx, zero_copy, headers)
@@ -291,11 +300,13 @@ async fn serve(
             send_published(state, &key, &origin, &record, file, zero_copy, headers)
         }
         Phase::Ended(Outcome::Passthrough) => {
-            passthrough(state, &origin, take_passthrough(&fill)).await
+            let resp = passthrough(state, &origin, take_passthrough(&fill)).await;
+            return tagged(resp, CacheOutcome::Passthrough);
         }
         Phase::Ended(other) => outcome_error(&other).into_response(),
         Phase::Starting => unreachable!("waited for a later phase"),
-    }
+    };
+    tagged(resp, outcome)
 }
 
 /// Streams the fill's growing file, each byte once it is written (the last once verified).
@@ -350,12 +361,14 @@ async fn head_of_miss(
         {
             let (cache, k) = (state.cache.clone(), key.clone());
             if let Ok(Some(rec)) = off_thread(move || cache.get_record(&k)).await {
-                return respond(&hit_meta(&rec, origin), headers, true, |_, _| Body::empty());
+                let resp = respond(&hit_meta(&rec, origin), headers, true, |_, _| Body::empty());
+                return tagged(resp, CacheOutcome::Hit);
             }
         }
         if let Some(info) = fill.info() {
             let meta = fill_representation(&fill, info.size, md5_style(origin));
-            return respond(&meta, headers, true, |_, _| Body::empty());
+            let resp = respond(&meta, headers, true, |_, _| Body::empty());
+            return tagged(resp, CacheOutcome::Follow);
         }
     }
     state.metrics.origin_requests.inc();
@@ -365,14 +378,20 @@ async fn head_of_miss(
         .await
     {
         Ok(m) => m,
-        Err(e) => return origin_error(e).into_response(),
+        Err(e) => {
+            state.metrics.count_origin_error(&e);
+            return tagged(origin_error(e).into_response(), CacheOutcome::Miss);
+        }
     };
     let meta = Representation::of(
         meta.size,
         &ImageMeta::from_origin(&origin.href_raw, &meta),
         md5_style(origin),
     );
-    respond(&meta, headers, true, |_, _| Body::empty())
+    tagged(
+        respond(&meta, headers, true, |_, _| Body::empty()),
+        CacheOutcome::Miss,
+    )
 }
 
 /// Serves a published image, or `None` when it is not cached. With `zero_copy`, the body goes
@@ -505,7 +524,10 @@ async fn passthrough(
                     return ApiError::new(StatusCode::BAD_GATEWAY, "unexpected origin answer")
                         .into_response();
                 }
-                Err(e) => return origin_error(e).into_response(),
+                Err(e) => {
+                    state.metrics.count_origin_error(&e);
+                    return origin_error(e).into_response();
+                }
             }
         }
     };

@@ -12,8 +12,10 @@ pub mod fleet_node;
 pub mod health;
 pub mod images;
 pub mod metrics;
+pub mod observe;
 pub mod peer;
 pub mod peer_fill;
+pub mod process;
 pub mod proxy;
 pub mod public_url;
 pub mod range;
@@ -136,9 +138,10 @@ pub async fn run_on(
                         None => {
                             // Plain TCP: hits on HTTP/1 go out with sendfile.
                             let io = sendfile::SendfileStream::new(tcp);
-                            let service = WithSendfile {
+                            let service = PerConnection {
                                 inner: service,
-                                handle: io.handle(),
+                                client: peer,
+                                sendfile: Some(io.handle()),
                             };
                             let conn = builder.serve_connection(TokioIo::new(io), service);
                             watcher.watch(conn.into_owned()).await
@@ -159,6 +162,11 @@ pub async fn run_on(
                                     tracing::debug!(%peer, "TLS handshake timed out");
                                     return;
                                 }
+                            };
+                            let service = PerConnection {
+                                inner: service,
+                                client: peer,
+                                sendfile: None,
                             };
                             let conn = builder.serve_connection(TokioIo::new(stream), service);
                             watcher.watch(conn.into_owned()).await
@@ -186,15 +194,17 @@ pub async fn run_on(
     Ok(())
 }
 
-/// Puts the connection's [`sendfile::Sendfile`] handle into the extensions of its HTTP/1
-/// requests (never HTTP/2: its frames must carry real bytes).
+/// Puts what a connection knows into the extensions of its requests: the client's address
+/// ([`observe::ClientAddr`]), and on plain TCP the [`sendfile::Sendfile`] handle, for HTTP/1
+/// requests only (never HTTP/2: its frames must carry real bytes).
 #[derive(Clone)]
-struct WithSendfile<S> {
+struct PerConnection<S> {
     inner: S,
-    handle: sendfile::Sendfile,
+    client: SocketAddr,
+    sendfile: Option<sendfile::Sendfile>,
 }
 
-impl<S, B> hyper::service::Service<hyper::Request<B>> for WithSendfile<S>
+impl<S, B> hyper::service::Service<hyper::Request<B>> for PerConnection<S>
 where
     S: hyper::service::Service<hyper::Request<B>>,
 {
@@ -203,8 +213,12 @@ where
     type Future = S::Future;
 
     fn call(&self, mut req: hyper::Request<B>) -> Self::Future {
-        if req.version() <= hyper::Version::HTTP_11 {
-            req.extensions_mut().insert(self.handle.clone());
+        req.extensions_mut()
+            .insert(observe::ClientAddr(self.client));
+        if let Some(handle) = &self.sendfile
+            && req.version() <= hyper::Version::HTTP_11
+        {
+            req.extensions_mut().insert(handle.clone());
         }
         self.inner.call(req)
     }

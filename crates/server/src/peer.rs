@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use imgcache_store::{Key, Phase};
 
 use crate::error::ApiError;
+use crate::observe::{CacheOutcome, tagged};
 use crate::representation::Md5Style;
 use crate::state::AppState;
 use imgcache_store::off_thread;
@@ -68,10 +69,11 @@ async fn peer_image(
     {
         let checksum = info.checksum.as_ref().map(ToString::to_string);
         let rx = fill.subscribe();
-        with_checksum(
+        let resp = with_checksum(
             crate::images::follow(&state, &fill, Md5Style::Base64, rx, None, &HeaderMap::new()),
             checksum,
-        )
+        );
+        tagged(resp, CacheOutcome::Follow)
     } else {
         let (cache, k) = (state.cache.clone(), key.clone());
         match off_thread(move || cache.open_for_read_uncounted(&k)).await {
@@ -79,10 +81,11 @@ async fn peer_image(
                 let rec = reader.record().clone();
                 let meta = crate::images::record_representation(&rec, Md5Style::Base64);
                 let file = std::sync::Arc::new(reader.into_file());
-                with_checksum(
+                let resp = with_checksum(
                     crate::images::file_response(&state, &meta, file, None, &HeaderMap::new()),
                     rec.checksum.as_ref().map(ToString::to_string),
-                )
+                );
+                tagged(resp, CacheOutcome::Hit)
             }
             Ok(None) => {
                 return ApiError::not_found(format!("{key} is not held here")).into_response();

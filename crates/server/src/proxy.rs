@@ -53,7 +53,8 @@ pub async fn fallback(State(state): State<AppState>, req: Request) -> Response {
     if !req.uri().path().starts_with("/v2/") {
         return ApiError::not_found("no such resource").into_response();
     }
-    relay(&state, req).await
+    let resp = relay(&state, req).await;
+    crate::observe::tagged(resp, crate::observe::CacheOutcome::Proxy)
 }
 
 /// Relays one request to the upstream Glance and its answer back.

@@ -62,7 +62,7 @@ impl Revalidations {
             // A fill like a miss's (the same key lock and admission pipeline), asking with
             // the copy's validators.
             let fill = match st.fills.join_or_start(&st, &key, origin.clone()) {
-                Ok(f) => f,
+                Ok((f, _)) => f,
                 Err(e) => {
                     tracing::debug!(%key, error = %e.message, "revalidation not started");
                     return;

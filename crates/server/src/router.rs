@@ -1,6 +1,7 @@
 //! All routes. What imgcache does not answer under `/v2/` is relayed to the upstream Glance
 //! ([`crate::proxy`]); other unknown paths get a JSON 404; a known path of imgcache's own with
-//! the wrong method gets axum's 405 with an `Allow` header.
+//! the wrong method gets axum's 405 with an `Allow` header. Every answer goes through
+//! [`crate::observe`] (metrics and the access log).
 
 use axum::Router;
 
@@ -14,23 +15,26 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::health::routes())
         // The rest of Glance's v2 API goes upstream; anything else is a JSON 404.
         .fallback(crate::proxy::fallback)
+        .layer(axum::middleware::map_response(request_id))
+        // Outermost, so that it sees the answer as the client gets it (request id included).
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::metrics::track_latency,
+            crate::observe::observe,
         ))
-        .layer(axum::middleware::map_response(request_id))
         .with_state(state)
 }
 
 /// Glance's clients log `X-Openstack-Request-Id`: every answer carries one, the upstream's
 /// own on a relayed call, else a new `req-<uuid>` as Glance makes them.
 async fn request_id(mut resp: axum::response::Response) -> axum::response::Response {
-    const NAME: &str = "x-openstack-request-id";
-    if !resp.headers().contains_key(NAME) {
+    if !resp.headers().contains_key(REQUEST_ID) {
         let id = format!("req-{}", uuid::Uuid::new_v4());
         if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
-            resp.headers_mut().insert(NAME, v);
+            resp.headers_mut().insert(REQUEST_ID, v);
         }
     }
     resp
 }
+
+/// The request id header Glance and its clients use.
+pub const REQUEST_ID: &str = "x-openstack-request-id";

@@ -84,6 +84,10 @@ impl AppState {
             config.auth_cache_ttl,
         );
         let schemas = Arc::new(crate::schemas::Schemas::new(&config.cache_dir));
+        let metrics = Metrics::new();
+        metrics
+            .cache_max_bytes
+            .set(i64::try_from(config.max_size).unwrap_or(i64::MAX));
         Ok(AppState {
             fills: Arc::new(crate::fill::Fills::new(
                 cache.clone(),
@@ -91,7 +95,7 @@ impl AppState {
             )),
             config: Arc::new(config),
             cache,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(metrics),
             prefetch_wake: Arc::new(Notify::new()),
             prune_wake: Arc::new(Notify::new()),
             admin_auth: Arc::default(),

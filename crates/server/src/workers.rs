@@ -469,7 +469,7 @@ async fn prefetch_one(state: AppState, id: String) -> anyhow::Result<Prefetched>
         glance_token: None,
         revalidate: false,
     };
-    let fill = state
+    let (fill, _) = state
         .fills
         .join_or_start(&state, &key, origin)
         .map_err(|e| anyhow::anyhow!(e.message))?;

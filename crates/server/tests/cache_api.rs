@@ -711,16 +711,24 @@ async fn clean_endpoint_and_cleaner_worker_remove_invalid_files() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_and_metrics() {
+async fn healthz_readyz_and_metrics() {
     let srv = TestServer::start(None).await;
     let c = client();
     let r = c.get(srv.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["status"], "ok");
+    let r = c.get(srv.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "ready", "{body}");
     assert_eq!(body["driver"], "sqlite");
-    assert_eq!(body["cache_dir_writable"]["ok"], true);
-    assert_eq!(body["driver_ok"]["ok"], true);
+    assert_eq!(body["failed"], serde_json::json!([]));
+    assert_eq!(body["checks"]["cache_dir_writable"]["ok"], true);
+    assert_eq!(body["checks"]["driver"]["ok"], true);
+    // Neither an upstream nor a fleet is configured: nothing is checked of them.
+    assert!(body["checks"].get("upstream_glance").is_none(), "{body}");
+    assert!(body["checks"].get("fleet_db").is_none(), "{body}");
 
     seed(&srv.cache(), ID_A, &[0u8; 123]);
     // A few requests for the latency histogram.
@@ -735,37 +743,117 @@ async fn healthz_and_metrics() {
     );
     let text = r.text().await.unwrap();
     for needle in [
-        "# TYPE imgcache_cache_hits counter",
+        "# TYPE imgcache_cache_hits_total counter",
         "imgcache_cache_hits_total 0",
         "imgcache_cache_misses_total",
         "imgcache_served_from_cache_bytes_total",
         "imgcache_fetched_from_origin_bytes_total",
         "imgcache_origin_requests_total",
+        "imgcache_origin_errors_total 0",
         "imgcache_inflight_downloads 0",
         "imgcache_cache_size_bytes 123",
         "imgcache_evictions_total 0",
         "imgcache_checksum_failures_total 0",
         "# TYPE imgcache_request_duration_seconds histogram",
-        "imgcache_request_duration_seconds_bucket{le=\"+Inf\"}",
-        "# EOF",
+        "imgcache_request_duration_seconds_bucket{route=\"/v2/cache\",method=\"GET\",status=\"200\",le=\"+Inf\"}",
+        "imgcache_requests_total{route=\"/readyz\",method=\"GET\",status=\"200\"} 1",
+        "# TYPE process_resident_memory_bytes gauge",
     ] {
         assert!(text.contains(needle), "metrics lack {needle:?}:\n{text}");
     }
+    assert!(!text.contains("# EOF"), "OpenMetrics only when asked for");
     let count: u64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("imgcache_request_duration_seconds_count "))
+        .find_map(|l| {
+            l.strip_prefix(
+                "imgcache_request_duration_seconds_count{route=\"/v2/cache\",method=\"GET\",status=\"200\"} ",
+            )
+        })
         .expect("histogram count")
         .parse()
         .unwrap();
-    assert!(count >= 4, "request count {count}");
+    assert_eq!(count, 3, "the cache-state requests");
 
-    // The cache directory gone: unhealthy, and said so.
+    // OpenMetrics for a scraper that asks for it.
+    let r = c
+        .get(srv.url("/metrics"))
+        .header("accept", "application/openmetrics-text; version=1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let om = r.text().await.unwrap();
+    assert!(om.contains("# TYPE imgcache_cache_hits counter\n"), "{om}");
+    assert!(om.ends_with("# EOF\n"), "{om}");
+
+    // The cache directory gone: not ready, and said why; still alive.
     std::fs::remove_dir_all(srv.cache_dir()).unwrap();
-    let r = c.get(srv.url("/healthz")).send().await.unwrap();
+    let r = c.get(srv.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["status"], "error");
-    assert_eq!(body["cache_dir_writable"]["ok"], false);
-    assert!(body["cache_dir_writable"]["error"].as_str().is_some());
+    assert_eq!(body["status"], "not_ready");
+    assert_eq!(body["checks"]["cache_dir_writable"]["ok"], false);
+    assert!(
+        body["checks"]["cache_dir_writable"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&srv.cache_dir().display().to_string())),
+        "{body}"
+    );
+    assert!(
+        body["failed"]
+            .as_array()
+            .unwrap()
+            .contains(&"cache_dir_writable".into()),
+        "{body}"
+    );
+    let r = c.get(srv.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "liveness does not depend on the disk");
+    srv.stop().await;
+}
+
+/// `/readyz` asks the upstream Glance: down, it is 503 naming the upstream and why; up, 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_an_unreachable_upstream() {
+    // A port nothing listens on any more.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let srv = TestServer::start(Some(&dead)).await;
+    let c = client();
+    let r = c.get(srv.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "not_ready", "{body}");
+    assert_eq!(
+        body["failed"],
+        serde_json::json!(["upstream_glance"]),
+        "{body}"
+    );
+    let up = &body["checks"]["upstream_glance"];
+    assert_eq!(up["ok"], false, "{body}");
+    let error = up["error"].as_str().unwrap();
+    assert!(
+        error.contains(&dead) && error.contains("cannot reach"),
+        "the cause names the upstream: {error}"
+    );
+    assert_eq!(body["checks"]["cache_dir_writable"]["ok"], true);
+    assert_eq!(
+        c.get(srv.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+    srv.stop().await;
+
+    let glance = FakeGlance::start().await;
+    let srv = TestServer::start(Some(&glance.url)).await;
+    let r = c.get(srv.url("/readyz")).send().await.unwrap();
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ready");
+    assert_eq!(body["checks"]["upstream_glance"]["ok"], true, "{body}");
     srv.stop().await;
 }

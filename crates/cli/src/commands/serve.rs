@@ -17,6 +17,7 @@ pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
     config.admin_token = s.admin_token.clone();
     config.allow_href_prefixes = s.allow_href_prefixes.clone();
     config.scrub_interval = s.scrub_interval;
+    config.access_log = s.access_log;
     config.shutdown_grace = args.shutdown_grace;
     config.header_read_timeout = args.header_read_timeout;
     config.auth_cache_ttl = args.auth_cache_ttl;

@@ -6,8 +6,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Serves `body` at any path, counting requests.
 pub fn origin(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
@@ -73,6 +73,28 @@ pub fn serve(cache: &Path, scheme: &str, args: &[&str]) -> Server {
 
 /// [`serve`] with these environment variables set (the rest of the environment is cleared).
 pub fn serve_env(cache: &Path, scheme: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+    start(cache, scheme, args, env, None)
+}
+
+/// [`serve_env`], its stderr (the logs) collected line by line in the returned [`Log`].
+pub fn serve_logged(
+    cache: &Path,
+    scheme: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Server, Log) {
+    let log = Log::default();
+    let server = start(cache, scheme, args, env, Some(&log));
+    (server, log)
+}
+
+fn start(
+    cache: &Path,
+    scheme: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log: Option<&Log>,
+) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_imgcache"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -82,9 +104,16 @@ pub fn serve_env(cache: &Path, scheme: &str, args: &[&str], env: &[(&str, &str)]
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(if log.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        })
         .spawn()
         .unwrap();
+    if let Some(log) = log {
+        log.drain(child.stderr.take().unwrap());
+    }
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -95,6 +124,74 @@ pub fn serve_env(cache: &Path, scheme: &str, args: &[&str], env: &[(&str, &str)]
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
     Server { child, addr }
+}
+
+/// The lines a process wrote to stderr, as they come (read by a thread of their own, so the
+/// pipe never fills), and whether it closed.
+#[derive(Clone, Default)]
+pub struct Log(Arc<(Mutex<Lines>, Condvar)>);
+
+/// The lines so far, and whether the stream closed.
+type Lines = (Vec<String>, bool);
+
+impl Log {
+    fn drain(&self, stderr: impl std::io::Read + Send + 'static) {
+        let log = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let (lock, cond) = &*log.0;
+                lock.lock().unwrap().0.push(line);
+                cond.notify_all();
+            }
+            let (lock, cond) = &*log.0;
+            lock.lock().unwrap().1 = true;
+            cond.notify_all();
+        });
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.0.lock().unwrap().0.clone()
+    }
+
+    /// The first line that `matches`, waiting for it as lines arrive (panics after `within`
+    /// or when stderr closes without one, naming `what`).
+    pub fn wait_for(
+        &self,
+        what: &str,
+        within: std::time::Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = std::time::Instant::now() + within;
+        let (lock, cond) = &*self.0;
+        let mut state = lock.lock().unwrap();
+        loop {
+            if let Some(l) = state.0.iter().find(|l| matches(l)) {
+                return l.clone();
+            }
+            let now = std::time::Instant::now();
+            assert!(
+                !state.1 && now < deadline,
+                "no log line for {what}; the log:\n{}",
+                state.0.join("\n")
+            );
+            state = cond.wait_timeout(state, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits for stderr to close (the process exited), then every line.
+    pub fn closed(&self, within: std::time::Duration) -> Vec<String> {
+        let deadline = std::time::Instant::now() + within;
+        let (lock, cond) = &*self.0;
+        let mut state = lock.lock().unwrap();
+        while !state.1 {
+            let now = std::time::Instant::now();
+            assert!(now < deadline, "stderr still open after {within:?}");
+            state = cond.wait_timeout(state, deadline - now).unwrap().0;
+        }
+        state.0.clone()
+    }
 }
 
 /// `kill -TERM pid` through the kill(1) command (no libc dependency for one call).
