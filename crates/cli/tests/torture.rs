@@ -51,6 +51,7 @@ struct Figures {
     corrupt_visible: usize,
     disagreements: usize,
     dangling_after_kill: usize,
+    dangling_after_restart: usize,
     resumed: usize,
     restarted: usize,
     reader_wrong_bytes: usize,
@@ -84,15 +85,27 @@ fn check(cache: &Path, want: &dyn Fn(&str) -> Option<Bytes>, f: &mut Figures, wh
     // A record whose file is gone is the one state a crash may leave by design (record
     // first, file second on publish; files first, records second on eviction): counted, and
     // the next prune or clean must drop it. Any other disagreement fails.
-    let (dangling, other): (Vec<String>, Vec<String>) = disagreements(cache)
+    let (dangling, mut other): (Vec<String>, Vec<String>) = disagreements(cache)
         .into_iter()
         .partition(|d| d.ends_with("record without file"));
     if !dangling.is_empty() {
         if what.ends_with("after kill") {
             f.dangling_after_kill += dangling.len();
         } else {
-            f.disagreements += dangling.len();
-            eprintln!("{what}: records without file after the restart: {dangling:?}");
+            // Left by an earlier kill (of a key nothing asked for since) or by the test's own
+            // SIGKILL of a server still publishing: the cache's repair path must drop them.
+            f.dangling_after_restart += dangling.len();
+            let st = imgcache(cache)
+                .arg("clean")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success(), "{what}: clean failed");
+            other.extend(disagreements(cache));
+            if !other.is_empty() {
+                eprintln!("{what}: still there after `clean`: {other:?}");
+            }
         }
     }
     if !other.is_empty() {
@@ -345,8 +358,8 @@ fn torture(n_fetch: usize, n_serve: usize, n_add: usize, n_prune: usize) {
     println!("corrupt visible: {}", f.corrupt_visible);
     println!(
         "list/file agreement: {} disagreements after restarts; {} records without a file \
-         visible in `list` right after a kill (dropped by the next prune/clean)",
-        f.disagreements, f.dangling_after_kill
+         visible in `list` right after a kill, {} after the restart (all dropped by `clean`)",
+        f.disagreements, f.dangling_after_kill, f.dangling_after_restart
     );
     println!(
         "readers: {} exact, {} cut or refused, {} wrong bytes",
