@@ -7,7 +7,7 @@
 # Run as root, from anywhere in a clone: `sudo packaging/check-deb.sh` (.ci/run runs it after
 # the tests). It refuses to run where imgcache is already installed, and leaves the machine as
 # it found it (package purged; the imgcache user removed if this script created it).
-# Needs: cargo, dpkg, systemd-analyze (Debian's systemd), man (man-db), curl.
+# Needs: cargo, dpkg, systemd-analyze (Debian's systemd), man (man-db), curl, setpriv.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,7 +23,7 @@ fail() {
 check() {
     local what=$1
     shift
-    "$@" || fail "$what"
+    "$@" >/dev/null || fail "$what"
     passed=$((passed + 1))
 }
 step() { echo "==> $*"; }
@@ -37,7 +37,7 @@ timed() {
 if dpkg-query -W -f '${Status}' imgcache 2>/dev/null | grep -q "installed"; then
     fail "imgcache is installed on this machine already; remove it first (dpkg --purge imgcache)"
 fi
-for tool in dpkg-deb systemd-analyze man curl; do
+for tool in dpkg-deb systemd-analyze man curl setpriv; do
     command -v "$tool" >/dev/null || fail "$tool not found"
 done
 
@@ -140,7 +140,9 @@ echo "    clean"
 # services here): the packaged config, the default cache directory, readiness on stdout.
 step "imgcache serve as the imgcache user, with the installed config"
 out=$(mktemp)
-runuser -u imgcache -- env -i PATH=/usr/bin:/bin XDG_CACHE_HOME=/var/cache \
+# setpriv execs (runuser would stay as the parent and SIGKILL serve on SIGTERM).
+setpriv --reuid=imgcache --regid=imgcache --init-groups \
+    env -i PATH=/usr/bin:/bin XDG_CACHE_HOME=/var/cache \
     /usr/bin/imgcache serve --config /etc/imgcache/imgcache.toml --listen 127.0.0.1:0 \
     >"$out" 2>&1 &
 serve_pid=$!
