@@ -159,9 +159,9 @@ pub enum Command {
 pub struct ServeArgs {
     #[command(flatten)]
     pub formats: FormatArgs,
-    /// Address to listen on
-    #[arg(long, value_name = "ADDR", value_parser = listen_parser)]
-    pub listen: Option<std::net::SocketAddr>,
+    /// Address to listen on, HOST:PORT: an IP ([::1]:9292 for IPv6) or a host name, resolved
+    #[arg(long, value_name = "HOST:PORT", value_parser = listen_parser)]
+    pub listen: Option<String>,
     /// Upstream Glance endpoint
     #[arg(long, value_name = "URL")]
     pub glance_url: Option<String>,
@@ -385,7 +385,7 @@ fn size_parser(s: &str) -> Result<u64, String> {
     config::parse_size(s).map_err(|e| e.to_string())
 }
 
-fn listen_parser(s: &str) -> Result<std::net::SocketAddr, String> {
+fn listen_parser(s: &str) -> Result<String, String> {
     config::parse_listen(s).map_err(|e| e.to_string())
 }
 
@@ -424,7 +424,7 @@ impl Cli {
             layer.insecure = f.insecure.then_some(true);
         }
         if let Command::Serve(a) = &self.command {
-            layer.listen = a.listen;
+            layer.listen = a.listen.clone();
             layer.glance_url = a.glance_url.clone();
             layer.admin_token = a.admin_token.clone();
             layer.fleet_db = a.fleet_db.clone();

@@ -100,7 +100,7 @@ pub struct Layer {
     pub origin_attempt_timeout: Option<Duration>,
     pub origin_retries: Option<u32>,
     pub origin_retry_budget: Option<Duration>,
-    pub listen: Option<std::net::SocketAddr>,
+    pub listen: Option<String>,
     pub admin_token: Option<String>,
     pub allow_href_prefixes: Option<Vec<String>>,
     pub fleet_db: Option<String>,
@@ -333,8 +333,8 @@ pub struct Settings {
     pub origin_retries: u32,
     /// Total time a download may spend resuming after its body first broke.
     pub origin_retry_budget: Duration,
-    /// `imgcache serve`: address to listen on.
-    pub listen: std::net::SocketAddr,
+    /// `imgcache serve`: `HOST:PORT` to listen on (an IP, `[IPv6]` or a host name).
+    pub listen: String,
     /// `imgcache serve`: the `X-Auth-Token` that grants the cache-management API.
     pub admin_token: Option<String>,
     /// `imgcache serve`: `/v1/fetch` serves only hrefs under one of these URL prefixes (see
@@ -489,11 +489,39 @@ fn resolve_caches(tables: BTreeMap<String, CacheTable>) -> Result<Vec<NamedCache
     Ok(out)
 }
 
-/// A socket address to listen on, `HOST:PORT` (`[::1]:9292` for IPv6).
-pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr> {
-    s.trim()
-        .parse()
-        .map_err(|_| anyhow!("invalid listen address {s:?}: expected IP:PORT, e.g. 127.0.0.1:9292"))
+/// An address to listen on, `HOST:PORT`: an IP address (`[::1]:9292` for IPv6) or a host name
+/// (`localhost:9292`), which `serve` resolves when it binds. Only the form is checked here.
+pub fn parse_listen(s: &str) -> Result<String> {
+    let t = s.trim();
+    let err = |why: &str| {
+        anyhow!(
+            "invalid listen address {s:?}: {why}; expected HOST:PORT, e.g. 127.0.0.1:9292, \
+             [::1]:9292 or localhost:9292"
+        )
+    };
+    if t.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(t.to_owned());
+    }
+    let Some((host, port)) = t.rsplit_once(':') else {
+        return Err(err("no port"));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(err("the port is not a number from 0 to 65535"));
+    }
+    if host.contains(':') || host.starts_with('[') {
+        return Err(err("an IPv6 address goes in brackets, [ADDR]:PORT"));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(err("not an IP address or host name"));
+    }
+    Ok(t.to_owned())
 }
 
 fn parse_count(s: &str) -> Result<u32> {
@@ -913,7 +941,7 @@ mod tests {
                 origin_attempt_timeout: Duration::from_secs(30),
                 origin_retries: 3,
                 origin_retry_budget: Duration::from_secs(300),
-                listen: "127.0.0.1:9292".parse().unwrap(),
+                listen: "127.0.0.1:9292".into(),
                 admin_token: None,
                 allow_href_prefixes: vec![],
                 fleet_db: None,

@@ -6,6 +6,8 @@ mod commands;
 mod config;
 mod error;
 mod output;
+#[cfg(test)]
+mod packaging;
 mod progress;
 mod settings;
 

@@ -27,6 +27,14 @@ pub struct SettingDef {
     pub list: Option<ListSep>,
     /// One line for `--help`.
     pub doc: &'static str,
+    /// The value packaging/imgcache.toml shows for it (commented out), as TOML: the default
+    /// where the code has one, else an example. A test parses each one (see
+    /// `crate::packaging`).
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "read by the packaging generator, in tests")
+    )]
+    pub example: &'static str,
 }
 
 /// How a list setting's environment variable separates its items.
@@ -47,7 +55,7 @@ impl ListSep {
     }
 
     /// As the README's Environment column says it.
-    fn readme(self) -> &'static str {
+    pub(crate) fn readme(self) -> &'static str {
         match self {
             ListSep::Colon => "(`:`-separated)",
             ListSep::Whitespace => "(whitespace-separated)",
@@ -67,6 +75,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "`/var/cache/imgcache` as root, else `$XDG_CACHE_HOME/imgcache` or `~/.cache/imgcache`",
         list: None,
         doc: "Cache directory",
+        example: r#""/var/cache/imgcache""#,
     },
     SettingDef {
         name: "metadata driver",
@@ -76,6 +85,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "`sqlite`",
         list: None,
         doc: "Metadata driver: sqlite or xattr",
+        example: r#""sqlite""#,
     },
     SettingDef {
         name: "max size",
@@ -85,6 +95,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "`10G` (Glance's default)",
         list: None,
         doc: "Size the cache is pruned to (serve: its hard limit), e.g. 10G, 512M",
+        example: r#""10G""#,
     },
     SettingDef {
         name: "stall time",
@@ -94,6 +105,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "`24h` (Glance's default)",
         list: None,
         doc: "Age after which an unfinished write counts as stalled, e.g. 24h, 30m",
+        example: r#""24h""#,
     },
     SettingDef {
         name: "master TTL (`fetch`, `cleanup`)",
@@ -103,6 +115,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "`7d` (Ironic's default)",
         list: None,
         doc: "Provisioning masters unused for this long are cleaned up",
+        example: r#""7d""#,
     },
     SettingDef {
         name: "Glance endpoint",
@@ -112,6 +125,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "none",
         list: None,
         doc: "Glance endpoint for image ids (serve: the upstream Glance)",
+        example: r#""http://glance.example:9292""#,
     },
     SettingDef {
         name: "Glance token",
@@ -121,6 +135,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "none",
         list: None,
         doc: "X-Auth-Token sent to Glance",
+        example: r#""TOKEN""#,
     },
     SettingDef {
         name: "directories `file://` may read",
@@ -130,6 +145,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "none: `file://` is refused",
         list: Some(ListSep::Colon),
         doc: "Directories file:// hrefs may read from",
+        example: r#"["/srv/images"]"#,
     },
     SettingDef {
         name: "revalidation interval",
@@ -139,6 +155,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "`fetch`: `0s` (ask on every call); `serve`: `60s`",
         list: None,
         doc: "Use an http(s) master without asking the origin within this time of its last check",
+        example: r#""60s""#,
     },
     SettingDef {
         name: "extra CA certificates (PEM)",
@@ -148,6 +165,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "system roots only",
         list: None,
         doc: "Extra CA certificates (PEM) to trust",
+        example: r#""/etc/imgcache/ca.pem""#,
     },
     SettingDef {
         name: "origin attempt timeout",
@@ -157,6 +175,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "`30s`",
         list: None,
         doc: "Budget of one origin request: connecting plus the response headers, its retries included",
+        example: r#""30s""#,
     },
     SettingDef {
         name: "origin retries",
@@ -166,6 +185,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "`3`",
         list: None,
         doc: "Retries of an origin request after a connection error or 5xx, and resumes of a broken body",
+        example: "3",
     },
     SettingDef {
         name: "origin retry budget",
@@ -175,6 +195,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "`5m`",
         list: None,
         doc: "Total time a download may spend resuming its body after it first broke",
+        example: r#""5m""#,
     },
     SettingDef {
         name: "accept any TLS certificate",
@@ -184,6 +205,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "`false`",
         list: None,
         doc: "Accept any TLS certificate (labs only)",
+        example: "false",
     },
     SettingDef {
         name: "listen address (`serve`)",
@@ -192,7 +214,9 @@ pub const SETTINGS: &[SettingDef] = &[
         flag: Some("`serve --listen`"),
         default: "`127.0.0.1:9292`",
         list: None,
-        doc: "Address imgcache serve listens on, IP:PORT",
+        doc: "Address imgcache serve listens on, HOST:PORT: an IP ([::1]:9292 for IPv6) or a \
+              host name, resolved at start",
+        example: r#""127.0.0.1:9292""#,
     },
     SettingDef {
         name: "admin token (`serve`)",
@@ -202,6 +226,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "none",
         list: None,
         doc: "X-Auth-Token that grants the cache-management API",
+        example: r#""SECRET""#,
     },
     SettingDef {
         name: "href prefixes `/v1/fetch` may serve (`serve`)",
@@ -212,6 +237,7 @@ pub const SETTINGS: &[SettingDef] = &[
         list: Some(ListSep::Whitespace),
         doc: "URL prefixes /v1/fetch serves hrefs under (scheme, host, port exact; path on a \
               segment boundary; every redirect re-checked)",
+        example: r#"["https://images.example/"]"#,
     },
     SettingDef {
         name: "fleet database (`serve`)",
@@ -221,6 +247,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "none: a single node",
         list: None,
         doc: "Fleet mode: the PostgreSQL index shared by the nodes, postgresql://USER@HOST:PORT/DB",
+        example: r#""postgresql://imgcache@db.example:5432/imgcache""#,
     },
     SettingDef {
         name: "node URL (`serve`, fleet mode)",
@@ -230,6 +257,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "none: `http://` and the listen address",
         list: None,
         doc: "How peers and clients reach this node (Glance's worker_self_reference_url)",
+        example: r#""http://node1.example:9292""#,
     },
     SettingDef {
         name: "fleet token (`serve`, fleet mode)",
@@ -239,6 +267,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "none: required with a fleet database",
         list: None,
         doc: "The secret peers present to each other's peer endpoint",
+        example: r#""SECRET""#,
     },
     SettingDef {
         name: "heartbeat timeout (fleet mode)",
@@ -248,6 +277,7 @@ pub const SETTINGS: &[SettingDef] = &[
         default: "`60s`",
         list: None,
         doc: "A node silent this long is dropped from the fleet's answers",
+        example: r#""60s""#,
     },
     SettingDef {
         name: "background verify interval (`serve`)",
@@ -258,6 +288,7 @@ pub const SETTINGS: &[SettingDef] = &[
         list: None,
         doc: "How often serve re-hashes every cached image against its recorded checksum, at \
               low priority (a mismatch goes to invalid/); off unless set",
+        example: r#""24h""#,
     },
     SettingDef {
         name: "access log (`serve`)",
@@ -268,6 +299,7 @@ pub const SETTINGS: &[SettingDef] = &[
         list: None,
         doc: "One log line per request (target imgcache::access, at info level), text or JSON \
               as --log-format says; false turns it off",
+        example: "true",
     },
 ];
 

@@ -741,3 +741,317 @@ fn alert_rules_and_dashboard_name_live_metrics() {
         );
     }
 }
+
+/// `imgcache serve ARGS` with only `PATH` and `env` in its environment, stdout and stderr
+/// piped.
+fn spawn_serve(
+    cache: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .arg("--cache-dir")
+        .arg(cache)
+        .arg("serve")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A unix datagram socket standing in for systemd's notify socket, and its path.
+fn notify_socket(dir: &std::path::Path) -> (std::os::unix::net::UnixDatagram, String) {
+    let path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    (sock, path.to_str().unwrap().to_string())
+}
+
+/// The datagrams waiting on `sock`, without blocking.
+fn pending_datagrams(sock: &std::os::unix::net::UnixDatagram) -> Vec<String> {
+    sock.set_nonblocking(true).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    sock.set_nonblocking(false).unwrap();
+    out
+}
+
+/// The next datagram on `sock`, waiting at most `timeout`.
+fn next_datagram(sock: &std::os::unix::net::UnixDatagram, timeout: Duration) -> String {
+    sock.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no notification within {timeout:?}: {e}"));
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Runs `imgcache serve ARGS` to its exit (it must fail at start) and returns its stdout and
+/// stderr; with `NOTIFY_SOCKET` set, asserts no readiness was ever sent.
+fn serve_fails(cache: &std::path::Path, args: &[&str]) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, path) = notify_socket(dir.path());
+    let child = spawn_serve(cache, args, &[("NOTIFY_SOCKET", &path)]);
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        !out.status.success(),
+        "serve {args:?} started: {stdout}{stderr}"
+    );
+    assert!(
+        !stdout.contains("serving") && !stderr.contains("serving on"),
+        "serve {args:?} announced it was serving before failing:\n{stdout}\n{stderr}"
+    );
+    let sent = pending_datagrams(&sock);
+    assert!(
+        sent.iter().all(|d| !d.contains("READY=1")),
+        "READY=1 sent by a serve that failed: {sent:?}"
+    );
+    (stdout, stderr)
+}
+
+/// Issue 13: `serve` said "serving on" before it had opened the TLS files or the cache, then
+/// failed. Each start-up failure now ends it with one clear line, before any "serving" and
+/// any readiness notification.
+#[test]
+fn start_up_failures_never_say_serving() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cache = dir.path().join("cache");
+    let listen = ["--listen", "127.0.0.1:0"];
+
+    // A certificate file that does not exist.
+    let missing = dir.path().join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    let (_, err) = serve_fails(
+        &cache,
+        &[&listen[..], &["--tls-cert", missing, "--tls-key", missing]].concat(),
+    );
+    assert!(
+        err.contains(&format!("imgcache: TLS certificate {missing}")),
+        "{err}"
+    );
+
+    // Files that are there but hold no certificate / no key.
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let junk = junk.to_str().unwrap();
+    let (_, err) = serve_fails(
+        &cache,
+        &[&listen[..], &["--tls-cert", junk, "--tls-key", junk]].concat(),
+    );
+    assert!(
+        err.contains(&format!("TLS certificate {junk}: no certificate found")),
+        "{err}"
+    );
+
+    // A cache directory that cannot be created: its parent is a regular file.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let (_, err) = serve_fails(&file.join("cache"), &listen);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("imgcache: ") && last.contains("a-file/cache"),
+        "no clear error naming the directory: {err}"
+    );
+
+    // A listen address that does not resolve (a `.invalid` name never does).
+    let (_, err) = serve_fails(&cache, &["--listen", "nosuch.invalid:9292"]);
+    assert!(
+        err.contains("imgcache: listen on nosuch.invalid:9292"),
+        "{err}"
+    );
+}
+
+/// Waits for `imgcache: serving on SCHEME://ADDR` on `child`'s stdout and returns ADDR.
+fn serving_addr(child: &mut std::process::Child) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim()
+        .strip_prefix("imgcache: serving on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string()
+}
+
+/// Stops `child` with SIGTERM and waits (bounded) for a clean exit.
+fn stop(child: std::process::Child) {
+    assert_eq!(sigterm(child.id() as i32), 0);
+    stop_waited(child);
+}
+
+/// Issue 13: `--listen localhost:9292` was refused. Host names are resolved (flag, variable
+/// and config file alike), IPv6 addresses go in brackets, and a malformed address is a usage
+/// error naming the expected form.
+#[test]
+fn listen_takes_host_names_and_ipv6() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cache = dir.path().join("cache");
+
+    let mut child = spawn_serve(&cache, &["--listen", "localhost:0"], &[]);
+    let addr = serving_addr(&mut child);
+    let resolved: Vec<std::net::SocketAddr> =
+        std::net::ToSocketAddrs::to_socket_addrs("localhost:0")
+            .unwrap()
+            .collect();
+    let got: std::net::SocketAddr = addr.parse().unwrap();
+    assert!(
+        resolved.iter().any(|a| a.ip() == got.ip()),
+        "bound {got}, localhost is {resolved:?}"
+    );
+    assert_eq!(request(&addr, "GET", "/healthz", &[]).0, 200);
+    stop(child);
+
+    let mut child = spawn_serve(&cache, &["--listen", "[::1]:0"], &[]);
+    let addr = serving_addr(&mut child);
+    assert!(addr.starts_with("[::1]:"), "{addr}");
+    assert_eq!(request(&addr, "GET", "/healthz", &[]).0, 200);
+    stop(child);
+
+    // The same through the config file.
+    let config = dir.path().join("imgcache.toml");
+    std::fs::write(&config, "listen = \"localhost:0\"\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("--config")
+        .arg(&config)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .arg("serve")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = serving_addr(&mut child);
+    assert_eq!(request(&addr, "GET", "/healthz", &[]).0, 200);
+    stop(child);
+
+    for bad in [
+        "localhost",
+        "::1:9292",
+        "local host:9292",
+        "localhost:99999",
+        ":9292",
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+            .env_clear()
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(["serve", "--listen", bad])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(err.contains("invalid listen address"), "{bad}: {err}");
+        assert!(err.contains("expected HOST:PORT"), "{bad}: {err}");
+    }
+}
+
+/// Under systemd (`Type=notify`): `READY=1` arrives on `NOTIFY_SOCKET` once the port accepts
+/// connections (never before: the listener is bound and the cache open by then), and
+/// `STOPPING=1` when SIGTERM begins the shutdown.
+#[test]
+fn readiness_and_stopping_are_sent_to_systemd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, path) = notify_socket(dir.path());
+    // A port to ask for, so the test can connect the moment READY=1 arrives.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = spawn_serve(
+        &dir.path().join("cache"),
+        &["--listen", &listen],
+        &[("NOTIFY_SOCKET", &path)],
+    );
+    let ready = next_datagram(&sock, Duration::from_secs(60));
+    // The port accepts at once: no retry, no wait.
+    let conn = TcpStream::connect(&listen);
+    assert!(
+        conn.is_ok(),
+        "READY=1 came before the port accepted: {conn:?}"
+    );
+    drop(conn);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(
+        ready
+            .lines()
+            .any(|l| l == format!("STATUS=serving on http://{listen}")),
+        "{ready:?}"
+    );
+    assert_eq!(serving_addr(&mut child), listen, "stdout says the same");
+    assert_eq!(request(&listen, "GET", "/healthz", &[]).0, 200);
+    assert!(
+        pending_datagrams(&sock).is_empty(),
+        "one notification while serving"
+    );
+
+    assert_eq!(sigterm(child.id() as i32), 0);
+    let stopping = next_datagram(&sock, Duration::from_secs(20));
+    assert_eq!(stopping.trim_end(), "STOPPING=1");
+    stop_waited(child);
+}
+
+/// Waits (bounded) for `child`, already signalled, to exit cleanly.
+fn stop_waited(mut child: std::process::Child) {
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < until, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
+
+/// Issue 13: `--config`'s help named 4 keys of 15. It is built from the settings table, so it
+/// names every key: checked here against README.md's configuration table (which a unit test
+/// checks against the settings table), in `-h` and `--help` alike.
+#[test]
+fn config_help_lists_every_key() {
+    let readme = include_str!("../../../README.md");
+    let keys: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| Setting | TOML key |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let cell = l.split('|').nth(2).unwrap();
+            cell.split('`').nth(1).unwrap()
+        })
+        .collect();
+    assert!(keys.len() >= 20, "{keys:?}");
+    for flag in ["-h", "--help"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+            .arg(flag)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        // The --config entry alone: up to the next option.
+        let config = &help[help.find("--config <FILE>").expect("--config in help")..];
+        let end = ["\n  -", "\n      --"]
+            .iter()
+            .filter_map(|next| config.find(next))
+            .min()
+            .unwrap_or(config.len());
+        let config = &config[..end];
+        for key in &keys {
+            assert!(config.contains(key), "{flag}: {key} missing:\n{help}");
+        }
+        assert!(config.contains("[caches.NAME]"), "{help}");
+    }
+}

@@ -1,6 +1,5 @@
 //! What `imgcache serve` runs with (built by the CLI from file, env and flags).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,7 +8,9 @@ use imgcache_store::DriverKind;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    pub listen: SocketAddr,
+    /// `HOST:PORT` to listen on: an IP address (`[::1]:9292` for IPv6) or a host name, which
+    /// is resolved when the server binds (the first address that binds is used).
+    pub listen: String,
     pub cache_dir: PathBuf,
     pub driver: DriverKind,
     /// Hard limit on the cache's size: downloads evict LRU images first; an image that cannot
@@ -54,7 +55,7 @@ impl ServerConfig {
     /// Defaults for a cache at `cache_dir` (Glance's: 10 GiB, stall time 24 h).
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         ServerConfig {
-            listen: "127.0.0.1:9292".parse().expect("valid address"),
+            listen: "127.0.0.1:9292".into(),
             cache_dir: cache_dir.into(),
             driver: DriverKind::Sqlite,
             max_size: 10 << 30,

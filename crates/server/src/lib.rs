@@ -53,45 +53,126 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted (hyper answers 431 beyond it).
 const MAX_HEAD_BYTES: usize = 64 << 10;
 
-/// Runs the server on `config.listen` until `shutdown` resolves (see [`run_on`]).
+/// Runs the server on `config.listen` until `shutdown` resolves (see [`Server::bind`] and
+/// [`Server::serve`]).
 pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listen on {}", config.listen))?;
-    run_on(listener, config, shutdown).await
+    Server::bind(config).await?.serve(shutdown).await
 }
 
-/// Runs the server on an already bound listener until `shutdown` resolves, then: stops
-/// accepting, lets in-flight responses finish for up to `shutdown_grace`, cuts what is left,
-/// aborts downloads still running (their files go to `invalid/`: nothing partial is ever
-/// published) and stops the background workers.
-///
-/// Connections are served by hyper-util's auto builder (HTTP/1.1 and HTTP/2), with a header
-/// read timeout against slowloris clients and a bound on the request head; with a
-/// certificate configured, over TLS (rustls, ring provider).
+/// Runs the server on an already bound listener until `shutdown` resolves (see
+/// [`Server::on`] and [`Server::serve`]).
 pub async fn run_on(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    Server::on(listener, config).await?.serve(shutdown).await
+}
+
+/// A server that is ready: its TLS files loaded, its cache open, its socket bound (and, in
+/// fleet mode, the fleet joined). Whatever can fail at start has failed by the time one
+/// exists, so a caller announces "serving" (or tells systemd `READY=1`) only once it holds
+/// one; [`Server::serve`] then only accepts.
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Server {
+    /// Loads TLS, opens the cache, binds `config.listen` and joins the fleet, in that order.
+    /// `config.listen` is `HOST:PORT`: an IP (`[::1]:9292` for IPv6) or a host name, which is
+    /// resolved; the first of its addresses that binds is used ([`Server::local_addr`]).
+    pub async fn bind(config: ServerConfig) -> anyhow::Result<Server> {
+        let (tls, state) = prepare(config)?;
+        let listen = state.config.listen.clone();
+        let listener = TcpListener::bind(listen.as_str())
+            .await
+            .with_context(|| format!("listen on {listen}"))?;
+        Server::finish(listener, state, tls).await
+    }
+
+    /// [`Server::bind`] on an already bound listener (`config.listen` is then unused).
+    pub async fn on(listener: TcpListener, config: ServerConfig) -> anyhow::Result<Server> {
+        let (tls, state) = prepare(config)?;
+        Server::finish(listener, state, tls).await
+    }
+
+    async fn finish(
+        listener: TcpListener,
+        mut state: AppState,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> anyhow::Result<Server> {
+        if let Some(fleet) = state.config.fleet.clone() {
+            // Joining is part of starting: a node whose URL a live node already uses is
+            // refused.
+            let node = fleet_node::FleetNode::start(fleet, state.cache.clone())
+                .await
+                .context("joining the fleet")?;
+            state.fleet = Some(node);
+        }
+        Ok(Server {
+            listener,
+            state,
+            tls,
+        })
+    }
+
+    /// The address the socket is bound to (the port the system chose for port 0).
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Whether it serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Serves until `shutdown` resolves, then: stops accepting, lets in-flight responses
+    /// finish for up to `shutdown_grace`, cuts what is left, aborts downloads still running
+    /// (their files go to `invalid/`: nothing partial is ever published) and stops the
+    /// background workers.
+    ///
+    /// Connections are served by hyper-util's auto builder (HTTP/1.1 and HTTP/2), with a
+    /// header read timeout against slowloris clients and a bound on the request head; with a
+    /// certificate configured, over TLS (rustls, ring provider).
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Server {
+            listener,
+            state,
+            tls,
+        } = self;
+        serve_on(listener, state, tls, shutdown).await
+    }
+}
+
+/// What can fail before the socket matters: the TLS files, then the cache.
+fn prepare(config: ServerConfig) -> anyhow::Result<(Option<tokio_rustls::TlsAcceptor>, AppState)> {
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
         (None, None) => None,
         _ => bail!("TLS needs both a certificate and a key"),
     };
-    let mut state = AppState::new(config)?;
-    if let Some(fleet) = state.config.fleet.clone() {
-        // Joining is part of starting: a node whose URL a live node already uses is refused.
-        let node = fleet_node::FleetNode::start(fleet, state.cache.clone())
-            .await
-            .context("joining the fleet")?;
-        state.fleet = Some(node);
-    }
+    let state = AppState::new(config)?;
+    Ok((tls, state))
+}
+
+async fn serve_on(
+    listener: TcpListener,
+    state: AppState,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let cfg = state.config.clone();
-    tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "serving");
+    let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(listen = %addr, tls = tls.is_some(), "serving on {scheme}://{addr}");
     let workers = workers::spawn(state.clone());
     let service = TowerToHyperService::new(router::router(state.clone()));
 

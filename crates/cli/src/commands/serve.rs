@@ -1,4 +1,6 @@
-//! `imgcache serve`: the caching image server, until SIGTERM or SIGINT.
+//! `imgcache serve`: the caching image server, until SIGTERM or SIGINT. Under systemd
+//! (`Type=notify`, see packaging/systemd/imgcache.service) it reports readiness and stopping
+//! through `NOTIFY_SOCKET`.
 
 use anyhow::{Context, Result};
 use imgcache_server::ServerConfig;
@@ -9,7 +11,7 @@ use crate::cli::ServeArgs;
 pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
     let s = &ctx.settings;
     let mut config = ServerConfig::new(&s.cache_dir);
-    config.listen = s.listen;
+    config.listen = s.listen.clone();
     config.driver = s.driver;
     config.max_size = s.max_size;
     config.stall_time = s.stall_time;
@@ -50,36 +52,49 @@ pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("listen on {}", config.listen))?;
-        let addr = listener.local_addr()?;
-        let scheme = if config.tls_cert.is_some() {
-            "https"
-        } else {
-            "http"
-        };
+        // TLS files, the cache, the socket (a host name resolved) and the fleet: all of it
+        // before anything says "serving".
+        let server = imgcache_server::Server::bind(config).await?;
+        let stop = signal()?;
+        let addr = server.local_addr()?;
+        let scheme = if server.is_tls() { "https" } else { "http" };
         // One line on stdout, for scripts and tests that asked for port 0.
         println!("imgcache: serving on {scheme}://{addr}");
-        imgcache_server::run_on(listener, config, signal()).await
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!("serving on {scheme}://{addr}")),
+        ]);
+        server
+            .serve(async {
+                stop.await;
+                notify(&[sd_notify::NotifyState::Stopping]);
+            })
+            .await
     })
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM");
-            std::future::pending::<()>().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+/// Tells systemd (`Type=notify`) how the service is doing: `READY=1` once it serves,
+/// `STOPPING=1` when it begins to stop. Nothing when `NOTIFY_SOCKET` is unset (not run by
+/// systemd); a failure to send is logged, never fatal.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "sd_notify: cannot reach NOTIFY_SOCKET");
     }
+}
+
+/// A future that resolves on the first SIGTERM or SIGINT. The handlers are installed here,
+/// before "serving" is announced, so a signal sent the moment the service is ready (systemd
+/// stopping a unit it just started) is a clean shutdown, not the default action's kill.
+fn signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    })
 }
 
 /// The quick, read-only part of `fsck` (no hashing, nothing changed), logged: one line per

@@ -168,7 +168,7 @@ pub struct TestServer {
 /// retries (the prefetcher's own backoff is under test), workers on long intervals.
 pub fn config(dir: &Path, glance: Option<&str>) -> ServerConfig {
     let mut c = ServerConfig::new(dir);
-    c.listen = free_port();
+    c.listen = free_port().to_string();
     c.admin_token = Some(ADMIN.to_string());
     c.sources.glance_url = glance.map(|u| u.parse().unwrap());
     c.sources.http.retries = 0;
