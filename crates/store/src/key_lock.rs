@@ -472,7 +472,12 @@ impl<X> KeyLocks<X> {
 
     /// The flights in progress, in no particular order (a snapshot: the map is not held).
     pub fn flights(&self) -> Vec<Arc<Flight<X>>> {
-        self.map.lock().expect("poisoned").values().cloned().collect()
+        self.map
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect()
     }
 }
 

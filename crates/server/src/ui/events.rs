@@ -101,6 +101,10 @@ mod tests {
         assert_eq!(recent.len(), KEEP);
         assert_eq!(recent[0].key, format!("k{}", KEEP + 6));
         assert_eq!(recent[KEEP - 1].key, "k7");
-        assert!(recent.iter().all(|e| e.kind == "eviction" && e.reason == "pruned"));
+        assert!(
+            recent
+                .iter()
+                .all(|e| e.kind == "eviction" && e.reason == "pruned")
+        );
     }
 }

@@ -45,7 +45,10 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/status.json", get(status_json))
         .route("/ui/login", post(login))
         .route("/ui/logout", post(logout))
-        .route("/ui/page.js", get(|| async { asset("text/javascript", SCRIPT) }))
+        .route(
+            "/ui/page.js",
+            get(|| async { asset("text/javascript", SCRIPT) }),
+        )
         .route("/ui/page.css", get(|| async { asset("text/css", STYLE) }))
 }
 
@@ -77,9 +80,7 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
         .find(|(k, _)| *k == COOKIE_NAME)
-        .map(|(_, v)| {
-            percent_decode(v)
-        })
+        .map(|(_, v)| percent_decode(v))
         .filter(|t| !t.is_empty())
 }
 
@@ -92,8 +93,13 @@ fn percent_decode(v: &str) -> String {
 
 async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match authorise(&state, &headers).await {
-        Ok(()) => html(StatusCode::OK, PAGE.replace("{{VERSION}}", env!("CARGO_PKG_VERSION"))),
-        Err(e) if e.status == StatusCode::UNAUTHORIZED => login_page(StatusCode::UNAUTHORIZED, None),
+        Ok(()) => html(
+            StatusCode::OK,
+            PAGE.replace("{{VERSION}}", env!("CARGO_PKG_VERSION")),
+        ),
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
+            login_page(StatusCode::UNAUTHORIZED, None)
+        }
         Err(e) => login_page(e.status, Some(&e.message)),
     }
 }
@@ -136,7 +142,11 @@ async fn login(State(state): State<AppState>, body: Bytes) -> Response {
         return login_page(e.status, Some(msg));
     }
     let value: String = url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
-    let secure = if state.config.tls_cert.is_some() { "; Secure" } else { "" };
+    let secure = if state.config.tls_cert.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
     let cookie = format!("{COOKIE_NAME}={value}; Path=/ui; HttpOnly; SameSite=Strict{secure}");
     see_other(Some(cookie))
 }
@@ -169,7 +179,10 @@ fn login_page(status: StatusCode, message: Option<&str>) -> Response {
 fn html(status: StatusCode, body: String) -> Response {
     let mut resp = (status, body).into_response();
     let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
@@ -182,7 +195,10 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     resp
 }
 
@@ -209,7 +225,10 @@ mod tests {
     #[test]
     fn the_cookie_is_found_among_others_and_decoded() {
         let mut h = HeaderMap::new();
-        h.append(COOKIE, HeaderValue::from_static("a=1; imgcache_admin=s%3Dcr%26t; b=2"));
+        h.append(
+            COOKIE,
+            HeaderValue::from_static("a=1; imgcache_admin=s%3Dcr%26t; b=2"),
+        );
         assert_eq!(cookie_token(&h).as_deref(), Some("s=cr&t"));
         let mut h = HeaderMap::new();
         h.append(COOKIE, HeaderValue::from_static("imgcache_admin="));
@@ -219,6 +238,9 @@ mod tests {
 
     #[test]
     fn messages_are_escaped() {
-        assert_eq!(escape("<a href='x'>&\""), "&lt;a href=&#39;x&#39;&gt;&amp;&quot;");
+        assert_eq!(
+            escape("<a href='x'>&\""),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;"
+        );
     }
 }
