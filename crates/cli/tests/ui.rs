@@ -335,3 +335,96 @@ fn the_page_shows_a_slow_download_moving_in_a_real_browser() {
     );
     drop(server);
 }
+
+#[test]
+fn status_lists_images_evictions_and_refusals_with_their_reasons() {
+    let dir = tempdir();
+    let cache = dir.path().join("cache");
+    let a: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 241) as u8).collect();
+    let b: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 239) as u8).collect();
+    let bad = std::fs::read(imgcache_testkit::bad_images::qcow2_backing_file(dir.path())).unwrap();
+    let (origin_a, _) = common::origin(a);
+    let (origin_b, _) = common::origin(b);
+    let (origin_bad, _) = common::origin(bad);
+    let server = serve(
+        &cache,
+        "http",
+        &[
+            "--admin-token",
+            TOKEN,
+            "--max-size",
+            "3M",
+            "--allow-href-prefix",
+            &origin_a,
+            "--allow-href-prefix",
+            &origin_b,
+            "--allow-href-prefix",
+            &origin_bad,
+        ],
+    );
+    let addr = server.addr.as_str();
+    let get = |href: &str| http(addr, "GET", &format!("/v1/fetch?href={href}"), &[], T).unwrap();
+    let (href_a, href_b) = (format!("{origin_a}/a.raw"), format!("{origin_b}/b.raw"));
+    assert_eq!(get(&href_a).status, 200);
+    // b does not fit beside a: a is evicted to make room, once a's last reader has closed it
+    // (until then b is streamed uncached: ask again, with a deadline).
+    let deadline = Instant::now() + T;
+    loop {
+        assert_eq!(get(&href_b).status, 200);
+        let (_, v) = json(addr, &[("X-Auth-Token", TOKEN)]);
+        if v["recent"][0]["href"] == href_b.as_str() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never cached: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let refused = get(&format!("{origin_bad}/backing.qcow2"));
+    assert!(
+        !refused.complete || refused.status >= 400,
+        "an unsafe image is refused"
+    );
+
+    // The refusal is counted once the download has ended: poll (with a deadline) for it.
+    let deadline = Instant::now() + T;
+    let v = loop {
+        let (status, v) = json(addr, &[("X-Auth-Token", TOKEN)]);
+        assert_eq!(status, 200);
+        if v["events"].as_array().unwrap().len() >= 2 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no events: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let events = v["events"].as_array().unwrap();
+    let refusal = events.iter().find(|e| e["kind"] == "refusal").expect("{v}");
+    assert_eq!(refusal["reason"], "unsafe_image", "{refusal}");
+    assert_eq!(refusal["href"], format!("{origin_bad}/backing.qcow2"));
+    assert!(
+        refusal["detail"].as_str().unwrap().contains("backing"),
+        "{refusal}"
+    );
+    let eviction = events
+        .iter()
+        .find(|e| e["kind"] == "eviction")
+        .expect("{v}");
+    assert_eq!(eviction["size"], 2u64 << 20);
+    assert!(
+        eviction["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("room for "),
+        "{eviction}"
+    );
+    // Newest first: the refusal came last.
+    assert_eq!(events[0]["kind"], "refusal");
+
+    // What is cached: b alone, named by its href.
+    assert_eq!(v["cache"]["entries"], 1);
+    assert_eq!(v["cache"]["bytes"], 2u64 << 20);
+    assert_eq!(v["cache"]["max_bytes"], 3u64 << 20);
+    assert_eq!(v["recent"][0]["href"], href_b.as_str());
+    assert_eq!(v["largest"][0]["href"], href_b.as_str());
+    assert_eq!(v["largest"][0]["size"], 2u64 << 20);
+    assert!(v["traffic"]["misses"].as_u64().unwrap() >= 3, "{v}");
+    assert!(v["downloads"].as_array().unwrap().is_empty(), "{v}");
+}
