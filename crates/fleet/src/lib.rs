@@ -64,6 +64,17 @@ pub struct Node {
     pub heartbeat_age: f64,
 }
 
+/// A live node and what it holds, for [`Fleet::node_holdings`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeHoldings {
+    pub node: Node,
+    /// Images it has published, and images it is filling.
+    pub published: u64,
+    pub filling: u64,
+    /// Bytes of its published images.
+    pub published_bytes: u64,
+}
+
 /// Whether a node holds an image or is still filling it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HoldingState {
@@ -284,6 +295,39 @@ impl Fleet {
                 .map(|r| Node {
                     url: r.get(0),
                     heartbeat_age: r.get(1),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Live nodes, by URL, each with what it holds (for a status page: one grouped query).
+    pub async fn node_holdings(&self) -> Result<Vec<NodeHoldings>> {
+        let dead = self.timeout_secs();
+        self.call(|c| async move {
+            let rows = c
+                .query(
+                    "SELECT n.url, extract(epoch FROM now() - n.heartbeat)::float8,
+                            count(h.image_key) FILTER (WHERE h.state = 'published'),
+                            count(h.image_key) FILTER (WHERE h.state = 'filling'),
+                            coalesce(sum(h.bytes) FILTER (WHERE h.state = 'published'), 0)::int8
+                     FROM imgcache_nodes n LEFT JOIN imgcache_holdings h ON h.node = n.url
+                     WHERE n.heartbeat >= now() - make_interval(secs => $1)
+                     GROUP BY n.url, n.heartbeat
+                     ORDER BY n.url",
+                    &[&dead],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| NodeHoldings {
+                    node: Node {
+                        url: r.get(0),
+                        heartbeat_age: r.get(1),
+                    },
+                    published: r.get::<_, i64>(2) as u64,
+                    filling: r.get::<_, i64>(3) as u64,
+                    published_bytes: r.get::<_, i64>(4) as u64,
                 })
                 .collect())
         })

@@ -207,3 +207,38 @@ async fn holders_rank_published_first_and_calls_are_bounded_when_the_database_is
         }
     }
 }
+
+#[tokio::test]
+async fn node_holdings_count_each_live_nodes_images() {
+    let pg = pg();
+    let a = Fleet::connect(cfg(&pg, "http://a:9292")).await.unwrap();
+    let b = Fleet::connect(cfg(&pg, "http://b:9292")).await.unwrap();
+    a.announce("img1", HoldingState::Published, Some(10), None, 10)
+        .await
+        .unwrap();
+    a.announce("img2", HoldingState::Published, Some(32), None, 32)
+        .await
+        .unwrap();
+    a.announce("img3", HoldingState::Filling, Some(100), None, 7)
+        .await
+        .unwrap();
+    let all = a.node_holdings().await.unwrap();
+    let got: Vec<_> = all
+        .iter()
+        .map(|n| {
+            (
+                n.node.url.as_str(),
+                n.published,
+                n.filling,
+                n.published_bytes,
+            )
+        })
+        .collect();
+    // b holds nothing and is still listed; a filling image's bytes are not counted as held.
+    assert_eq!(
+        got,
+        [("http://a:9292", 2, 1, 42), ("http://b:9292", 0, 0, 0)]
+    );
+    assert!(all.iter().all(|n| n.node.heartbeat_age >= 0.0));
+    drop(b);
+}

@@ -54,6 +54,8 @@ pub struct Beside {
     /// Fleet mode: the bytes come from another node, not the origin (set before the first
     /// byte).
     from_peer: AtomicBool,
+    /// What the status page shows of the download (`/ui/`).
+    pub progress: crate::ui::progress::Progress,
 }
 
 /// Whether a fill's bytes come from another node of the fleet.
@@ -131,14 +133,24 @@ impl Fills {
             return Err(shutting_down());
         }
         let lead = match self.locks.acquire(key)? {
-            Acquired::Follow(f) => return Ok((f.into_flight(), Joined::Followed)),
+            Acquired::Follow(f) => {
+                f.flight().extra().progress.joined();
+                return Ok((f.into_flight(), Joined::Followed));
+            }
             Acquired::Write(p) => Lead::Write(p),
             Acquired::Elsewhere(e) => Lead::Elsewhere(e),
         };
         let (fill, joined) = match &lead {
             Lead::Write(p) => (p.flight().clone(), Joined::Started),
-            Lead::Elsewhere(e) => (e.flight().clone(), Joined::Followed),
+            Lead::Elsewhere(e) => {
+                e.flight()
+                    .extra()
+                    .progress
+                    .set_source("another process", None);
+                (e.flight().clone(), Joined::Followed)
+            }
         };
+        fill.extra().progress.set_origin(&origin.href_raw);
         let st = state.clone();
         let mut tasks = self.tasks.lock().expect("poisoned");
         while tasks.try_join_next().is_some() {}
@@ -161,6 +173,11 @@ impl Fills {
     /// The running fill of `key`, if any.
     pub fn get(&self, key: &Key) -> Option<Arc<Fill>> {
         self.locks.get(key)
+    }
+
+    /// The downloads in progress (a snapshot).
+    pub fn flights(&self) -> Vec<Arc<Fill>> {
+        self.locks.flights()
     }
 
     /// Downloads in progress.
@@ -305,10 +322,13 @@ async fn run(
                 .extra()
                 .from_peer
                 .store(true, Ordering::Release);
+            let progress = &permit.flight().extra().progress;
+            progress.set_source("peer", Some(&node));
             (*response, Some(checksum), Some(node), None)
         }
         Source::Origin(lease) => {
             state.metrics.origin_requests.inc();
+            permit.flight().extra().progress.set_source("origin", None);
             let response = state
                 .fetcher
                 .request(&origin.href, held.as_ref(), origin.glance_token.clone())
@@ -344,8 +364,11 @@ async fn run(
             })
         }),
         written: Some({
-            let r = report.clone();
-            Arc::new(move |n| r.written(n))
+            let (r, f) = (report.clone(), permit.flight().clone());
+            Arc::new(move |n| {
+                r.written(n);
+                f.extra().progress.sample(n);
+            })
         }),
         // Readers get the last byte as soon as the bytes are verified; fsync, record and
         // rename (the file is durable before it is published) finish after.
@@ -358,8 +381,10 @@ async fn run(
         }),
         evicted: Some({
             let (counter, st) = (state.metrics.evictions.clone(), state.clone());
+            let reason = format!("room for {}", permit.key());
             Arc::new(move |gone: &[(String, u64)]| {
                 counter.inc_by(gone.len() as u64);
+                st.events.evicted(gone, &reason);
                 let (st, keys) = (
                     st.clone(),
                     gone.iter().map(|g| g.0.clone()).collect::<Vec<_>>(),
@@ -425,6 +450,9 @@ async fn run(
             if peer.is_none() {
                 state.metrics.count_origin_error(&e);
             }
+            state
+                .events
+                .refused(permit.key().as_str(), &origin.href_raw, &e);
             if let Some(fleet) = &state.fleet {
                 // Nothing here to follow any more; a peer that sent a bad image is skipped
                 // for a while (the next miss tries another holder or the origin).

@@ -26,6 +26,7 @@ pub mod schemas;
 pub mod sendfile;
 pub mod serve_file;
 pub mod state;
+pub mod ui;
 pub mod upstream_auth;
 pub mod verify_stream;
 pub mod workers;

@@ -13,6 +13,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::cache_api::routes())
         .merge(crate::peer::routes())
         .merge(crate::health::routes())
+        .merge(crate::ui::routes())
         // The rest of Glance's v2 API goes upstream; anything else is a JSON 404.
         .fallback(crate::proxy::fallback)
         .layer(axum::middleware::map_response(request_id))

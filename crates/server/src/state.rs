@@ -35,6 +35,8 @@ pub struct AppState {
     pub schemas: Arc<crate::schemas::Schemas>,
     /// This node in its fleet (fleet mode only): the index of who holds what.
     pub fleet: Option<Arc<crate::fleet_node::FleetNode>>,
+    /// Recent evictions and refusals, for the status page.
+    pub events: Arc<crate::ui::events::Events>,
 }
 
 impl AppState {
@@ -105,6 +107,7 @@ impl AppState {
             allow,
             schemas,
             fleet: None,
+            events: Arc::default(),
         })
     }
 }

@@ -161,6 +161,10 @@ pub async fn prune_now(state: &AppState) -> Result<PruneReport, ApiError> {
     let max = state.config.max_size;
     let report = off_thread(move || cache.prune(max)).await?;
     state.metrics.evictions.inc_by(report.evicted.len() as u64);
+    state.events.evicted(
+        &report.evicted,
+        "pruned: least recently used, over the max size",
+    );
     let gone: Vec<String> = report.evicted.iter().map(|e| e.0.clone()).collect();
     state.withdraw(gone).await;
     refresh_gauges(state).await;

@@ -469,6 +469,16 @@ impl<X> KeyLocks<X> {
     pub fn in_flight(&self) -> usize {
         self.map.lock().expect("poisoned").len()
     }
+
+    /// The flights in progress, in no particular order (a snapshot: the map is not held).
+    pub fn flights(&self) -> Vec<Arc<Flight<X>>> {
+        self.map
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
 }
 
 /// A follower of a flight.
