@@ -64,12 +64,20 @@ pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status(&format!("serving on {scheme}://{addr}")),
         ]);
-        server
+        let t0 = std::time::Instant::now();
+        let res = server
             .serve(async {
                 stop.await;
                 notify(&[sd_notify::NotifyState::Stopping]);
             })
-            .await
+            .await;
+        // The last line: how it ended, so a log reader knows the stop was clean (or not).
+        let uptime_s = t0.elapsed().as_secs();
+        match &res {
+            Ok(()) => tracing::info!(uptime_s, "stopped"),
+            Err(e) => tracing::error!(uptime_s, error = %e, "stopped on an error"),
+        }
+        res
     })
 }
 
