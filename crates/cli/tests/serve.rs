@@ -295,7 +295,10 @@ fn logs_to_a_pipe_have_no_colour_codes() {
     assert!(!err.contains('\u{1b}'), "ANSI codes in piped logs: {err:?}");
     // The last line says it stopped, and that the stop was clean.
     let last = err.trim_end().lines().last().unwrap_or_default();
-    assert!(last.contains("INFO") && last.contains(": stopped uptime_s="), "{err}");
+    assert!(
+        last.contains("INFO") && last.contains(": stopped uptime_s="),
+        "{err}"
+    );
 }
 
 /// `request`, also telling the client address the request went from.
