@@ -100,11 +100,12 @@ fn an_unsafe_image_exits_1_with_the_reason_on_one_line() {
         .collect();
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0]["reason"], "backing_file");
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("imgcache: "), "{err}");
-    assert!(err.contains("backing file"), "{err}");
-    assert!(err.contains(s(&base)), "{err}");
+    // Under --json the reason on stderr is one JSON object too.
+    let err: Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(err["exit_code"], 1, "{err}");
+    let msg = err["error"].as_str().unwrap();
+    assert!(msg.contains("backing file"), "{msg}");
+    assert!(msg.contains(s(&base)), "{msg}");
 
     // A declared format the content contradicts.
     let ok = qcow2(d.path(), "ok.qcow2", &[]);
