@@ -101,18 +101,35 @@ impl FleetNode {
         self.wake.notify_one();
     }
 
-    /// This node published `key`.
+    /// This node published `key`. Queued like every update, and also written to the index
+    /// now (within its call bound): the caller holds the key's origin lease and releases it
+    /// next, and a node that finds the lease free must find this holding, or it would go to
+    /// the origin a second time. The queued copy re-applies it if the write fails, and
+    /// overrides a "filling" update the loop may still be applying.
     pub async fn published(&self, key: &str, size: u64, checksum: Option<String>) {
         self.queue(
             key,
             Update::Holds {
                 state: HoldingState::Published,
                 size: Some(size),
-                checksum,
+                checksum: checksum.clone(),
                 bytes: size,
             },
         )
         .await;
+        if let Err(e) = self
+            .fleet
+            .announce(
+                key,
+                HoldingState::Published,
+                Some(size),
+                checksum.as_deref(),
+                size,
+            )
+            .await
+        {
+            tracing::debug!(key, error = %e, "announcing the published image later");
+        }
     }
 
     /// This node started filling `key` (peers may follow it).
