@@ -51,16 +51,14 @@ pub struct Beside {
     /// What the record will say of the image (set before the first byte): the responses of
     /// its followers take their validators from it, as a hit's come from the record.
     meta: OnceLock<ImageMeta>,
-    /// Fleet mode: the bytes come from another node, not the origin (set before the first
-    /// byte).
-    from_peer: AtomicBool,
     /// What the status page shows of the download (`/ui/`).
     pub progress: crate::ui::progress::Progress,
 }
 
-/// Whether a fill's bytes come from another node of the fleet.
+/// Whether a fill's bytes come from another node of the fleet (its progress says where they
+/// come from, set before the first byte).
 pub fn from_peer(fill: &Fill) -> bool {
-    fill.extra().from_peer.load(Ordering::Acquire)
+    fill.extra().progress.source().0 == "peer"
 }
 
 /// How a request came to a fill.
@@ -317,11 +315,6 @@ async fn run(
             node,
         } => {
             state.metrics.peer_fills.inc();
-            permit
-                .flight()
-                .extra()
-                .from_peer
-                .store(true, Ordering::Release);
             let progress = &permit.flight().extra().progress;
             progress.set_source("peer", Some(&node));
             (*response, Some(checksum), Some(node), None)
