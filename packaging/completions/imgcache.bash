@@ -37,6 +37,9 @@ _imgcache() {
             imgcache,fetch)
                 cmd="imgcache__subcmd__fetch"
                 ;;
+            imgcache,fleet)
+                cmd="imgcache__subcmd__fleet"
+                ;;
             imgcache,fsck)
                 cmd="imgcache__subcmd__fsck"
                 ;;
@@ -64,6 +67,24 @@ _imgcache() {
             imgcache,verify)
                 cmd="imgcache__subcmd__verify"
                 ;;
+            imgcache__subcmd__fleet,help)
+                cmd="imgcache__subcmd__fleet__subcmd__help"
+                ;;
+            imgcache__subcmd__fleet,holders)
+                cmd="imgcache__subcmd__fleet__subcmd__holders"
+                ;;
+            imgcache__subcmd__fleet,nodes)
+                cmd="imgcache__subcmd__fleet__subcmd__nodes"
+                ;;
+            imgcache__subcmd__fleet__subcmd__help,help)
+                cmd="imgcache__subcmd__fleet__subcmd__help__subcmd__help"
+                ;;
+            imgcache__subcmd__fleet__subcmd__help,holders)
+                cmd="imgcache__subcmd__fleet__subcmd__help__subcmd__holders"
+                ;;
+            imgcache__subcmd__fleet__subcmd__help,nodes)
+                cmd="imgcache__subcmd__fleet__subcmd__help__subcmd__nodes"
+                ;;
             imgcache__subcmd__help,add)
                 cmd="imgcache__subcmd__help__subcmd__add"
                 ;;
@@ -84,6 +105,9 @@ _imgcache() {
                 ;;
             imgcache__subcmd__help,fetch)
                 cmd="imgcache__subcmd__help__subcmd__fetch"
+                ;;
+            imgcache__subcmd__help,fleet)
+                cmd="imgcache__subcmd__help__subcmd__fleet"
                 ;;
             imgcache__subcmd__help,fsck)
                 cmd="imgcache__subcmd__help__subcmd__fsck"
@@ -112,6 +136,12 @@ _imgcache() {
             imgcache__subcmd__help,verify)
                 cmd="imgcache__subcmd__help__subcmd__verify"
                 ;;
+            imgcache__subcmd__help__subcmd__fleet,holders)
+                cmd="imgcache__subcmd__help__subcmd__fleet__subcmd__holders"
+                ;;
+            imgcache__subcmd__help__subcmd__fleet,nodes)
+                cmd="imgcache__subcmd__help__subcmd__fleet__subcmd__nodes"
+                ;;
             *)
                 ;;
         esac
@@ -119,7 +149,7 @@ _imgcache() {
 
     case "${cmd}" in
         imgcache)
-            opts="-h -V --json --config --cache-dir --driver --help --version list add queue delete clear stats verify inspect cleanup caches prune clean fsck fetch serve help"
+            opts="-h -V --json --config --cache-dir --driver --help --version list add queue delete clear stats verify inspect cleanup caches prune clean fsck fleet fetch serve help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -321,7 +351,7 @@ _imgcache() {
             return 0
             ;;
         imgcache__subcmd__fetch)
-            opts="-q -h -V --raw --format --permitted-formats --no-zstd --qemu-img --checksum --cache --quiet --glance-url --allow-file-dir --revalidate-interval --ca-bundle --insecure --json --config --cache-dir --driver --help --version"
+            opts="-q -h -V --raw --format --permitted-formats --no-zstd --qemu-img --checksum --cache --quiet --glance-url --allow-file-dir --revalidate-interval --ca-bundle --insecure --fleet-db --node-url --fleet-token --json --config --cache-dir --driver --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -363,6 +393,156 @@ _imgcache() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --fleet-db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --node-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --fleet-token)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cache-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --driver)
+                    COMPREPLY=($(compgen -W "sqlite xattr" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgcache__subcmd__fleet)
+            opts="-h -V --fleet-db --json --config --cache-dir --driver --help --version nodes holders help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --fleet-db)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cache-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --driver)
+                    COMPREPLY=($(compgen -W "sqlite xattr" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgcache__subcmd__fleet__subcmd__help)
+            opts="nodes holders help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgcache__subcmd__fleet__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgcache__subcmd__fleet__subcmd__help__subcmd__holders)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgcache__subcmd__fleet__subcmd__help__subcmd__nodes)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgcache__subcmd__fleet__subcmd__holders)
+            opts="-h -V --json --config --cache-dir --driver --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cache-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --driver)
+                    COMPREPLY=($(compgen -W "sqlite xattr" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgcache__subcmd__fleet__subcmd__nodes)
+            opts="-h -V --json --config --cache-dir --driver --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -413,7 +593,7 @@ _imgcache() {
             return 0
             ;;
         imgcache__subcmd__help)
-            opts="list add queue delete clear stats verify inspect cleanup caches prune clean fsck fetch serve help"
+            opts="list add queue delete clear stats verify inspect cleanup caches prune clean fsck fleet fetch serve help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -513,6 +693,48 @@ _imgcache() {
         imgcache__subcmd__help__subcmd__fetch)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgcache__subcmd__help__subcmd__fleet)
+            opts="nodes holders"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgcache__subcmd__help__subcmd__fleet__subcmd__holders)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgcache__subcmd__help__subcmd__fleet__subcmd__nodes)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -763,25 +985,13 @@ _imgcache() {
             return 0
             ;;
         imgcache__subcmd__serve)
-            opts="-h -V --permitted-formats --shutdown-grace --header-read-timeout --auth-cache-ttl --tls-cert --tls-key --log-format --max-size --glance-url --allow-file-dir --listen --admin-token --allow-href-prefix --fleet-db --node-url --fleet-token --scrub-interval --json --config --cache-dir --driver --help --version"
+            opts="-h -V --permitted-formats --tls-cert --tls-key --log-format --max-size --glance-url --allow-file-dir --listen --admin-token --allow-href-prefix --fleet-db --node-url --fleet-token --scrub-interval --shutdown-grace --header-read-timeout --auth-cache-ttl --json --config --cache-dir --driver --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --permitted-formats)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --shutdown-grace)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --header-read-timeout)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --auth-cache-ttl)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -834,6 +1044,18 @@ _imgcache() {
                     return 0
                     ;;
                 --scrub-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shutdown-grace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --header-read-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --auth-cache-ttl)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use imgcache_store::{DriverKind, Integrity};
 
-use crate::config::{self, Layer};
+use crate::config::Layer;
 use crate::settings;
 
 /// imgcache: a crash-safe disk cache for VM images.
@@ -150,6 +150,8 @@ pub enum Command {
     },
     /// List the provisioning caches: directory, priority, limits, size and free space
     Caches,
+    /// Read the fleet index: live nodes, or who holds an image (fleet mode)
+    Fleet(FleetArgs),
     /// Run the caching image server: Glance's image download and cache-management API,
     /// one origin download per image with every client streamed while it runs
     Serve(ServeArgs),
@@ -187,14 +189,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub allow_file_dir: Vec<PathBuf>,
     /// After SIGTERM/SIGINT, how long in-flight responses may run before they are cut
-    #[arg(long, value_name = "DURATION", value_parser = duration_parser, default_value = "30s")]
-    pub shutdown_grace: Duration,
+    #[arg(long, value_name = "DURATION", value_parser = duration_parser)]
+    pub shutdown_grace: Option<Duration>,
     /// A client must send its request headers within this (slowloris protection)
-    #[arg(long, value_name = "DURATION", value_parser = duration_parser, default_value = "10s")]
-    pub header_read_timeout: Duration,
+    #[arg(long, value_name = "DURATION", value_parser = interval_parser)]
+    pub header_read_timeout: Option<Duration>,
     /// How long an upstream "this token may read this image" answer is reused
-    #[arg(long, value_name = "DURATION", value_parser = duration_parser, default_value = "60s")]
-    pub auth_cache_ttl: Duration,
+    #[arg(long, value_name = "DURATION", value_parser = duration_parser)]
+    pub auth_cache_ttl: Option<Duration>,
     /// TLS certificate chain (PEM); serves HTTPS with --tls-key
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -208,6 +210,26 @@ pub struct ServeArgs {
     /// background at low priority (a mismatch goes to invalid/), e.g. 24h
     #[arg(long, value_name = "DURATION", value_parser = duration_parser)]
     pub scrub_interval: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// The shared PostgreSQL index, e.g. postgresql://user@host:5432/imgcache
+    #[arg(long, value_name = "URL")]
+    pub fleet_db: Option<String>,
+    #[command(subcommand)]
+    pub what: FleetCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Live nodes: URL, heartbeat age, what each holds and is filling
+    Nodes,
+    /// The live nodes holding or filling an image (Glance's cache-nodes-list, with states)
+    Holders {
+        /// Image key (a Glance image id)
+        id: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -289,6 +311,15 @@ pub struct FetchArgs {
     /// Accept any TLS certificate (labs only)
     #[arg(long)]
     pub insecure: bool,
+    /// Fleet mode: the shared PostgreSQL index; a miss fills from a live holder, else under the fleet's origin lease
+    #[arg(long, value_name = "URL")]
+    pub fleet_db: Option<String>,
+    /// Fleet mode: the node URL this fetch joins as (an http(s) URL a `serve` on the same cache answers at; default fetch://HOST/PID)
+    #[arg(long, value_name = "URL")]
+    pub node_url: Option<String>,
+    /// Fleet mode: the token peers present to each other
+    #[arg(long, value_name = "SECRET")]
+    pub fleet_token: Option<String>,
     /// No progress bar (it is only shown when stderr is a terminal anyway)
     #[arg(short, long)]
     pub quiet: bool,
@@ -382,15 +413,19 @@ pub fn parse() -> Cli {
 }
 
 fn size_parser(s: &str) -> Result<u64, String> {
-    config::parse_size(s).map_err(|e| e.to_string())
+    imgcache_settings::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn listen_parser(s: &str) -> Result<String, String> {
-    config::parse_listen(s).map_err(|e| e.to_string())
+    imgcache_settings::parse_listen(s).map_err(|e| e.to_string())
 }
 
 fn duration_parser(s: &str) -> Result<Duration, String> {
-    config::parse_duration(s).map_err(|e| e.to_string())
+    imgcache_settings::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn interval_parser(s: &str) -> Result<Duration, String> {
+    imgcache_settings::parse_interval(s).map_err(|e| e.to_string())
 }
 
 fn checksum_parser(s: &str) -> Result<Integrity, String> {
@@ -422,6 +457,12 @@ impl Cli {
             layer.revalidate_interval = f.revalidate_interval;
             layer.ca_bundle = f.ca_bundle.clone();
             layer.insecure = f.insecure.then_some(true);
+            layer.fleet_db = f.fleet_db.clone();
+            layer.node_url = f.node_url.clone();
+            layer.fleet_token = f.fleet_token.clone();
+        }
+        if let Command::Fleet(a) = &self.command {
+            layer.fleet_db = a.fleet_db.clone();
         }
         if let Command::Serve(a) = &self.command {
             layer.listen = a.listen.clone();
@@ -437,6 +478,9 @@ impl Cli {
                 layer.allow_file_dirs = Some(a.allow_file_dir.clone());
             }
             layer.scrub_interval = a.scrub_interval;
+            layer.shutdown_grace = a.shutdown_grace;
+            layer.header_read_timeout = a.header_read_timeout;
+            layer.auth_cache_ttl = a.auth_cache_ttl;
         }
         layer
     }

@@ -2,8 +2,9 @@
 //! command-line flags. Each source is a [`Layer`] of optional values; [`Settings::resolve`]
 //! stacks them over the defaults.
 //!
-//! Sizes are human sizes with binary units (`10G` = 10 GiB, see [`parse_size`]); durations are
-//! humantime durations (`24h`, `7d`, `90s`).
+//! Which settings there are, their variables and defaults are [`imgcache_settings::SETTINGS`];
+//! values are read by that crate's parsers: sizes are human sizes with binary units (`10G` =
+//! 10 GiB, see [`parse_size`]); durations are humantime durations (`24h`, `7d`, `90s`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,33 +16,22 @@ use serde::Deserialize;
 
 pub use crate::settings::ENV_CONFIG;
 use crate::settings::setting;
-
-const KIB: u64 = 1024;
-const MIB: u64 = KIB * 1024;
-const GIB: u64 = MIB * 1024;
-
-/// A setting's default, as [`crate::settings::SETTINGS`] gives it, parsed like its values.
-/// The table's defaults are checked by this module's tests, so a bad one never ships.
-fn default_of<T>(key: &str, parse: impl Fn(&str) -> Result<T>) -> T {
-    let v = setting(key)
-        .default_value()
-        .unwrap_or_else(|| panic!("SETTINGS: {key} has no default value"));
-    parse(v).unwrap_or_else(|e| panic!("SETTINGS: the default of {key}: {e:#}"))
-}
+use imgcache_settings::{
+    KIB, default_bool, default_count, default_duration, default_size, default_string,
+    nonzero_count, parse_bool, parse_count, parse_duration, parse_interval, parse_listen,
+    parse_nonzero_count, parse_size,
+};
 
 /// Within this time of its last validation an http(s) master is used without asking the
 /// origin; `cmd`'s default (`imgcache fetch` asks on every call, as Ironic's `fetch_image`
 /// does; `imgcache serve` serves hits and checks them in the background at most every 60 s).
 pub fn default_revalidate_interval(cmd: &str) -> Duration {
-    let v = setting("revalidate_interval")
-        .default_for(cmd)
-        .unwrap_or_else(|| panic!("SETTINGS: revalidate_interval has no default for {cmd}"));
-    parse_duration(v).unwrap_or_else(|e| panic!("SETTINGS: revalidate_interval for {cmd}: {e:#}"))
+    imgcache_settings::default_duration_for("revalidate_interval", cmd)
 }
 
 /// Cache directory when running as root.
 pub fn root_cache_dir() -> PathBuf {
-    default_of("cache_dir", |v| Ok(PathBuf::from(v)))
+    PathBuf::from(default_string("cache_dir"))
 }
 
 /// A `[caches.NAME]` table: one named provisioning cache (Ironic's master dirs).
@@ -78,7 +68,7 @@ impl SizeValue {
     fn bytes(&self) -> Result<u64> {
         match self {
             SizeValue::Bytes(b) => Ok(*b),
-            SizeValue::Human(s) => parse_size(s),
+            SizeValue::Human(s) => Ok(parse_size(s)?),
         }
     }
 }
@@ -107,8 +97,14 @@ pub struct Layer {
     pub node_url: Option<String>,
     pub fleet_token: Option<String>,
     pub heartbeat_timeout: Option<Duration>,
+    pub peer_fanout: Option<u32>,
     pub scrub_interval: Option<Duration>,
     pub access_log: Option<bool>,
+    pub prune_interval: Option<Duration>,
+    pub clean_interval: Option<Duration>,
+    pub shutdown_grace: Option<Duration>,
+    pub header_read_timeout: Option<Duration>,
+    pub auth_cache_ttl: Option<Duration>,
     /// `[caches.NAME]` tables (file only).
     pub caches: Option<BTreeMap<String, CacheTable>>,
 }
@@ -138,8 +134,14 @@ impl Layer {
             node_url: upper.node_url.or(self.node_url),
             fleet_token: upper.fleet_token.or(self.fleet_token),
             heartbeat_timeout: upper.heartbeat_timeout.or(self.heartbeat_timeout),
+            peer_fanout: upper.peer_fanout.or(self.peer_fanout),
             scrub_interval: upper.scrub_interval.or(self.scrub_interval),
             access_log: upper.access_log.or(self.access_log),
+            prune_interval: upper.prune_interval.or(self.prune_interval),
+            clean_interval: upper.clean_interval.or(self.clean_interval),
+            shutdown_grace: upper.shutdown_grace.or(self.shutdown_grace),
+            header_read_timeout: upper.header_read_timeout.or(self.header_read_timeout),
+            auth_cache_ttl: upper.auth_cache_ttl.or(self.auth_cache_ttl),
             caches: upper.caches.or(self.caches),
         }
     }
@@ -170,8 +172,14 @@ impl Layer {
             node_url: Option<String>,
             fleet_token: Option<String>,
             heartbeat_timeout: Option<String>,
+            peer_fanout: Option<u32>,
             scrub_interval: Option<String>,
             access_log: Option<bool>,
+            prune_interval: Option<String>,
+            clean_interval: Option<String>,
+            shutdown_grace: Option<String>,
+            header_read_timeout: Option<String>,
+            auth_cache_ttl: Option<String>,
             caches: Option<BTreeMap<String, CacheTable>>,
         }
         let f: File = toml::from_str(text).map_err(|e| anyhow!(one_line(&e.to_string())))?;
@@ -232,12 +240,42 @@ impl Layer {
                 .map(|s| parse_duration(&s))
                 .transpose()
                 .context("heartbeat_timeout")?,
+            peer_fanout: f
+                .peer_fanout
+                .map(nonzero_count)
+                .transpose()
+                .context("peer_fanout")?,
             scrub_interval: f
                 .scrub_interval
                 .map(|s| parse_duration(&s))
                 .transpose()
                 .context("scrub_interval")?,
             access_log: f.access_log,
+            prune_interval: f
+                .prune_interval
+                .map(|s| parse_interval(&s))
+                .transpose()
+                .context("prune_interval")?,
+            clean_interval: f
+                .clean_interval
+                .map(|s| parse_interval(&s))
+                .transpose()
+                .context("clean_interval")?,
+            shutdown_grace: f
+                .shutdown_grace
+                .map(|s| parse_duration(&s))
+                .transpose()
+                .context("shutdown_grace")?,
+            header_read_timeout: f
+                .header_read_timeout
+                .map(|s| parse_interval(&s))
+                .transpose()
+                .context("header_read_timeout")?,
+            auth_cache_ttl: f
+                .auth_cache_ttl
+                .map(|s| parse_duration(&s))
+                .transpose()
+                .context("auth_cache_ttl")?,
             caches: f.caches,
         })
     }
@@ -254,21 +292,22 @@ impl Layer {
     /// variables the first one set wins. A bad value is an error naming its variable.
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Layer> {
         let get = &get;
-        let string = |key: &str| env_value(get, key, |v| Ok(v.to_owned()));
+        let string = |key: &str| env_value(get, key, |v| anyhow::Ok(v.to_owned()));
         let list = |key: &str| {
             let sep = setting(key)
                 .list
                 .unwrap_or_else(|| panic!("SETTINGS: {key} is not a list"));
             env_value(get, key, |v| {
-                Ok(sep
-                    .split(v)
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>())
+                anyhow::Ok(
+                    sep.split(v)
+                        .into_iter()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>(),
+                )
             })
         };
         Ok(Layer {
-            cache_dir: env_value(get, "cache_dir", |v| Ok(PathBuf::from(v)))?,
+            cache_dir: env_value(get, "cache_dir", |v| anyhow::Ok(PathBuf::from(v)))?,
             driver: env_value(get, "driver", parse_driver)?,
             max_size: env_value(get, "max_size", parse_size)?,
             stall_time: env_value(get, "stall_time", parse_duration)?,
@@ -278,7 +317,7 @@ impl Layer {
             allow_file_dirs: list("allow_file_dirs")?
                 .map(|v| v.into_iter().map(PathBuf::from).collect()),
             revalidate_interval: env_value(get, "revalidate_interval", parse_duration)?,
-            ca_bundle: env_value(get, "ca_bundle", |v| Ok(PathBuf::from(v)))?,
+            ca_bundle: env_value(get, "ca_bundle", |v| anyhow::Ok(PathBuf::from(v)))?,
             insecure: env_value(get, "insecure", parse_bool)?,
             origin_attempt_timeout: env_value(get, "origin_attempt_timeout", parse_duration)?,
             origin_retries: env_value(get, "origin_retries", parse_count)?,
@@ -290,22 +329,28 @@ impl Layer {
             node_url: string("node_url")?,
             fleet_token: string("fleet_token")?,
             heartbeat_timeout: env_value(get, "heartbeat_timeout", parse_duration)?,
+            peer_fanout: env_value(get, "peer_fanout", parse_nonzero_count)?,
             scrub_interval: env_value(get, "scrub_interval", parse_duration)?,
             access_log: env_value(get, "access_log", parse_bool)?,
+            prune_interval: env_value(get, "prune_interval", parse_interval)?,
+            clean_interval: env_value(get, "clean_interval", parse_interval)?,
+            shutdown_grace: env_value(get, "shutdown_grace", parse_duration)?,
+            header_read_timeout: env_value(get, "header_read_timeout", parse_interval)?,
+            auth_cache_ttl: env_value(get, "auth_cache_ttl", parse_duration)?,
             caches: None,
         })
     }
 }
 
 /// The value of the first of `key`'s variables that is set (non-empty), parsed.
-fn env_value<T>(
+fn env_value<T, E: Into<anyhow::Error>>(
     get: &dyn Fn(&str) -> Option<String>,
     key: &str,
-    parse: impl Fn(&str) -> Result<T>,
+    parse: impl Fn(&str) -> std::result::Result<T, E>,
 ) -> Result<Option<T>> {
     for name in setting(key).env {
         if let Some(v) = get(name).filter(|v| !v.is_empty()) {
-            return parse(&v).context(*name).map(Some);
+            return parse(&v).map_err(Into::into).context(*name).map(Some);
         }
     }
     Ok(None)
@@ -346,10 +391,21 @@ pub struct Settings {
     pub node_url: Option<String>,
     pub fleet_token: Option<String>,
     pub heartbeat_timeout: Duration,
+    /// Fleet mode (`serve`): how many peers one node serves at once (at least 1).
+    pub peer_fanout: u32,
     /// `imgcache serve`: how often the background verify (scrub) pass runs; `None`: never.
     pub scrub_interval: Option<Duration>,
     /// `imgcache serve`: one access-log line per request.
     pub access_log: bool,
+    /// `imgcache serve`: how often the pruner and the cleaner run (more than zero).
+    pub prune_interval: Duration,
+    pub clean_interval: Duration,
+    /// `imgcache serve`: how long in-flight responses may run after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// `imgcache serve`: a client must send its request headers within this.
+    pub header_read_timeout: Duration,
+    /// `imgcache serve`: how long an upstream authorization answer is reused.
+    pub auth_cache_ttl: Duration,
     /// Named provisioning caches, highest priority first.
     pub caches: Vec<NamedCache>,
 }
@@ -403,36 +459,34 @@ impl Settings {
                 Some(d) => d,
                 None => host.default_cache_dir()?,
             },
-            driver: l
-                .driver
-                .unwrap_or_else(|| default_of("driver", parse_driver)),
-            max_size: l
-                .max_size
-                .unwrap_or_else(|| default_of("max_size", parse_size)),
+            driver: match l.driver {
+                Some(d) => d,
+                None => parse_driver(default_string("driver"))
+                    .unwrap_or_else(|e| panic!("SETTINGS: the default of driver: {e:#}")),
+            },
+            max_size: l.max_size.unwrap_or_else(|| default_size("max_size")),
             stall_time: l
                 .stall_time
-                .unwrap_or_else(|| default_of("stall_time", parse_duration)),
-            ttl: l.ttl.unwrap_or_else(|| default_of("ttl", parse_duration)),
+                .unwrap_or_else(|| default_duration("stall_time")),
+            ttl: l.ttl.unwrap_or_else(|| default_duration("ttl")),
             glance_url: l.glance_url,
             glance_token: l.glance_token,
             allow_file_dirs: l.allow_file_dirs.unwrap_or_default(),
             revalidate_interval: l.revalidate_interval,
             ca_bundle: l.ca_bundle,
-            insecure: l
-                .insecure
-                .unwrap_or_else(|| default_of("insecure", parse_bool)),
+            insecure: l.insecure.unwrap_or_else(|| default_bool("insecure")),
             origin_attempt_timeout: l
                 .origin_attempt_timeout
-                .unwrap_or_else(|| default_of("origin_attempt_timeout", parse_duration)),
+                .unwrap_or_else(|| default_duration("origin_attempt_timeout")),
             origin_retries: l
                 .origin_retries
-                .unwrap_or_else(|| default_of("origin_retries", parse_count)),
+                .unwrap_or_else(|| default_count("origin_retries")),
             origin_retry_budget: l
                 .origin_retry_budget
-                .unwrap_or_else(|| default_of("origin_retry_budget", parse_duration)),
+                .unwrap_or_else(|| default_duration("origin_retry_budget")),
             listen: l
                 .listen
-                .unwrap_or_else(|| default_of("listen", parse_listen)),
+                .unwrap_or_else(|| default_string("listen").to_owned()),
             admin_token: l.admin_token,
             allow_href_prefixes: l.allow_href_prefixes.unwrap_or_default(),
             fleet_db: l.fleet_db,
@@ -440,11 +494,27 @@ impl Settings {
             fleet_token: l.fleet_token,
             heartbeat_timeout: l
                 .heartbeat_timeout
-                .unwrap_or_else(|| default_of("heartbeat_timeout", parse_duration)),
+                .unwrap_or_else(|| default_duration("heartbeat_timeout")),
+            peer_fanout: l
+                .peer_fanout
+                .unwrap_or_else(|| default_count("peer_fanout")),
             scrub_interval: l.scrub_interval.filter(|d| !d.is_zero()),
-            access_log: l
-                .access_log
-                .unwrap_or_else(|| default_of("access_log", parse_bool)),
+            access_log: l.access_log.unwrap_or_else(|| default_bool("access_log")),
+            prune_interval: l
+                .prune_interval
+                .unwrap_or_else(|| default_duration("prune_interval")),
+            clean_interval: l
+                .clean_interval
+                .unwrap_or_else(|| default_duration("clean_interval")),
+            shutdown_grace: l
+                .shutdown_grace
+                .unwrap_or_else(|| default_duration("shutdown_grace")),
+            header_read_timeout: l
+                .header_read_timeout
+                .unwrap_or_else(|| default_duration("header_read_timeout")),
+            auth_cache_ttl: l
+                .auth_cache_ttl
+                .unwrap_or_else(|| default_duration("auth_cache_ttl")),
             caches: resolve_caches(l.caches.unwrap_or_default())?,
         })
     }
@@ -489,105 +559,8 @@ fn resolve_caches(tables: BTreeMap<String, CacheTable>) -> Result<Vec<NamedCache
     Ok(out)
 }
 
-/// An address to listen on, `HOST:PORT`: an IP address (`[::1]:9292` for IPv6) or a host name
-/// (`localhost:9292`), which `serve` resolves when it binds. Only the form is checked here.
-pub fn parse_listen(s: &str) -> Result<String> {
-    let t = s.trim();
-    let err = |why: &str| {
-        anyhow!(
-            "invalid listen address {s:?}: {why}; expected HOST:PORT, e.g. 127.0.0.1:9292, \
-             [::1]:9292 or localhost:9292"
-        )
-    };
-    if t.parse::<std::net::SocketAddr>().is_ok() {
-        return Ok(t.to_owned());
-    }
-    let Some((host, port)) = t.rsplit_once(':') else {
-        return Err(err("no port"));
-    };
-    if port.parse::<u16>().is_err() {
-        return Err(err("the port is not a number from 0 to 65535"));
-    }
-    if host.contains(':') || host.starts_with('[') {
-        return Err(err("an IPv6 address goes in brackets, [ADDR]:PORT"));
-    }
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-    };
-    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
-        return Err(err("not an IP address or host name"));
-    }
-    Ok(t.to_owned())
-}
-
-fn parse_count(s: &str) -> Result<u32> {
-    s.trim()
-        .parse()
-        .map_err(|_| anyhow!("{s:?} is not a count (a whole number)"))
-}
-
-fn parse_bool(s: &str) -> Result<bool> {
-    match s.to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => bail!("invalid boolean {s:?}: expected true or false"),
-    }
-}
-
 fn parse_driver(s: &str) -> Result<DriverKind> {
     s.parse::<DriverKind>().map_err(|e| anyhow!(e))
-}
-
-/// Parses a human size. Units are binary whatever their spelling: `K`, `KB`, `KiB` are all
-/// 1024 bytes, `G`/`GB`/`GiB` 1024³ (as Glance and `df -h` mean them). Case does not matter,
-/// fractions are allowed (`1.5G`), a bare number is bytes (`B` may be written).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let err = || {
-        anyhow!(
-            "invalid size {s:?}: expected a number of bytes or a number with a unit \
-             K, M, G, T, P (binary: 10G = 10 GiB), e.g. 512M, 1.5GiB"
-        )
-    };
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let unit = unit.trim().to_ascii_lowercase();
-    let mult: u64 = match unit.as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => KIB,
-        "m" | "mb" | "mib" => MIB,
-        "g" | "gb" | "gib" => GIB,
-        "t" | "tb" | "tib" => GIB * KIB,
-        "p" | "pb" | "pib" => GIB * MIB,
-        _ => return Err(err()),
-    };
-    if num.is_empty() || num.matches('.').count() > 1 || num.starts_with('.') || num.ends_with('.')
-    {
-        return Err(err());
-    }
-    if let Ok(n) = num.parse::<u64>() {
-        return n
-            .checked_mul(mult)
-            .ok_or_else(|| anyhow!("invalid size {s:?}: too large"));
-    }
-    let f: f64 = num.parse().map_err(|_| err())?;
-    let bytes = (f * mult as f64).round();
-    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
-        bail!("invalid size {s:?}: too large");
-    }
-    Ok(bytes as u64)
-}
-
-/// Parses a humantime duration (`24h`, `7d`, `90s`, `1h 30m`).
-pub fn parse_duration(s: &str) -> Result<Duration> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| anyhow!("invalid duration {s:?}: {e} (expected e.g. 90s, 30m, 24h, 7d)"))
 }
 
 /// Formats bytes for people: `64.0 MiB`, `512 B`.
@@ -653,6 +626,7 @@ fn one_line(msg: &str) -> String {
 mod tests {
     use super::*;
     use crate::settings::env_of;
+    use imgcache_settings::{GIB, MIB};
 
     const ENV_CACHE_DIR: &str = env_of("cache_dir");
     const ENV_DRIVER: &str = env_of("driver");
@@ -670,45 +644,6 @@ mod tests {
             xdg_cache_home: None,
             home: Some("/home/u".into()),
         }
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("0").unwrap(), 0);
-        assert_eq!(parse_size("123").unwrap(), 123);
-        assert_eq!(parse_size("123B").unwrap(), 123);
-        assert_eq!(parse_size("10G").unwrap(), 10 * GIB);
-        assert_eq!(parse_size("10g").unwrap(), 10 * GIB);
-        assert_eq!(parse_size("10GB").unwrap(), 10 * GIB);
-        assert_eq!(parse_size("10GiB").unwrap(), 10 * GIB);
-        assert_eq!(parse_size("512M").unwrap(), 512 * MIB);
-        assert_eq!(parse_size("1.5GiB").unwrap(), 3 * GIB / 2);
-        assert_eq!(parse_size("4k").unwrap(), 4096);
-        assert_eq!(parse_size(" 2 T ").unwrap(), 2 * GIB * KIB);
-        assert_eq!(parse_size("1P").unwrap(), GIB * MIB);
-        for bad in [
-            "", "10Q", "G", "-1", "1.2.3", ".5G", "5.G", "ten", "1e3", "10 GBs",
-        ] {
-            let e = parse_size(bad).unwrap_err().to_string();
-            assert!(e.contains("invalid size"), "{bad}: {e}");
-        }
-        assert!(parse_size("99999999999P").is_err());
-        assert!(parse_size("18446744073709551615").is_ok());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert_eq!(
-            parse_duration("7d").unwrap(),
-            Duration::from_secs(7 * 86400)
-        );
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
-        let e = parse_duration("soon").unwrap_err().to_string();
-        assert!(e.contains("invalid duration \"soon\""), "{e}");
-        assert!(parse_duration("24").is_err());
     }
 
     #[test]
@@ -948,10 +883,124 @@ mod tests {
                 node_url: None,
                 fleet_token: None,
                 heartbeat_timeout: Duration::from_secs(60),
+                peer_fanout: 4,
                 scrub_interval: None,
                 access_log: true,
+                prune_interval: Duration::from_secs(60),
+                clean_interval: Duration::from_secs(600),
+                shutdown_grace: Duration::from_secs(30),
+                header_read_timeout: Duration::from_secs(10),
+                auth_cache_ttl: Duration::from_secs(60),
                 caches: vec![],
             }
+        );
+    }
+
+    /// The fleet and serve tuning keys: read from the file, the environment and (where the
+    /// table gives one) a flag, each over the one before; zero where it means nothing is
+    /// refused, naming the key or variable.
+    #[test]
+    fn serve_tuning_keys_from_file_env_and_flags() {
+        let file = Layer::from_toml(
+            r#"
+            peer_fanout = 2
+            prune_interval = "5m"
+            clean_interval = "1h"
+            shutdown_grace = "0s"
+            header_read_timeout = "3s"
+            auth_cache_ttl = "2m"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            file,
+            Layer {
+                peer_fanout: Some(2),
+                prune_interval: Some(Duration::from_secs(300)),
+                clean_interval: Some(Duration::from_secs(3600)),
+                shutdown_grace: Some(Duration::ZERO),
+                header_read_timeout: Some(Duration::from_secs(3)),
+                auth_cache_ttl: Some(Duration::from_secs(120)),
+                ..Layer::default()
+            }
+        );
+        let s =
+            Settings::resolve(file.clone(), Layer::default(), Layer::default(), &host()).unwrap();
+        assert_eq!(s.peer_fanout, 2);
+        assert_eq!(s.prune_interval, Duration::from_secs(300));
+        assert_eq!(s.clean_interval, Duration::from_secs(3600));
+        assert_eq!(s.shutdown_grace, Duration::ZERO);
+        assert_eq!(s.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(s.auth_cache_ttl, Duration::from_secs(120));
+
+        let env = Layer::from_env(|k| {
+            let v = match k {
+                k if k == env_of("peer_fanout") => "8",
+                k if k == env_of("prune_interval") => "90s",
+                k if k == env_of("clean_interval") => "20m",
+                k if k == env_of("shutdown_grace") => "45s",
+                k if k == env_of("header_read_timeout") => "4s",
+                k if k == env_of("auth_cache_ttl") => "0s",
+                _ => return None,
+            };
+            Some(v.to_owned())
+        })
+        .unwrap();
+        assert_eq!(env.peer_fanout, Some(8));
+        assert_eq!(env.prune_interval, Some(Duration::from_secs(90)));
+        assert_eq!(env.clean_interval, Some(Duration::from_secs(1200)));
+        assert_eq!(env.shutdown_grace, Some(Duration::from_secs(45)));
+        assert_eq!(env.header_read_timeout, Some(Duration::from_secs(4)));
+        assert_eq!(env.auth_cache_ttl, Some(Duration::ZERO));
+
+        use clap::Parser;
+        let flags = crate::cli::Cli::try_parse_from([
+            "imgcache",
+            "serve",
+            "--shutdown-grace",
+            "5s",
+            "--header-read-timeout",
+            "2s",
+            "--auth-cache-ttl",
+            "1m",
+        ])
+        .unwrap()
+        .flag_layer();
+        assert_eq!(flags.shutdown_grace, Some(Duration::from_secs(5)));
+        assert_eq!(flags.header_read_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(flags.auth_cache_ttl, Some(Duration::from_secs(60)));
+
+        let s = Settings::resolve(file, env, flags, &host()).unwrap();
+        assert_eq!(s.peer_fanout, 8, "env beats file");
+        assert_eq!(s.clean_interval, Duration::from_secs(1200));
+        assert_eq!(s.shutdown_grace, Duration::from_secs(5), "flag beats env");
+        assert_eq!(s.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(s.auth_cache_ttl, Duration::from_secs(60));
+
+        // Zero: refused where it means nothing, with the key or variable named.
+        let e = format!("{:#}", Layer::from_toml("peer_fanout = 0").unwrap_err());
+        assert!(
+            e.starts_with("peer_fanout: 0 is not a count of at least 1"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            Layer::from_env(|k| (k == env_of("peer_fanout")).then(|| "0".into())).unwrap_err()
+        );
+        assert!(
+            e.starts_with("IMGCACHE_PEER_FANOUT: 0 is not a count of at least 1"),
+            "{e}"
+        );
+        for key in ["prune_interval", "clean_interval", "header_read_timeout"] {
+            let e = format!(
+                "{:#}",
+                Layer::from_toml(&format!("{key} = \"0s\"")).unwrap_err()
+            );
+            assert!(e.starts_with(&format!("{key}: invalid interval")), "{e}");
+        }
+        assert!(
+            crate::cli::Cli::try_parse_from(["imgcache", "serve", "--header-read-timeout", "0s"])
+                .is_err()
         );
     }
 

@@ -1,5 +1,5 @@
 //! The generated files under `packaging/`: the example configuration (from the settings table,
-//! [`crate::settings::SETTINGS`]), the man pages and the shell completions (from the clap
+//! [`imgcache_settings::SETTINGS`]), the man pages and the shell completions (from the clap
 //! command, [`crate::cli::command`]). They are committed, so a package build needs nothing but
 //! the tree (`cargo deb` ships them as they are); `packaging_files_are_up_to_date` regenerates
 //! them in memory and fails when a committed one differs. To rewrite them:
@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::settings::{ENV_CONFIG, SETTINGS, SettingDef};
+use imgcache_settings::{ENV_CONFIG, SETTINGS, SettingDef};
 
 /// The command that rewrites the generated files.
 pub const UPDATE_COMMAND: &str =
@@ -75,7 +75,7 @@ pub fn example_config() -> String {
         s.push_str("#\n");
     }
     s.push_str(&comment(
-        "Generated from the settings table (crates/cli/src/settings.rs) by the command below; a \
+        "Generated from the settings table (crates/settings/src/lib.rs) by the command below; a \
          test fails when the two disagree:",
         0,
     ));

@@ -162,6 +162,7 @@ fn cases(origin_url: &str) -> Vec<Case> {
             Fault::ChangedAfter {
                 cut_after: 1 << 20,
                 then: other,
+                then_etag: None,
             },
             1,
             false,

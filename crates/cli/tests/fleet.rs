@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use imgcache_testkit::glance::{ADMIN_TOKEN, FakeGlance, MEMBER_TOKEN, seed_bytes};
+use imgcache_testkit::glance::{ADMIN_TOKEN, FakeGlance, MEMBER_TOKEN};
 use imgcache_testkit::image_bytes;
 use imgcache_testkit::origin::Origin;
 use imgcache_testkit::postgres::Postgres;
@@ -16,6 +16,8 @@ const ADMIN: &str = "local-admin";
 struct Node {
     child: Child,
     url: String,
+    /// Its cache directory.
+    cache: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -56,6 +58,7 @@ fn node(pg: &Postgres, extra: &[&str]) -> Node {
     let n = Node {
         child,
         url,
+        cache: dir.path().join("cache"),
         _dir: dir,
     };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -68,19 +71,37 @@ fn node(pg: &Postgres, extra: &[&str]) -> Node {
 
 /// `curl` GET: status, body, time taken.
 fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>, Duration) {
+    let (status, body, took, _) = get_timed(url, headers);
+    (status, body, took)
+}
+
+/// [`get`], and when its first byte came.
+fn get_timed(url: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>, Duration, Instant) {
     let out = tempfile::NamedTempFile::new().unwrap();
     let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-o"])
-        .arg(out.path())
-        .args(["-w", "%{http_code}", "--max-time", "60"]);
+    cmd.args(["-s", "-o"]).arg(out.path()).args([
+        "-w",
+        "%{http_code} %{time_starttransfer}",
+        "--max-time",
+        "60",
+    ]);
     for (k, v) in headers {
         cmd.args(["-H", &format!("{k}: {v}")]);
     }
     let t = Instant::now();
     let o = cmd.arg(url).output().unwrap();
     let took = t.elapsed();
-    let status = String::from_utf8_lossy(&o.stdout).parse().unwrap_or(0);
-    (status, std::fs::read(out.path()).unwrap_or_default(), took)
+    let w = String::from_utf8_lossy(&o.stdout).to_string();
+    let mut w = w.split_whitespace();
+    let status = w.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let ttfb = w.next().and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let first = t + Duration::from_secs_f64(ttfb);
+    (
+        status,
+        std::fs::read(out.path()).unwrap_or_default(),
+        took,
+        first,
+    )
 }
 
 fn fetch_url(node: &Node, href: &str) -> String {
@@ -171,7 +192,11 @@ fn concurrent_clients_on_three_nodes_one_origin_request() {
     };
     let pg = pg();
     let data = image_bytes(32 << 20, 2);
-    let id = seed_bytes(&glance, "fleet.img", &data);
+    // Slow enough (about 3 s) that every node's clients start while the first node fills.
+    let id = glance.seed(
+        imgcache_testkit::glance::Seed::new("fleet.img", data.to_vec())
+            .throttle(256 << 10, Duration::from_millis(25)),
+    );
     let nodes: Vec<Node> = (0..3)
         .map(|_| node(&pg, &["--glance-url", &glance.url]))
         .collect();
@@ -179,13 +204,23 @@ fn concurrent_clients_on_three_nodes_one_origin_request() {
     let clients: Vec<_> = nodes
         .iter()
         .flat_map(|n| std::iter::repeat_n(url(n), 3))
-        .map(|u| std::thread::spawn(move || get(&u, &[("X-Auth-Token", MEMBER_TOKEN)])))
+        .map(|u| std::thread::spawn(move || get_timed(&u, &[("X-Auth-Token", MEMBER_TOKEN)])))
         .collect();
+    let mut firsts = Vec::new();
     for c in clients {
-        let (status, body, _) = c.join().unwrap();
+        let (status, body, _, first) = c.join().unwrap();
         assert_eq!(status, 200);
         assert!(body == data.as_ref(), "exact bytes");
+        firsts.push(first);
     }
+    // Every client, on every node, had its first byte before the origin sent its last: the
+    // nodes followed the first node's fill, not its finished copy.
+    let end = glance.body_end(&id).expect("the origin sent the image");
+    let late = firsts.iter().filter(|f| **f > end).count();
+    assert_eq!(
+        late, 0,
+        "clients whose first byte came after the origin's last"
+    );
     assert_eq!(
         glance.data_requests(&id),
         1,
@@ -246,12 +281,119 @@ fn the_peer_endpoint_needs_the_fleet_token_and_dead_nodes_leave() {
     eventually("b listed as a holder", Duration::from_secs(5), || {
         holders(&a, &key) == [b.url.clone()]
     });
+    // The CLI reads the same index, without joining it.
+    let nodes_json = fleet_cli(&pg, &["nodes"]);
+    let urls: Vec<&str> = nodes_json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["url"].as_str().unwrap())
+        .collect();
+    let mut want = vec![a.url.as_str(), b.url.as_str()];
+    want.sort();
+    assert_eq!(
+        urls, want,
+        "fleet nodes: the two live nodes, and not the CLI"
+    );
+    let b_row = &nodes_json[urls.iter().position(|u| *u == b.url).unwrap()];
+    assert_eq!(
+        (
+            b_row["published"].as_u64(),
+            b_row["published_bytes"].as_u64()
+        ),
+        (Some(1), Some(data.len() as u64)),
+        "{b_row}"
+    );
+    let holders_json = fleet_cli(&pg, &["holders", &key]);
+    assert_eq!(holders_json.as_array().unwrap().len(), 1, "{holders_json}");
+    assert_eq!(holders_json[0]["node"], b.url.as_str());
+    assert_eq!(holders_json[0]["state"], "published");
+    assert_eq!(holders_json[0]["size"].as_u64(), Some(data.len() as u64));
+    assert!(
+        holders_json[0]["checksum"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("sha256:")),
+        "{holders_json}"
+    );
+    assert_eq!(
+        fleet_cli(&pg, &["holders", "not-held"]),
+        serde_json::json!([])
+    );
+    // The status page's model shows the same fleet, from either node.
+    let (status, body, _) = get(
+        &format!("{}/ui/status.json", a.url),
+        &[("X-Auth-Token", ADMIN)],
+    );
+    assert_eq!(status, 200);
+    let page: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(page["fleet"]["node"], a.url.as_str());
+    let on_page: Vec<(&str, u64)> = page["fleet"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["url"].as_str().unwrap(), n["published"].as_u64().unwrap()))
+        .collect();
+    let mut want = vec![(a.url.as_str(), 0), (b.url.as_str(), 1)];
+    want.sort();
+    assert_eq!(on_page, want, "{page}");
     // b dies without a word: within the heartbeat timeout (2 s) it is out of the list.
     b.child.kill().unwrap();
     let took = eventually("b dropped", Duration::from_secs(6), || {
         holders(&a, &key).is_empty()
     });
     eprintln!("fleet: a killed node left the holders list after {took:?} (heartbeat timeout 2s)");
+    let left = fleet_cli(&pg, &["nodes"]);
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(left[0]["url"], a.url.as_str());
+}
+
+/// `imgcache fleet ARGS --json` against `pg`: its stdout, parsed.
+fn fleet_cli(pg: &Postgres, args: &[&str]) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("IMGCACHE_HEARTBEAT_TIMEOUT", "2s")
+        .env("HOME", std::env::temp_dir())
+        .args(["--json", "fleet", "--fleet-db", &pg.url()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "imgcache fleet {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn fleet_commands_without_a_fleet_database_say_how_to_configure_one() {
+    let o = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::temp_dir())
+        .args(["fleet", "nodes"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("fleet mode is off") && err.contains("IMGCACHE_FLEET_DB"),
+        "{err}"
+    );
+    // A database that does not answer: a clear error, not a hang.
+    let o = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::temp_dir())
+        .args(["fleet", "--fleet-db"])
+        .arg(format!("postgresql://nobody@127.0.0.1:{}/x", free_port()))
+        .arg("nodes")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("fleet database"), "{err}");
 }
 
 #[test]
@@ -311,4 +453,269 @@ fn the_database_going_away_stops_no_hit_and_no_miss() {
     });
     eprintln!("fleet: index caught up {caught_up:?} after the database returned");
     assert_eq!(ready(&b).0, 200, "ready again with the database back");
+}
+
+/// The holding `node` reports for `key` in the index: (state, bytes), if any.
+fn holding_of(pg: &Postgres, key: &str, node: &str) -> Option<(String, u64)> {
+    fleet_cli(pg, &["holders", key])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["node"] == node)
+        .map(|h| {
+            (
+                h["state"].as_str().unwrap().to_string(),
+                h["bytes"].as_u64().unwrap(),
+            )
+        })
+}
+
+#[test]
+fn a_holder_killed_mid_stream_costs_its_follower_nothing() {
+    use imgcache_testkit::faults::{Fault, FaultOrigin};
+    let pg = pg();
+    let data = image_bytes(24 << 20, 5);
+    let origin = FaultOrigin::start();
+    // Slow (about 10 s), with Content-MD5 so a peer may be followed while it fills.
+    let pace = Fault::Paced {
+        step: 128 << 10,
+        pause: Duration::from_millis(50),
+    };
+    origin.add_with("/images/k.img", data.clone(), pace, 1, true);
+    let allow = format!("{}/", origin.url);
+    let mut a = node(&pg, &["--allow-href-prefix", &allow]);
+    let b = node(&pg, &["--allow-href-prefix", &allow]);
+    let href = format!("{}/images/k.img", origin.url);
+    let key = key_of(&href);
+
+    // A fills from the origin (holding the fleet's lease); B's client follows A's fill.
+    let ua = fetch_url(&a, &href);
+    let first = std::thread::spawn(move || get(&ua, &[]));
+    eventually("a is filling", Duration::from_secs(10), || {
+        holding_of(&pg, &key, &a.url).is_some_and(|(s, n)| s == "filling" && n > 0)
+    });
+    let ub = fetch_url(&b, &href);
+    let second = std::thread::spawn(move || get(&ub, &[]));
+    eventually("b follows a", Duration::from_secs(10), || {
+        holding_of(&pg, &key, &b.url).is_some_and(|(_, n)| n >= 1 << 20)
+    });
+    let before = origin.gets("/images/k.img");
+    let b_had = holding_of(&pg, &key, &b.url).unwrap().1;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+
+    // A's own client is cut (never a clean wrong body); B's gets every byte.
+    let (sa, ba, _) = first.join().unwrap();
+    assert!(
+        sa != 200 || ba != data.as_ref(),
+        "a's client cannot have finished"
+    );
+    let (sb, bb, took) = second.join().unwrap();
+    assert_eq!(sb, 200);
+    assert!(bb == data.as_ref(), "b's client: exact bytes");
+    assert_eq!(before, 1, "one origin download before the kill");
+    let log = origin.log("/images/k.img");
+    let gets: Vec<_> = log.iter().filter(|l| l.method == "GET").collect();
+    assert_eq!(
+        gets.len(),
+        2,
+        "the first download, then one continuation: {log:?}"
+    );
+    let range = gets[1].range.as_deref().expect("continued by Range");
+    let from: u64 = range
+        .trim_start_matches("bytes=")
+        .trim_end_matches('-')
+        .parse()
+        .unwrap();
+    assert!(
+        from >= b_had,
+        "continued from b's bytes ({from} >= {b_had})"
+    );
+    eventually("b published", Duration::from_secs(5), || {
+        holding_of(&pg, &key, &b.url).is_some_and(|(s, _)| s == "published")
+    });
+    eprintln!(
+        "fleet: holder killed with b at {b_had} bytes; b continued from the origin at byte {from}, \
+         its client got all {} bytes in {took:?}",
+        data.len()
+    );
+}
+
+#[test]
+fn a_corrupt_peer_publishes_nothing_and_the_next_source_is_the_origin() {
+    use std::io::{Seek, SeekFrom, Write};
+    let pg = pg();
+    let data = image_bytes(4 << 20, 6);
+    let (origin, _d) = origin_with("c.img", &data);
+    let allow = format!("{}/", origin.url);
+    let a = node(&pg, &["--allow-href-prefix", &allow]);
+    let b = node(&pg, &["--allow-href-prefix", &allow]);
+    let href = format!("{}/images/c.img", origin.url);
+    let key = key_of(&href);
+    assert_eq!(get(&fetch_url(&a, &href), &[]).0, 200);
+    eventually("a holds it", Duration::from_secs(5), || {
+        holding_of(&pg, &key, &a.url).is_some_and(|(s, _)| s == "published")
+    });
+    // A's copy rots on disk: one byte flipped, its record (and sha256) unchanged.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.cache.join(&key))
+        .unwrap();
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(&[!data[1 << 20]]).unwrap();
+    drop(f);
+
+    // B fills from A, verifies against A's recorded checksum, and publishes nothing: its
+    // client is cut (never a clean 200 with the wrong bytes), the bytes go to invalid/.
+    let (status, body, _) = get(&fetch_url(&b, &href), &[]);
+    assert!(
+        !(status == 200 && body.len() == data.len()),
+        "a complete answer from a corrupt peer ({status}, {} bytes)",
+        body.len()
+    );
+    assert!(
+        !b.cache.join(&key).exists(),
+        "nothing published from the corrupt peer"
+    );
+    assert!(
+        b.cache.join("invalid").join(&key).exists(),
+        "kept in invalid/"
+    );
+    assert_eq!(
+        origin.data_requests("/images/c.img"),
+        1,
+        "a served it, not the origin"
+    );
+
+    // The next request skips the suspect peer for the origin, and gets exact bytes.
+    let (status, body, _) = get(&fetch_url(&b, &href), &[]);
+    assert_eq!(status, 200);
+    assert!(body == data.as_ref(), "exact bytes from the origin");
+    assert_eq!(origin.data_requests("/images/c.img"), 2);
+    // Published once durable, just after the client's last byte.
+    eventually("b published", Duration::from_secs(5), || {
+        b.cache.join(&key).exists()
+    });
+    eprintln!("fleet: a corrupt peer: B published nothing from it; the retry came from the origin");
+}
+
+/// `imgcache fetch HREF DEST` on `cache` with `extra` flags: the process, started.
+fn fetch_cmd(cache: &std::path::Path, href: &str, dest: &std::path::Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("IMGCACHE_HEARTBEAT_TIMEOUT", "2s")
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(["fetch", "-q", href])
+        .arg(dest)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn fetched(mut c: Child) {
+    let status = c.wait().unwrap();
+    assert!(status.success(), "imgcache fetch: {status}");
+}
+
+#[test]
+fn fetch_in_fleet_mode_fills_from_a_serve_node_without_the_origin() {
+    let pg = pg();
+    let data = image_bytes(4 << 20, 7);
+    let (origin, _d) = origin_with("disk.img", &data);
+    let allow = format!("{}/", origin.url);
+    let n = node(&pg, &["--allow-href-prefix", &allow]);
+    let href = format!("{}/images/disk.img", origin.url);
+    let (status, body, _) = get(&fetch_url(&n, &href), &[]);
+    assert_eq!(status, 200);
+    assert!(body == data.as_ref());
+    eventually("the node is listed", Duration::from_secs(5), || {
+        holders(&n, &key_of(&href)).len() == 1
+    });
+    assert_eq!(origin.data_requests("/images/disk.img"), 1);
+    // A conductor's `imgcache fetch` on a fresh cache: the bytes come from the node.
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("deploy.img");
+    let db = pg.url();
+    let flags = ["--fleet-db", db.as_str(), "--fleet-token", TOKEN];
+    fetched(fetch_cmd(&dir.path().join("cache"), &href, &dest, &flags));
+    assert!(
+        std::fs::read(&dest).unwrap() == data.as_ref(),
+        "exact bytes"
+    );
+    assert_eq!(
+        origin.data_requests("/images/disk.img"),
+        1,
+        "the fetch filled from the serve node, not the origin"
+    );
+    // It left the fleet at exit: only the serve node is a node.
+    let nodes = fleet_cli(&pg, &["nodes"]);
+    assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
+}
+
+#[test]
+fn two_fetch_only_members_do_not_wait_on_each_other() {
+    let pg = pg();
+    let data = image_bytes(4 << 20, 8);
+    let (origin, _d) = origin_with("disk.img", &data);
+    // About 1.5 s of download, so the second fetch asks while the first holds the lease.
+    origin.throttle("/images/disk.img", 128 << 10, Duration::from_millis(50));
+    let href = format!("{}/images/disk.img", origin.url);
+    let db = pg.url();
+    let flags = ["--fleet-db", db.as_str(), "--fleet-token", TOKEN];
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let t = Instant::now();
+    let procs: Vec<_> = dirs
+        .iter()
+        .map(|d| {
+            fetch_cmd(
+                &d.path().join("cache"),
+                &href,
+                &d.path().join("deploy.img"),
+                &flags,
+            )
+        })
+        .collect();
+    procs.into_iter().for_each(fetched);
+    let took = t.elapsed();
+    for d in &dirs {
+        assert!(std::fs::read(d.path().join("deploy.img")).unwrap() == data.as_ref());
+    }
+    // What is true: a fetch-only member (`fetch://HOST/PID`) has no peer endpoint, so the
+    // second cannot read from the first; waiting for the first's lease would save no origin
+    // byte, so it does not wait: two origin requests, side by side.
+    assert_eq!(origin.data_requests("/images/disk.img"), 2);
+    assert!(
+        took < Duration::from_millis(2500),
+        "the second did not wait for the first's whole download: {took:?}"
+    );
+    let nodes = fleet_cli(&pg, &["nodes"]);
+    assert_eq!(
+        nodes.as_array().map(Vec::len),
+        Some(0),
+        "both left: {nodes}"
+    );
+}
+
+#[test]
+fn fetch_with_the_fleet_database_down_goes_to_the_origin() {
+    let data = image_bytes(1 << 20, 9);
+    let (origin, _d) = origin_with("disk.img", &data);
+    let href = format!("{}/images/disk.img", origin.url);
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("deploy.img");
+    let db = format!("postgresql://imgcache@127.0.0.1:{}/imgcache", free_port());
+    let flags = ["--fleet-db", db.as_str(), "--fleet-token", TOKEN];
+    let t = Instant::now();
+    fetched(fetch_cmd(&dir.path().join("cache"), &href, &dest, &flags));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "bounded: {:?}",
+        t.elapsed()
+    );
+    assert!(std::fs::read(&dest).unwrap() == data.as_ref());
+    assert_eq!(origin.data_requests("/images/disk.img"), 1);
 }

@@ -36,12 +36,7 @@ fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
 
-fn on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
+use imgcache_testkit::cmd::on_path;
 
 /// Whether `python3 -c "import MODULE"` works (the client is installed).
 fn py_has(module: &str) -> bool {

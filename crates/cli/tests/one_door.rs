@@ -14,159 +14,30 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use bytes::Bytes;
+use imgcache_testkit::faults::{ALWAYS, Fault, FaultOrigin, File};
+use imgcache_testkit::glance::{FakeGlance, MEMBER_TOKEN, Seed};
 
-const TOKEN: &str = "user-token";
+/// The clients' and the service's Glance token (public images are a member's to read).
+const TOKEN: &str = MEMBER_TOKEN;
+/// imgcache's own admin token (the cache API), never sent to Glance.
 const ADMIN: &str = "admin-secret";
 
-// ---- A fake origin: a Keystone-protected Glance and plain files ----------------------------
-
+/// An image and what its origin says of it.
 #[derive(Clone)]
 struct Obj {
     body: Bytes,
-    /// The md5 the origin vouches for (Glance's `checksum`, a file's `Content-MD5`).
-    md5: String,
     disk_format: String,
-    /// Send this many bytes of a `Content-Length: body.len()` response, then cut it.
-    cut_at: Option<usize>,
-}
-
-#[derive(Default)]
-struct Origin {
-    objs: Mutex<HashMap<String, Obj>>,
-}
-
-fn md5_hex(b: &[u8]) -> String {
-    imgcache_store::Integrity::of(imgcache_store::Algorithm::Md5, b)
-        .hex()
-        .to_string()
-}
-
-fn md5_b64(hex: &str) -> String {
-    use base64::Engine;
-    let raw: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect();
-    base64::engine::general_purpose::STANDARD.encode(raw)
-}
-
-fn start_origin() -> (String, Arc<Origin>) {
-    let origin = Arc::new(Origin::default());
-    let app = axum::Router::new()
-        .route("/v2/images/{id}", get(glance_record))
-        .route("/v2/images/{id}/file", get(glance_file))
-        .route("/files/{name}", get(plain_file))
-        .with_state(origin.clone());
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(l, app).await.unwrap();
-        });
-    });
-    (url, origin)
-}
-
-fn authorised(h: &HeaderMap) -> bool {
-    h.get("x-auth-token")
-        .is_some_and(|t| t == TOKEN || t == ADMIN)
-}
-
-async fn glance_record(
-    State(o): State<Arc<Origin>>,
-    UrlPath(id): UrlPath<String>,
-    h: HeaderMap,
-) -> Response {
-    if !authorised(&h) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    let Some(obj) = o.objs.lock().unwrap().get(&id).cloned() else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    axum::Json(serde_json::json!({
-        "id": id, "status": "active", "size": obj.body.len(), "checksum": obj.md5,
-        "disk_format": obj.disk_format, "container_format": "bare",
-    }))
-    .into_response()
-}
-
-async fn glance_file(
-    State(o): State<Arc<Origin>>,
-    UrlPath(id): UrlPath<String>,
-    h: HeaderMap,
-) -> Response {
-    if !authorised(&h) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    match o.objs.lock().unwrap().get(&id).cloned() {
-        Some(obj) => body_of(&obj, HeaderMap::new()),
-        None => StatusCode::NOT_FOUND.into_response(),
-    }
-}
-
-async fn plain_file(
-    State(o): State<Arc<Origin>>,
-    UrlPath(name): UrlPath<String>,
-    h: HeaderMap,
-) -> Response {
-    let Some(obj) = o.objs.lock().unwrap().get(&name).cloned() else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    let etag = format!("\"{}\"", md5_hex(&obj.body));
-    if h.get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v == etag.as_str())
-    {
-        return StatusCode::NOT_MODIFIED.into_response();
-    }
-    let mut extra = HeaderMap::new();
-    extra.insert(header::ETAG, etag.parse().unwrap());
-    extra.insert("content-md5", md5_b64(&obj.md5).parse().unwrap());
-    body_of(&obj, extra)
-}
-
-fn body_of(obj: &Obj, extra: HeaderMap) -> Response {
-    let len = obj.body.len();
-    let sent = obj.body.slice(..obj.cut_at.unwrap_or(len));
-    let cut = obj.cut_at.is_some();
-    // The cut comes after the head and the bytes before it are on the wire (hyper drops a
-    // response whose body fails before anything was flushed, which is not a truncation).
-    let chunks = futures_util::stream::unfold(0u8, move |step| {
-        let sent = sent.clone();
-        async move {
-            match step {
-                0 => Some((Ok(sent), 1)),
-                1 if cut => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    Some((Err(std::io::Error::other("origin cut the body")), 2))
-                }
-                _ => None,
-            }
-        }
-    });
-    let mut r = Response::builder().header(header::CONTENT_LENGTH, len);
-    for (k, v) in &extra {
-        r = r.header(k, v);
-    }
-    r.body(Body::from_stream(chunks)).unwrap()
+    /// The origin vouches for other bytes: Glance's `checksum`/`os_hash_value` are not the
+    /// data's, a plain file's bytes are corrupted under its `Content-MD5`.
+    wrong_checksum: bool,
+    /// The body is cut (the connection reset) after this many bytes.
+    cut_at: Option<u64>,
 }
 
 // ---- The images ----------------------------------------------------------------------------
@@ -216,9 +87,9 @@ impl Bad {
 fn bad_object(bad: Bad, dir: &Path) -> Obj {
     let good = raw_image(1 << 20, 7);
     let obj = |body: Bytes, fmt: &str| Obj {
-        md5: md5_hex(&body),
         body,
         disk_format: fmt.into(),
+        wrong_checksum: false,
         cut_at: None,
     };
     use imgcache_testkit::bad_images as u;
@@ -228,7 +99,7 @@ fn bad_object(bad: Bad, dir: &Path) -> Obj {
         Bad::VmdkFlatExtent => obj(read(&u::vmdk_flat_extent(dir)), "vmdk"),
         Bad::Qcow2DeclaredRaw => obj(read(&u::plain(dir, "qcow2")), "raw"),
         Bad::ChecksumMismatch => Obj {
-            md5: md5_hex(b"not these bytes"),
+            wrong_checksum: true,
             ..obj(good, "raw")
         },
         Bad::Truncated => Obj {
@@ -323,8 +194,10 @@ fn uuid_for(n: usize) -> String {
 }
 
 struct World {
-    origin_url: String,
-    origin: Arc<Origin>,
+    /// A Keystone-protected Glance.
+    glance: FakeGlance,
+    /// A plain file server, its files under `/files/`.
+    files: FaultOrigin,
     serve_cache: PathBuf,
     addr: String,
     fetch_cache: PathBuf,
@@ -332,6 +205,34 @@ struct World {
 }
 
 impl World {
+    /// `obj` as the Glance image `id`.
+    fn glance_image(&self, id: &str, obj: &Obj) {
+        let mut seed = Seed::new(id, obj.body.to_vec())
+            .id(id)
+            .disk_format(&obj.disk_format);
+        if obj.wrong_checksum {
+            seed = seed.wrong_checksums();
+        }
+        if let Some(n) = obj.cut_at {
+            seed = seed.die_after(n);
+        }
+        self.glance.seed(seed);
+    }
+
+    /// `obj` as the file `/files/{name}`, with its `Content-MD5`, replacing what was there.
+    fn plain_file(&self, name: &str, obj: &Obj) {
+        let path = format!("/files/{name}");
+        self.files
+            .put(&path, File::new(obj.body.clone()).content_md5(true));
+        if obj.wrong_checksum {
+            let middle = obj.body.len() as u64 / 2;
+            self.files.fail(&path, Fault::CorruptByte(middle), ALWAYS);
+        }
+        if let Some(n) = obj.cut_at {
+            self.files.fail(&path, Fault::ResetAfter(n), ALWAYS);
+        }
+    }
+
     /// Drives one entrance with one bad image; `n` makes its names unique.
     fn case(&self, entrance: Entrance, bad: Bad, n: usize) {
         let label = format!("{entrance:?} × {bad:?}");
@@ -340,7 +241,7 @@ impl World {
         let obj = bad_object(bad, &dir);
         let id = uuid_for(n);
         let name = format!("img{n}.img");
-        let file_url = format!("{}/files/{name}", self.origin_url);
+        let file_url = self.files.at(&format!("/files/{name}"));
         let reason = bad.reason();
         let before = refused(&self.addr, reason);
         let serve_key = |href: &str| {
@@ -352,14 +253,11 @@ impl World {
         };
         match entrance {
             Entrance::GlanceMiss | Entrance::FetchMiss => {
-                self.origin.objs.lock().unwrap().insert(
-                    if entrance.plain_url() {
-                        name.clone()
-                    } else {
-                        id.clone()
-                    },
-                    obj.clone(),
-                );
+                if entrance.plain_url() {
+                    self.plain_file(&name, &obj);
+                } else {
+                    self.glance_image(&id, &obj);
+                }
                 let url = match entrance {
                     Entrance::GlanceMiss => format!("http://{}/v2/images/{id}/file", self.addr),
                     _ => format!("http://{}/v1/fetch?href={file_url}", self.addr),
@@ -375,11 +273,7 @@ impl World {
                 }
             }
             Entrance::Prefetch => {
-                self.origin
-                    .objs
-                    .lock()
-                    .unwrap()
-                    .insert(id.clone(), obj.clone());
+                self.glance_image(&id, &obj);
                 let (rc, _) = curl(&[
                     "-f",
                     "-X",
@@ -407,27 +301,19 @@ impl World {
             Entrance::Revalidation => {
                 let good = raw_image(1 << 20, 1000 + n as u64);
                 let good_obj = Obj {
-                    md5: md5_hex(&good),
                     body: good.clone(),
                     disk_format: "raw".into(),
+                    wrong_checksum: false,
                     cut_at: None,
                 };
-                self.origin
-                    .objs
-                    .lock()
-                    .unwrap()
-                    .insert(name.clone(), good_obj);
+                self.plain_file(&name, &good_obj);
                 let url = format!("http://{}/v1/fetch?href={file_url}", self.addr);
                 let (rc, body) = curl(&["-f", &url]);
                 assert_eq!((rc, body.len()), (0, good.len()), "{label}: the good copy");
                 assert!(body == good, "{label}: the good copy's bytes");
                 // The origin changes to the bad image: the next hit is served from the cache
                 // and revalidated in the background, which must refuse the new bytes.
-                self.origin
-                    .objs
-                    .lock()
-                    .unwrap()
-                    .insert(name.clone(), obj.clone());
+                self.plain_file(&name, &obj);
                 let (rc, body) = curl(&["-f", &url]);
                 assert!(rc == 0 && body == good, "{label}: the hit is the good copy");
                 assert!(
@@ -447,11 +333,7 @@ impl World {
                 return;
             }
             Entrance::CliFetch | Entrance::CliFetchRaw => {
-                self.origin
-                    .objs
-                    .lock()
-                    .unwrap()
-                    .insert(id.clone(), obj.clone());
+                self.glance_image(&id, &obj);
                 let dest = dir.join("dest.img");
                 let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgcache"));
                 cmd.env_clear()
@@ -461,7 +343,7 @@ impl World {
                     .arg(&self.fetch_cache)
                     .args(["fetch", "-q", &format!("glance://{id}")])
                     .arg(&dest)
-                    .args(["--glance-url", &self.origin_url]);
+                    .args(["--glance-url", &self.glance.url]);
                 if entrance == Entrance::CliFetchRaw {
                     cmd.arg("--raw");
                 }
@@ -504,19 +386,24 @@ impl World {
 
 #[test]
 fn every_entrance_refuses_every_bad_image() {
-    let (origin_url, origin) = start_origin();
+    let glance =
+        FakeGlance::start().unwrap_or_else(|e| panic!("the fake Glance cannot start: {e}"));
+    let files = FaultOrigin::start();
+    // As the file server this test had: `Range` ignored, so a cut body is not completed by
+    // resumes.
+    files.no_ranges();
     let tmp = tempfile::tempdir().unwrap();
     let serve_cache = tmp.path().join("serve");
     let fetch_cache = tmp.path().join("fetch");
     let scratch = tmp.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
-    let prefix = format!("{origin_url}/files/");
+    let prefix = files.at("/files/");
     let server = common::serve_env(
         &serve_cache,
         "http",
         &[
             "--glance-url",
-            &origin_url,
+            &glance.url,
             "--admin-token",
             ADMIN,
             "--allow-href-prefix",
@@ -532,8 +419,8 @@ fn every_entrance_refuses_every_bad_image() {
         ],
     );
     let world = World {
-        origin_url,
-        origin,
+        glance,
+        files,
         serve_cache,
         addr: server.addr.clone(),
         fetch_cache,
@@ -578,8 +465,9 @@ fn fetch_racing_prune_never_fails() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
     let body = raw_image(1 << 20, 99);
-    let (origin, _) = common::origin(body.to_vec());
-    let url = format!("{origin}/race.img");
+    let origin = imgcache_testkit::origin::Origin::temp();
+    origin.put("/race.img", &body);
+    let url = origin.at("/race.img");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let imgcache = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_imgcache"))

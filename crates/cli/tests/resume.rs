@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use imgcache_store::{Algorithm, Integrity};
-use imgcache_testkit::faulty::{Fault, FaultyOrigin};
+use imgcache_testkit::faults::{Fault, FaultOrigin, File};
 
 fn command(cache: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_imgcache"));
@@ -44,7 +44,7 @@ fn wait_len(path: &Path, len: u64, within: Duration) -> bool {
 struct Killed {
     _dir: tempfile::TempDir,
     cache: PathBuf,
-    origin: FaultyOrigin,
+    origin: FaultOrigin,
     url: String,
     body: Vec<u8>,
     sum: String,
@@ -58,9 +58,14 @@ fn killed_mid_download(at: usize) -> Killed {
     let cache = dir.path().join("cache");
     let body = imgcache_testkit::image_bytes(8 << 20, 21).to_vec();
     let sum = Integrity::of(Algorithm::Sha256, &body).to_string();
-    let origin = FaultyOrigin::start(body.clone(), Some("v1"));
-    origin.script([Fault::StallAfter(at)]);
-    let url = origin.at("/images/disk.img");
+    let origin = FaultOrigin::start();
+    let path = "/images/disk.img";
+    origin.put(
+        path,
+        File::new(body.clone()).etag(Some("v1")).last_modified(None),
+    );
+    origin.script(path, [Fault::StallAfter(at as u64)]);
+    let url = origin.at(path);
     let dest = dir.path().join("d1");
     let mut child: Child = command(
         &cache,
@@ -123,7 +128,7 @@ fn kill_9_of_fetch_then_fetch_again_resumes_with_a_range_request() {
         "verified over every byte"
     );
     assert!(std::fs::read(&dest).unwrap() == k.body, "the exact image");
-    let log = k.origin.log();
+    let log = k.origin.log("/images/disk.img");
     assert_eq!(log.len(), 3, "killed GET, fresh GET, one Range: {log:?}");
     assert_eq!(log[2].range.as_deref(), Some(&*format!("bytes={at}-")));
     assert_eq!(log[2].if_range.as_deref(), Some("\"v1\""));

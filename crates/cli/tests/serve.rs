@@ -4,12 +4,11 @@
 
 mod common;
 
+use common::{serve, sigterm};
+use imgcache_testkit::origin::Origin;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
-use std::sync::atomic::Ordering;
-
-use common::{origin, origin_paced, serve, sigterm};
 use std::time::{Duration, Instant};
 
 /// A minimal HTTP/1.1 client (no dependency for one GET): status, headers, body.
@@ -75,7 +74,9 @@ fn serve_caches_an_image_and_stops_on_sigterm() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let cache = dir.path().join("cache");
     let body: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8).collect();
-    let (base, count) = origin(body.clone());
+    let origin = Origin::temp();
+    origin.put("/img.raw", &body);
+    let base = origin.url.clone();
     let mut server = serve(
         &cache,
         "http",
@@ -92,7 +93,7 @@ fn serve_caches_an_image_and_stops_on_sigterm() {
         assert_eq!(status, 200, "round {round}: {head}");
         assert_eq!(got, body, "round {round}");
     }
-    assert_eq!(count.load(Ordering::SeqCst), 1, "the second GET is a hit");
+    assert_eq!(origin.all_requests(), 1, "the second GET is a hit");
     let (status, _, _) = request(&addr, "GET", "/v1/fetch?href=http://elsewhere/x", &[]);
     assert_eq!(status, 403, "not an open proxy");
 
@@ -195,8 +196,11 @@ fn serve_streams_a_download_another_process_is_running() {
     let cache = dir.path().join("cache");
     let body: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 251) as u8).collect();
     // About 1.6 s for the whole body.
-    let (url, count) = origin_paced(body.clone(), 256 << 10, Duration::from_millis(50));
-    let href = format!("{url}/images/a.img");
+    let origin = Origin::temp();
+    origin.put("/images/a.img", &body);
+    origin.throttle("/images/a.img", 256 << 10, Duration::from_millis(50));
+    let url = origin.url.clone();
+    let href = origin.at("/images/a.img");
     let server = serve(&cache, "http", &["--allow-href-prefix", &url]);
     let dest = dir.path().join("a.img");
     let mut fetch = Command::new(env!("CARGO_BIN_EXE_imgcache"))
@@ -260,7 +264,7 @@ fn serve_streams_a_download_another_process_is_running() {
         "the client got bytes while the other process was still downloading"
     );
     assert_eq!(std::fs::read(&dest).unwrap(), body);
-    assert_eq!(count.load(Ordering::SeqCst), 1, "one origin request in all");
+    assert_eq!(origin.all_requests(), 1, "one origin request in all");
 }
 
 /// Logs written to a file or a pipe carry no ANSI colour codes (issue 13: journald and log
@@ -356,10 +360,15 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 fn metrics_pass_promtool_and_time_downloads_to_the_last_byte() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
-    let (fast, _) = origin(body.clone());
+    let fast_origin = Origin::temp();
+    fast_origin.put("/a.img", &body);
+    let fast = fast_origin.url.clone();
     // 12 pieces 60 ms apart: at least 0.66 s from the first byte to the last.
     let slow_body: Vec<u8> = (0..(96u32 << 10)).map(|i| (i % 241) as u8).collect();
-    let (slow, _) = origin_paced(slow_body.clone(), 8 << 10, Duration::from_millis(60));
+    let slow_origin = Origin::temp();
+    slow_origin.put("/slow.img", &slow_body);
+    slow_origin.throttle("/slow.img", 8 << 10, Duration::from_millis(60));
+    let slow = slow_origin.url.clone();
     let (server, log) = common::serve_logged(
         &dir.path().join("cache"),
         "http",
@@ -552,7 +561,9 @@ fn metrics_pass_promtool_and_time_downloads_to_the_last_byte() {
 fn the_access_log_has_one_line_per_request() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
-    let (base, _) = origin(body.clone());
+    let origin = Origin::temp();
+    origin.put("/a.img", &body);
+    let base = origin.url.clone();
     let (server, log) = common::serve_logged(
         &dir.path().join("cache"),
         "http",

@@ -7,10 +7,10 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{origin, serve, sigterm};
+use common::{serve, sigterm};
+use imgcache_testkit::origin::Origin;
 
 /// A self-signed certificate for 127.0.0.1 and its key, made by `openssl` in `dir`.
 fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -57,7 +57,9 @@ fn serve_over_tls_caches_an_image_and_stops_on_sigterm() {
     let cache = dir.path().join("cache");
     let (cert, key) = self_signed(dir.path());
     let body: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8).collect();
-    let (base, count) = origin(body.clone());
+    let origin = Origin::temp();
+    origin.put("/img.raw", &body);
+    let base = origin.url.clone();
     let mut server = serve(
         &cache,
         "https",
@@ -101,7 +103,7 @@ fn serve_over_tls_caches_an_image_and_stops_on_sigterm() {
             "round {round} ({version}): bytes differ"
         );
     }
-    assert_eq!(count.load(Ordering::SeqCst), 1, "the second GET is a hit");
+    assert_eq!(origin.all_requests(), 1, "the second GET is a hit");
 
     // Plain HTTP to the TLS port: no image (curl fails, or at least gets no 200).
     let _ = std::fs::remove_file(&got);

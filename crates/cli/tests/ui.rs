@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{origin_paced, serve};
+use common::serve;
+use imgcache_testkit::origin::Origin;
 use support::{header, http, tempdir};
 
 const TOKEN: &str = "ui-s3cret";
@@ -25,11 +26,16 @@ fn json(addr: &str, headers: &[(&str, &str)]) -> (u16, serde_json::Value) {
 
 /// `POST path` with a form body, on a fresh connection: (status, head, body).
 fn post_form(addr: &str, path: &str, body: &str) -> (u16, String, String) {
+    post_form_with(addr, path, body, "")
+}
+
+/// [`post_form`] with extra header lines (each ending in `\r\n`).
+fn post_form_with(addr: &str, path: &str, body: &str, extra: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\
          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
@@ -99,7 +105,15 @@ fn status_needs_the_admin_token_in_the_header_or_the_login_cookie() {
         assert!(cookie.contains(attr), "{cookie}");
     }
     let pair = cookie.split(';').next().unwrap().to_string();
-    assert_eq!(pair, format!("imgcache_admin={TOKEN}"));
+    // The cookie names a session; the token never leaves the server.
+    let id = pair
+        .strip_prefix("imgcache_admin=")
+        .expect("the session cookie");
+    assert!(!cookie.contains(TOKEN), "{cookie}");
+    assert!(
+        id.len() >= 32 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{id}"
+    );
     let (status, v) = json(addr, &[("Cookie", &pair)]);
     assert_eq!(status, 200, "{v}");
     let page = http(addr, "GET", "/ui/", &[("Cookie", &pair)], T).unwrap();
@@ -113,20 +127,20 @@ fn status_needs_the_admin_token_in_the_header_or_the_login_cookie() {
     let js = http(addr, "GET", "/ui/page.js", &[], T).unwrap();
     assert_eq!(js.status, 200);
     assert!(String::from_utf8_lossy(&js.body).contains("/ui/status.json"));
-    // Logging out clears the cookie.
-    let (status, head, _) = post_form(addr, "/ui/logout", "");
+    // Logging out clears the cookie and ends the session: the old cookie is refused.
+    let (status, head, _) = post_form_with(addr, "/ui/logout", "", &format!("Cookie: {pair}\r\n"));
     assert_eq!(status, 303);
     assert!(header(&head, "set-cookie").unwrap().contains("Max-Age=0"));
+    let (status, v) = json(addr, &[("Cookie", &pair)]);
+    assert_eq!(status, 401, "{v}");
+    assert!(v.to_string().contains("session ended"), "{v}");
 }
 
 /// The Chromium binary; with `CI=true` a missing one fails the test.
 fn chromium() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = ["chromium", "chromium-browser"].iter().find_map(|name| {
-        std::env::split_paths(&path)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
+    let found = ["chromium", "chromium-browser"]
+        .iter()
+        .find_map(|name| imgcache_testkit::cmd::on_path(name));
     if found.is_none() {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
@@ -236,7 +250,10 @@ fn the_page_shows_a_slow_download_moving_in_a_real_browser() {
     // 48 MiB at about 1.3 MiB/s: it outlasts the three page loads.
     let body: Vec<u8> = (0..(48u32 << 20)).map(|i| (i % 253) as u8).collect();
     let total = body.len() as u64;
-    let (base, _) = origin_paced(body, 64 << 10, Duration::from_millis(50));
+    let origin = Origin::temp();
+    origin.put("/slow.raw", &body);
+    origin.throttle("/slow.raw", 64 << 10, Duration::from_millis(50));
+    let base = origin.url.clone();
     let server = serve(
         &cache,
         "http",
@@ -244,28 +261,40 @@ fn the_page_shows_a_slow_download_moving_in_a_real_browser() {
     );
     let addr = server.addr.clone();
     let href = format!("{base}/slow.raw");
-    // Two clients of the same image: one download, one follower.
+    // Three clients of the same image: one download. The third (curl) gives up after 3 s.
     for _ in 0..2 {
         let (addr, path) = (addr.clone(), format!("/v1/fetch?href={href}"));
         std::thread::spawn(move || {
             let _ = http(&addr, "GET", &path, &[], Duration::from_secs(300));
         });
     }
-    // Wait (with a deadline) until the download streams and both clients are on it.
-    let deadline = Instant::now() + T;
-    loop {
-        let (_, v) = json(&addr, &[("X-Auth-Token", TOKEN)]);
-        let d = &v["downloads"][0];
-        if d["bytes"].as_u64().unwrap_or(0) > 0 && d["followers"] == 1 {
-            assert_eq!(d["href"], href.as_str());
-            assert_eq!(d["total"], total);
-            assert_eq!(d["source"], "origin");
-            assert!(d["rate"].as_f64().unwrap() > 0.0, "{d}");
-            break;
+    let impatient = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "--max-time", "3"])
+        .arg(format!("http://{addr}/v1/fetch?href={href}"))
+        .spawn()
+        .expect("curl");
+    // Wait (with a deadline) until the download streams and all three clients are on it.
+    let clients_are = |n: u64| {
+        let deadline = Instant::now() + T;
+        loop {
+            let (_, v) = json(&addr, &[("X-Auth-Token", TOKEN)]);
+            let d = &v["downloads"][0];
+            if d["bytes"].as_u64().unwrap_or(0) > 0 && d["clients"] == n {
+                assert_eq!(d["href"], href.as_str());
+                assert_eq!(d["total"], total);
+                assert_eq!(d["source"], "origin");
+                assert!(d["rate"].as_f64().unwrap() > 0.0, "{d}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "not {n} clients streaming: {v}");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(Instant::now() < deadline, "no download streaming: {v}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    };
+    clients_are(3);
+    // The impatient one leaves mid-way: the count falls.
+    let gave_up = impatient.wait_with_output().expect("curl").status;
+    assert!(!gave_up.success(), "curl had the whole image in 3 s");
+    clients_are(2);
 
     let login = login_helper(&addr);
     let profiles = tempdir();
@@ -289,7 +318,7 @@ fn the_page_shows_a_slow_download_moving_in_a_real_browser() {
         // The bar says the same as the row.
         assert_eq!(attr(&dom, "<progress", "max"), Some(total.to_string()));
         assert!(dom.contains(&href), "the row names its href");
-        assert!(dom.contains("class=\"followers\">1</b> follower<"), "{dom}");
+        assert!(dom.contains("class=\"clients\">2</b> clients<"), "{dom}");
         bytes.parse().unwrap()
     };
     let first = load(1);
@@ -343,9 +372,11 @@ fn status_lists_images_evictions_and_refusals_with_their_reasons() {
     let a: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 241) as u8).collect();
     let b: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 239) as u8).collect();
     let bad = std::fs::read(imgcache_testkit::bad_images::qcow2_backing_file(dir.path())).unwrap();
-    let (origin_a, _) = common::origin(a);
-    let (origin_b, _) = common::origin(b);
-    let (origin_bad, _) = common::origin(bad);
+    let (oa, ob, obad) = (Origin::temp(), Origin::temp(), Origin::temp());
+    oa.put("/a.raw", &a);
+    ob.put("/b.raw", &b);
+    obad.put("/backing.qcow2", &bad);
+    let (origin_a, origin_b, origin_bad) = (oa.url.clone(), ob.url.clone(), obad.url.clone());
     let server = serve(
         &cache,
         "http",
@@ -430,4 +461,58 @@ fn status_lists_images_evictions_and_refusals_with_their_reasons() {
     assert_eq!(v["largest"][0]["size"], 2u64 << 20);
     assert!(v["traffic"]["misses"].as_u64().unwrap() >= 3, "{v}");
     assert!(v["downloads"].as_array().unwrap().is_empty(), "{v}");
+}
+
+#[test]
+fn the_page_shows_the_fleet_in_a_real_browser() {
+    let Some(chromium) = chromium() else { return };
+    let pg = imgcache_testkit::postgres::Postgres::start()
+        .unwrap_or_else(|e| panic!("PostgreSQL for the fleet section: {e}"));
+    let dir = tempdir();
+    let cache = dir.path().join("cache");
+    let node_url = "http://ui-node.example:9292";
+    let server = serve(
+        &cache,
+        "http",
+        &[
+            "--admin-token",
+            TOKEN,
+            "--fleet-db",
+            &pg.url(),
+            "--fleet-token",
+            "fleet-secret",
+            "--node-url",
+            node_url,
+        ],
+    );
+    let login = login_helper(&server.addr);
+    let profiles = tempdir();
+    let dom = browse(
+        &chromium,
+        &profiles.path().join("p"),
+        &login,
+        &["--dump-dom"],
+    );
+    assert!(
+        dom.contains("id=\"downloads\""),
+        "not the status page: {dom}"
+    );
+    // The section is shown (not `hidden`), names this node, and lists it in the table.
+    let section = dom
+        .split("<section id=\"fleet\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no fleet section: {dom}"));
+    let (open, rest) = section.split_once('>').unwrap();
+    assert!(!open.contains("hidden"), "fleet section hidden: {open}");
+    let section = rest.split("</section>").next().unwrap();
+    assert!(
+        section.contains(&format!("this node: {node_url}")),
+        "{section}"
+    );
+    let rows = section.split("<tbody>").nth(1).unwrap();
+    assert!(
+        rows.contains(&format!("<td class=\"name\">{node_url} (this node)</td>")),
+        "{section}"
+    );
+    assert!(rows.contains(" ago</td>"), "a heartbeat age: {section}");
 }

@@ -23,6 +23,7 @@ use crate::error::{FetchError, Result};
 use crate::formats::DiskFormat;
 use crate::href::{Href, cache_key};
 use crate::meta::{Freshness, ImageMeta, freshness};
+use crate::miss::{BoxFuture, MissOrigin, MissSource, MissSources};
 use crate::pipeline::ImageOptions;
 use crate::place::{Placement, check_dest, place, same_file};
 use crate::progress::Progress;
@@ -108,6 +109,8 @@ pub struct ImageCache {
     room: RoomPolicy,
     /// The key lock: one writer per key in this process, the key's flock across processes.
     locks: KeyLocks,
+    /// Fleet mode: where a miss may come from besides the origin ([`ImageCache::with_fleet`]).
+    fleet: Option<Arc<dyn MissSources>>,
 }
 
 impl ImageCache {
@@ -121,6 +124,7 @@ impl ImageCache {
             images: ImageOptions::default(),
             room: RoomPolicy::DiskSpace,
             locks: KeyLocks::new(spec.cache.clone(), sources.http.read_timeout),
+            fleet: None,
             spec,
         })
     }
@@ -134,16 +138,39 @@ impl ImageCache {
     }
 
     fn glance(&self, id: &uuid::Uuid, token: Option<String>) -> Result<GlanceSource> {
-        let url = self
-            .sources
-            .glance_url
-            .clone()
-            .ok_or_else(|| FetchError::NoGlance { id: id.to_string() })?;
-        Ok(GlanceSource::new(
-            url,
-            token.or_else(|| self.sources.glance_token.clone()),
-            self.http()?.clone(),
-        ))
+        self.remote(token)?.glance(id)
+    }
+
+    /// The network side of the sources, owned (what outlives a call: a fleet continuation).
+    fn remote(&self, glance_token: Option<String>) -> Result<Remote> {
+        Ok(Remote {
+            http: self.http()?.clone(),
+            allow: self.sources.allow.clone(),
+            glance_url: self.sources.glance_url.clone(),
+            glance_token: glance_token.or_else(|| self.sources.glance_token.clone()),
+        })
+    }
+
+    /// `href`'s origin as a fleet's source selection asks it ([`MissOrigin`]): what it
+    /// vouches for, and its bytes from an offset, through the same checks as
+    /// [`ImageCache::origin_head`] and [`ImageCache::request_rest`].
+    pub fn miss_origin(
+        &self,
+        href: &Href,
+        glance_token: Option<String>,
+    ) -> Result<Arc<dyn MissOrigin>> {
+        Ok(Arc::new(OriginOf {
+            remote: self.remote(glance_token)?,
+            href: href.clone(),
+        }))
+    }
+
+    /// Fleet mode: a miss asks `sources` first ([`crate::miss`]): a peer's bytes are admitted
+    /// like the origin's, verified against the whole image's checksum; else the origin is
+    /// asked under whatever the hook keeps (the fleet's origin lease).
+    pub fn with_fleet(mut self, sources: Arc<dyn MissSources>) -> Self {
+        self.fleet = Some(sources);
+        self
     }
 
     /// The origin's answer for `href`; conditional on `held` validators when given. A Glance
@@ -164,6 +191,23 @@ impl ImageCache {
             Href::File(path) => self.files.get(path, held),
             Href::Glance(id) => self.glance(id, glance_token)?.get(id).await,
         }
+    }
+
+    /// The origin's bytes of `href` from `offset` on (a `Range` request, through the same
+    /// redirect and allow-list checks as [`ImageCache::request`]), under `If-Range` when
+    /// `if_range` is given: how a fill whose first source is gone (a fleet peer) goes on from
+    /// the origin. `Ok(Err(why))` when the origin will not give them, or for a `file://` href
+    /// (read from its source, never continued).
+    pub async fn request_rest(
+        &self,
+        href: &Href,
+        glance_token: Option<String>,
+        offset: u64,
+        if_range: Option<&str>,
+    ) -> Result<std::result::Result<reqwest::Response, String>> {
+        self.remote(glance_token)?
+            .rest(href, offset, if_range)
+            .await
     }
 
     /// The cache this image cache writes into.
@@ -300,9 +344,32 @@ impl ImageCache {
                 return self.link(reader, dest, Outcome::Hit).await;
             }
             let held = self.held_validators(&key).await?;
-            let response = match self.request(&href, held.as_ref(), None).await {
-                Ok(r) => r,
-                Err(e) => return Err(fail(permit, e)),
+            // Fleet mode: a miss (not a revalidation) may fill from another node, else it
+            // takes the fleet's origin lease, kept until the download ends.
+            let source = match (&self.fleet, &held) {
+                (Some(fleet), None) => match self.miss_origin(&href, None) {
+                    Ok(o) => fleet.source(&key, o).await,
+                    Err(e) => return Err(fail(permit, e)),
+                },
+                _ => MissSource::Origin { keep: None },
+            };
+            let (response, checksum, peer, keep) = match source {
+                MissSource::Peer {
+                    response,
+                    checksum,
+                    node,
+                } => {
+                    tracing::info!(%key, peer = node, "filling from a fleet peer");
+                    // The caller's checksum, when given, is the one the image must match.
+                    let checksum = given.clone().or(Some(checksum));
+                    (*response, checksum, Some(node), None)
+                }
+                MissSource::Origin { keep } => {
+                    match self.request(&href, held.as_ref(), None).await {
+                        Ok(r) => (r, given.clone(), None, keep),
+                        Err(e) => return Err(fail(permit, e)),
+                    }
+                }
             };
             let adm = Admission {
                 key: key.clone(),
@@ -310,7 +377,7 @@ impl ImageCache {
                 href_raw: href_raw.to_string(),
                 permit: flock(&mut permit)?,
                 declared: opts.disk_format,
-                checksum: given.clone(),
+                checksum,
                 force_raw: opts.force_raw,
                 hooks: Hooks {
                     progress: opts.progress.clone(),
@@ -327,6 +394,18 @@ impl ImageCache {
                     let _ = fail(permit, e);
                     continue;
                 }
+                // A peer sent a bad image: it is skipped from now on, and the next turn asks
+                // another holder or the origin.
+                Err(e) if !restarted && peer.is_some() && e.refusal().is_some() => {
+                    let node = peer.as_deref().unwrap_or_default();
+                    tracing::warn!(peer = node, error = %e, "the peer's image was refused: asking elsewhere");
+                    if let Some(fleet) = &self.fleet {
+                        fleet.refused(node);
+                    }
+                    restarted = true;
+                    let _ = fail(permit, e);
+                    continue;
+                }
                 Err(e) => return Err(fail(permit, e)),
             };
             match admitted {
@@ -336,6 +415,13 @@ impl ImageCache {
                 }
                 Admitted::Unchanged(None) => continue,
                 Admitted::Published(reader) => {
+                    if let Some(fleet) = &self.fleet {
+                        let rec = reader.record();
+                        let sum = rec.checksum.as_ref().map(ToString::to_string);
+                        fleet.published(&key, rec.size, sum).await;
+                    }
+                    // The origin lease is given up once the holding is announced.
+                    drop(keep);
                     end_with(permit, &reader, true);
                     let report = self.link(reader, dest, Outcome::Downloaded).await?;
                     // The cache grew: time to clean up (the new master is linked, so it stays).
@@ -579,4 +665,81 @@ fn end_with(permit: Permit, reader: &CacheReader, written: bool) {
 fn fail(permit: Permit, e: FetchError) -> FetchError {
     permit.finish(Ended::failed(FailKind::Origin, e.to_string()));
     e
+}
+
+/// The network side of the sources (http(s) and Glance), owned.
+#[derive(Clone)]
+struct Remote {
+    http: HttpSource,
+    allow: Option<Arc<crate::allow::AllowList>>,
+    glance_url: Option<Url>,
+    glance_token: Option<String>,
+}
+
+impl Remote {
+    fn glance(&self, id: &uuid::Uuid) -> Result<GlanceSource> {
+        let url = self
+            .glance_url
+            .clone()
+            .ok_or_else(|| FetchError::NoGlance { id: id.to_string() })?;
+        Ok(GlanceSource::new(
+            url,
+            self.glance_token.clone(),
+            self.http.clone(),
+        ))
+    }
+
+    /// See [`ImageCache::request_rest`].
+    async fn rest(
+        &self,
+        href: &Href,
+        offset: u64,
+        if_range: Option<&str>,
+    ) -> Result<std::result::Result<reqwest::Response, String>> {
+        match href {
+            Href::Http(url) => {
+                self.http
+                    .get_rest(
+                        url,
+                        &Default::default(),
+                        self.allow.as_deref(),
+                        offset,
+                        if_range,
+                        None,
+                    )
+                    .await
+            }
+            Href::File(_) => Ok(Err("a file:// image is not continued from an offset".into())),
+            Href::Glance(id) => self.glance(id)?.rest(id, offset, if_range).await,
+        }
+    }
+}
+
+/// One href's origin, for a fleet's source selection.
+struct OriginOf {
+    remote: Remote,
+    href: Href,
+}
+
+impl MissOrigin for OriginOf {
+    fn vouched(&self) -> BoxFuture<'_, Option<OriginMeta>> {
+        Box::pin(async move {
+            match &self.href {
+                Href::Glance(id) => self.remote.glance(id).ok()?.meta(id).await.ok(),
+                _ => None,
+            }
+        })
+    }
+
+    fn rest(
+        &self,
+        offset: u64,
+        if_range: Option<String>,
+    ) -> BoxFuture<'_, Result<std::result::Result<reqwest::Response, String>>> {
+        Box::pin(async move {
+            self.remote
+                .rest(&self.href, offset, if_range.as_deref())
+                .await
+        })
+    }
 }

@@ -14,6 +14,11 @@
 //!   [`FetchError::Restart`]: nothing is mixed, the download fails and the next one starts
 //!   from byte 0. Bounded by [`HttpOptions::retries`] resumes and
 //!   [`HttpOptions::retry_budget`] of time from the first break.
+//! - **From somewhere else**: a body whose source may be gone for good (a fleet peer that
+//!   died mid-stream) resumes through a [`Continuation`] instead ([`continuing`]), which finds
+//!   the rest elsewhere (another holder, the origin) by a `Range` request from the same
+//!   position; the caller verifies the whole image's checksum, so mixing sources can never
+//!   publish a wrong image.
 //! - **After the writer died** (`kill -9`): while a resumable download is written, a note
 //!   `incomplete/<key>.resume` beside the file records the href, the validator, the total
 //!   length and the boot it was written in. The next writer of the key, holding its permit,
@@ -28,6 +33,7 @@
 //! [`HttpOptions::retries`]: crate::source::http::HttpOptions::retries
 //! [`HttpOptions::retry_budget`]: crate::source::http::HttpOptions::retry_budget
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,28 +51,70 @@ use url::Url;
 use crate::allow::AllowList;
 use crate::error::{FetchError, Result};
 use crate::source::BodyStream;
-use crate::source::http::{HttpSource, error_chain, header};
+use crate::source::http::{HttpOptions, HttpSource, error_chain, header};
 
-/// How to ask an origin for the rest of one body (see the module docs).
+/// How to ask for the rest of one body (see the module docs): the same origin again, or,
+/// for a body that came from somewhere else, a [`Continuation`].
 #[derive(Clone)]
 pub struct Resumable(Arc<Ctx>);
 
 struct Ctx {
-    http: HttpSource,
+    /// Retry count, time budget and backoff of the resumes.
+    opts: HttpOptions,
+    /// Where the body came from, for messages.
     url: Url,
-    headers: HeaderMap,
-    allow: Option<AllowList>,
-    validator: String,
-    total: Option<u64>,
+    how: How,
+}
+
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per download, behind an Arc: boxing would buy nothing"
+)]
+enum How {
+    /// The same URL again, with `Range` and `If-Range: validator`.
+    Origin {
+        http: HttpSource,
+        headers: HeaderMap,
+        allow: Option<AllowList>,
+        validator: String,
+        total: Option<u64>,
+    },
+    /// Whatever the continuation finds (the server's fleet: another holder, or the origin
+    /// under the fleet's lease).
+    Elsewhere(Arc<dyn Continuation>),
+}
+
+/// Another way to get the rest of a body from an offset: for a body whose own source may be
+/// gone for good (a fleet peer that died), where asking the same URL again is pointless.
+/// Whatever it returns is read as the same image from `offset` on; the caller verifies the
+/// whole image's checksum, so a continuation never needs to vouch for the bytes itself.
+pub trait Continuation: Send + Sync + 'static {
+    /// The rest from `offset`, or `Ok(Err(why))` when no source will give it.
+    fn rest(&self, offset: u64) -> RestFuture<'_>;
+}
+
+/// What [`Continuation::rest`] returns.
+pub type RestFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<std::result::Result<Rest, String>>> + Send + 'a>>;
+
+/// A continuation's answer: a 206 whose `Content-Range` starts at the asked offset, and
+/// whatever must live while it is read (a lease, say).
+pub struct Rest {
+    pub response: reqwest::Response,
+    pub keep: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Resumable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Resumable")
-            .field("url", &crate::allow::redacted(&self.0.url))
-            .field("validator", &self.0.validator)
-            .field("total", &self.0.total)
-            .finish()
+        let mut d = f.debug_struct("Resumable");
+        d.field("url", &crate::allow::redacted(&self.0.url));
+        if let How::Origin {
+            validator, total, ..
+        } = &self.0.how
+        {
+            d.field("validator", validator).field("total", total);
+        }
+        d.finish_non_exhaustive()
     }
 }
 
@@ -90,32 +138,57 @@ impl Resumable {
             .filter(|e| e.starts_with('"'))
             .or_else(|| header(resp, &LAST_MODIFIED))?;
         Some(Resumable(Arc::new(Ctx {
-            http: http.clone(),
+            opts: http.options().clone(),
             url: url.clone(),
-            headers: headers.clone(),
-            allow: allow.cloned(),
-            validator,
-            total: header(resp, &CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+            how: How::Origin {
+                http: http.clone(),
+                headers: headers.clone(),
+                allow: allow.cloned(),
+                validator,
+                total: header(resp, &CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+            },
         })))
     }
 
-    /// The `If-Range` value: the strong ETag, else `Last-Modified`.
-    pub fn validator(&self) -> &str {
-        &self.0.validator
+    /// Resumes a body from `url` through `continuation`, within `opts`' retries and budget.
+    pub fn elsewhere(
+        opts: &HttpOptions,
+        url: &Url,
+        continuation: Arc<dyn Continuation>,
+    ) -> Resumable {
+        Resumable(Arc::new(Ctx {
+            opts: opts.clone(),
+            url: url.clone(),
+            how: How::Elsewhere(continuation),
+        }))
+    }
+
+    /// The `If-Range` value: the strong ETag, else `Last-Modified`; `None` for a continuation
+    /// (nothing to note for a resume after a crash).
+    pub fn validator(&self) -> Option<&str> {
+        match &self.0.how {
+            How::Origin { validator, .. } => Some(validator),
+            How::Elsewhere(_) => None,
+        }
     }
 
     /// The whole body's length, when the origin said.
     pub fn total(&self) -> Option<u64> {
-        self.0.total
+        match &self.0.how {
+            How::Origin { total, .. } => *total,
+            How::Elsewhere(_) => None,
+        }
     }
 
     /// The bytes from `offset` on, as a body that resumes itself in turn; `Ok(Err(why))` when
     /// the origin will not give them (the image changed, or it does not serve ranges).
     pub async fn rest(&self, offset: u64) -> Result<std::result::Result<BodyStream, String>> {
-        Ok(self
-            .rest_response(offset)
-            .await?
-            .map(|resp| resuming(self.0.url.clone(), resp, offset, Some(self.clone()))))
+        Ok(self.rest_response(offset).await?.map(|rest| {
+            let mut body = body_of(self.0.url.clone(), chunks_of(rest.response), offset);
+            body.resume = Some(self.clone());
+            body.keep = rest.keep;
+            body.stream()
+        }))
     }
 }
 
@@ -135,7 +208,12 @@ pub fn content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     Some((s, e, total))
 }
 
-type Chunks = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+/// A body's chunks, a break as its reason.
+type Chunks = Pin<Box<dyn Stream<Item = std::result::Result<Bytes, String>> + Send>>;
+
+fn chunks_of(resp: reqwest::Response) -> Chunks {
+    Box::pin(resp.bytes_stream().map(|r| r.map_err(|e| error_chain(&e))))
+}
 
 struct Body {
     inner: Chunks,
@@ -145,6 +223,21 @@ struct Body {
     resumes: u32,
     since: Option<Instant>,
     done: bool,
+    /// What the current source needs kept alive while it is read (see [`Rest::keep`]).
+    keep: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+fn body_of(url: Url, inner: Chunks, pos: u64) -> Body {
+    Body {
+        inner,
+        url,
+        pos,
+        resume: None,
+        resumes: 0,
+        since: None,
+        done: false,
+        keep: None,
+    }
 }
 
 /// `resp`'s body (its first byte at `pos` of the image), resuming itself when `resume` allows
@@ -156,39 +249,46 @@ pub(crate) fn resuming(
     pos: u64,
     resume: Option<Resumable>,
 ) -> BodyStream {
-    let body = Body {
-        inner: Box::pin(resp.bytes_stream()),
-        url,
-        pos,
-        resume,
-        resumes: 0,
-        since: None,
-        done: false,
-    };
-    Box::pin(futures_util::stream::unfold(body, |mut b| async move {
-        if b.done {
-            return None;
-        }
-        loop {
-            match b.inner.next().await {
-                None => return None,
-                Some(Ok(chunk)) => {
-                    b.pos += chunk.len() as u64;
-                    return Some((Ok(chunk), b));
-                }
-                Some(Err(e)) => match b.resume_after(error_chain(&e)).await {
-                    Ok(()) => continue,
-                    Err(err) => {
-                        b.done = true;
-                        return Some((Err(err), b));
-                    }
-                },
-            }
-        }
-    }))
+    let mut body = body_of(url, chunks_of(resp), pos);
+    body.resume = resume;
+    body.stream()
+}
+
+/// A body from `url` that already streams (its first byte at offset 0), resumed through
+/// `resume` when it breaks: how a fleet peer's body goes on from another source. The body's
+/// own error ends it only when `resume` cannot continue.
+pub fn continuing(url: &Url, body: BodyStream, resume: Resumable) -> BodyStream {
+    let inner: Chunks = Box::pin(body.map(|r| r.map_err(|e| e.to_string())));
+    let mut body = body_of(url.clone(), inner, 0);
+    body.resume = Some(resume);
+    body.stream()
 }
 
 impl Body {
+    fn stream(self) -> BodyStream {
+        Box::pin(futures_util::stream::unfold(self, |mut b| async move {
+            if b.done {
+                return None;
+            }
+            loop {
+                match b.inner.next().await {
+                    None => return None,
+                    Some(Ok(chunk)) => {
+                        b.pos += chunk.len() as u64;
+                        return Some((Ok(chunk), b));
+                    }
+                    Some(Err(e)) => match b.resume_after(e).await {
+                        Ok(()) => continue,
+                        Err(err) => {
+                            b.done = true;
+                            return Some((Err(err), b));
+                        }
+                    },
+                }
+            }
+        }))
+    }
+
     /// Asks for the rest after a break (`reason`), within the retry count and time budget.
     async fn resume_after(&mut self, reason: String) -> Result<()> {
         let Some(r) = self.resume.clone() else {
@@ -197,7 +297,7 @@ impl Body {
                 reason,
             });
         };
-        let opts = r.0.http.options().clone();
+        let opts = r.0.opts.clone();
         let since = *self.since.get_or_insert_with(Instant::now);
         let mut last = reason;
         loop {
@@ -220,9 +320,10 @@ impl Body {
             self.resumes += 1;
             tracing::warn!(url = %crate::allow::redacted(&self.url), offset = self.pos, attempt = self.resumes, reason = %last, "origin body broke; resuming with a range request");
             match r.rest_response(self.pos).await {
-                Ok(Ok(resp)) => {
+                Ok(Ok(rest)) => {
                     tracing::info!(url = %crate::allow::redacted(&self.url), offset = self.pos, "download resumed");
-                    self.inner = Box::pin(resp.bytes_stream());
+                    self.inner = chunks_of(rest.response);
+                    self.keep = rest.keep;
                     return Ok(());
                 }
                 Ok(Err(why)) => {
@@ -240,21 +341,31 @@ impl Body {
 }
 
 impl Resumable {
-    async fn rest_response(
-        &self,
-        offset: u64,
-    ) -> Result<std::result::Result<reqwest::Response, String>> {
+    async fn rest_response(&self, offset: u64) -> Result<std::result::Result<Rest, String>> {
         let c = &self.0;
-        c.http
-            .get_rest(
-                &c.url,
-                &c.headers,
-                c.allow.as_ref(),
-                offset,
-                &c.validator,
-                c.total,
-            )
-            .await
+        match &c.how {
+            How::Origin {
+                http,
+                headers,
+                allow,
+                validator,
+                total,
+            } => Ok(http
+                .get_rest(
+                    &c.url,
+                    headers,
+                    allow.as_ref(),
+                    offset,
+                    Some(validator),
+                    *total,
+                )
+                .await?
+                .map(|response| Rest {
+                    response,
+                    keep: None,
+                })),
+            How::Elsewhere(cont) => cont.rest(offset).await,
+        }
     }
 }
 
@@ -289,7 +400,7 @@ pub(crate) fn write_note(cache: &Cache, key: &Key, href: &str, r: &Resumable) ->
     let path = cache.resume_note_path(key)?;
     let note = Note {
         href: href.to_string(),
-        validator: r.validator().to_string(),
+        validator: r.validator()?.to_string(),
         total: r.total(),
         boot_id: boot_id(),
     };
@@ -316,7 +427,7 @@ pub(crate) fn leftover(
     let note: Note = serde_json::from_slice(&std::fs::read(&note_path).ok()?).ok()?;
     let wanted = Note {
         href: href.to_string(),
-        validator: r.validator().to_string(),
+        validator: r.validator()?.to_string(),
         total: r.total(),
         boot_id: boot_id(),
     };

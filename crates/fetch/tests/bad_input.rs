@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use imgcache_fetch::{FetchError, FetchOptions, HttpOptions, Outcome, Placement, SourceConfig};
 use imgcache_store::{Algorithm, Integrity, StoreError};
+use imgcache_testkit::faults::{ALWAYS, Fault, FaultOrigin, File};
 
 fn opts() -> FetchOptions {
     FetchOptions::default()
@@ -15,9 +16,9 @@ fn opts() -> FetchOptions {
 
 /// After a failure, the same key fetches fine from a healthy route (lock released, no
 /// leftover blocking it).
-async fn then_fetch_works(env: &Env, origin: &Origin, path: &str, href: &str) {
+async fn then_fetch_works(env: &Env, origin: &FaultOrigin, path: &str, href: &str) {
     let body = image_bytes(MIB / 2, 77);
-    origin.set(path, Route::new(body.clone()).etag("fixed"));
+    origin.put(path, File::bare(body.clone()).etag(Some("fixed")));
     let dest = env.dest("after-fix");
     let r = env.ic.fetch_image(href, &dest, &opts()).await.unwrap();
     assert_eq!(r.outcome, Outcome::Downloaded);
@@ -31,15 +32,13 @@ async fn then_fetch_works(env: &Env, origin: &Origin, path: &str, href: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_errors_are_not_retried() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     for code in [404u16, 403] {
         let path = format!("/e{code}.img");
-        origin.set(
-            &path,
-            Route::new(image_bytes(1024, 1)).behave(Behave::Status(code)),
-        );
-        let href = origin.url(&path);
+        origin.put(&path, File::bare(image_bytes(1024, 1)));
+        origin.fail(&path, Fault::Status(code), ALWAYS);
+        let href = origin.at(&path);
         let key = key_of(&href, false);
         let dest = env.dest(&format!("d{code}"));
         let err = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
@@ -61,7 +60,7 @@ async fn client_errors_are_not_retried() {
         then_fetch_works(&env, &origin, &path, &href).await;
     }
     // A path the origin does not know at all.
-    let href = origin.url("/nowhere.img");
+    let href = origin.at("/nowhere.img");
     let err = expect_err(env.ic.fetch_image(&href, &env.dest("x"), &opts()).await);
     assert!(
         matches!(err, FetchError::Status { status: 404, .. }),
@@ -72,17 +71,12 @@ async fn client_errors_are_not_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_are_retried_with_backoff() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new(); // 3 retries
     let body = image_bytes(2 * MIB, 2);
-    origin.set(
-        "/flaky.img",
-        Route::new(body.clone()).behave(Behave::FailThen {
-            status: 500,
-            failures: 2,
-        }),
-    );
-    let href = origin.url("/flaky.img");
+    origin.put("/flaky.img", File::bare(body.clone()));
+    origin.fail("/flaky.img", Fault::Status(500), 2);
+    let href = origin.at("/flaky.img");
     let dest = env.dest("flaky");
     let r = env.ic.fetch_image(&href, &dest, &opts()).await.unwrap();
     assert_eq!(r.outcome, Outcome::Downloaded);
@@ -94,11 +88,9 @@ async fn server_errors_are_retried_with_backoff() {
     assert_linked(&env.master(&key_of(&href, false)), &dest, &body);
 
     // A 503 that never recovers: 1 + retries attempts, then the status as the error.
-    origin.set(
-        "/down.img",
-        Route::new(body.clone()).behave(Behave::Status(503)),
-    );
-    let href = origin.url("/down.img");
+    origin.put("/down.img", File::bare(body.clone()));
+    origin.fail("/down.img", Fault::Status(503), ALWAYS);
+    let href = origin.at("/down.img");
     let dest = env.dest("down");
     let err = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
     assert!(
@@ -112,14 +104,12 @@ async fn server_errors_are_retried_with_backoff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_reset_mid_body() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     let body = image_bytes(4 * MIB, 3);
-    origin.set(
-        "/reset.img",
-        Route::new(body).behave(Behave::Reset { after: MIB }),
-    );
-    let href = origin.raw_url("/reset.img");
+    origin.put("/reset.img", File::bare(body));
+    origin.fail("/reset.img", Fault::ResetAfter(MIB as u64), ALWAYS);
+    let href = origin.at("/reset.img");
     let key = key_of(&href, false);
     let dest = env.dest("reset");
     let err = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
@@ -138,14 +128,12 @@ async fn connection_reset_mid_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_shorter_than_content_length() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     let body = image_bytes(4 * MIB, 4);
-    origin.set(
-        "/short.img",
-        Route::new(body).behave(Behave::Short { send: 3 * MIB }),
-    );
-    let href = origin.raw_url("/short.img");
+    origin.put("/short.img", File::bare(body));
+    origin.fail("/short.img", Fault::ShortBody(3 * MIB as u64), ALWAYS);
+    let href = origin.at("/short.img");
     let key = key_of(&href, false);
     let dest = env.dest("short");
     let err = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
@@ -166,19 +154,17 @@ async fn body_shorter_than_content_length() {
 /// caller expects the checksum of what the origin meant to send, that is a checksum error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_longer_than_content_length() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     let body = image_bytes(2 * MIB, 5);
-    origin.set(
-        "/long.img",
-        Route::new(body.clone()).behave(Behave::Long { extra: MIB }),
-    );
-    let href = origin.raw_url("/long.img");
+    origin.put("/long.img", File::bare(body.clone()));
+    origin.fail("/long.img", Fault::TooLongBody(MIB as u64), ALWAYS);
+    let href = origin.at("/long.img");
     let key = key_of(&href, false);
 
     // The whole stream (declared body + extra), as a broken origin would have hashed it.
     let mut whole = body.to_vec();
-    whole.extend_from_slice(&image_bytes(MIB, 99));
+    whole.extend_from_slice(&vec![0xee; MIB]);
     let expected = Integrity::of(Algorithm::Sha256, &whole);
     let dest = env.dest("long-checked");
     let err = expect_err(
@@ -221,7 +207,7 @@ async fn body_longer_than_content_length() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_stalling_past_the_read_timeout() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::with(SourceConfig {
         http: HttpOptions {
             read_timeout: Duration::from_millis(300),
@@ -230,14 +216,13 @@ async fn origin_stalling_past_the_read_timeout() {
         ..sources()
     });
     let body = image_bytes(3 * MIB, 6);
-    origin.set(
-        "/stall.img",
-        Route::new(body).behave(Behave::Stall {
-            after: MIB,
-            stall: Duration::from_secs(20),
-        }),
-    );
-    let href = origin.url("/stall.img");
+    origin.put("/stall.img", File::bare(body));
+    let stall = Fault::StallMidBody {
+        after: MIB as u64,
+        pause: Duration::from_secs(20),
+    };
+    origin.fail("/stall.img", stall, ALWAYS);
+    let href = origin.at("/stall.img");
     let key = key_of(&href, false);
     let dest = env.dest("stall");
     let started = Instant::now();
@@ -256,7 +241,7 @@ async fn origin_stalling_past_the_read_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_scheme_and_missing_dest_dir_fail_before_any_request() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     let err = expect_err(
         env.ic
@@ -270,8 +255,8 @@ async fn unknown_scheme_and_missing_dest_dir_fail_before_any_request() {
     assert!(err.to_string().contains("ftp"), "{err}");
     assert!(!env.dest("ftp").exists());
 
-    origin.set("/a.img", Route::new(image_bytes(MIB, 7)));
-    let href = origin.url("/a.img");
+    origin.put("/a.img", File::bare(image_bytes(MIB, 7)));
+    let href = origin.at("/a.img");
     let key = key_of(&href, false);
     let dest = env.dests.join("no/such/dir/a.img");
     let err = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
@@ -279,11 +264,7 @@ async fn unknown_scheme_and_missing_dest_dir_fail_before_any_request() {
         FetchError::Dest { path, .. } => assert_eq!(path, &dest),
         other => panic!("{other:?}"),
     }
-    assert_eq!(
-        origin.total_requests(),
-        0,
-        "checked before asking the origin"
-    );
+    assert_eq!(origin.all_requests(), 0, "checked before asking the origin");
     assert!(!env.dests.join("no").exists(), "no directory created");
     assert_failed_cleanly(&env, &key, &dest);
     assert!(env.cache().get_cached_images().unwrap().is_empty());
@@ -303,16 +284,17 @@ fn assert_disk_full(err: &FetchError) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_while_downloading() {
     let fs = Tmpfs::mount("8m");
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::at(Some(fs.path.join("cache")), sources());
     let body = image_bytes(16 * MIB, 8);
     let free_before = imgcache_store::registry::free_space(&fs.path).unwrap();
     for (path, behave) in [
-        ("/big.img", Behave::Normal),
-        ("/big-chunked.img", Behave::Chunked),
+        ("/big.img", Fault::None),
+        ("/big-chunked.img", Fault::Chunked),
     ] {
-        origin.set(path, Route::new(body.clone()).behave(behave));
-        let href = origin.url(path);
+        origin.put(path, File::bare(body.clone()));
+        origin.fail(path, behave, ALWAYS);
+        let href = origin.at(path);
         let key = key_of(&href, false);
         let dest = env.dest(&path[1..]);
         let err = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
@@ -326,7 +308,7 @@ async fn disk_full_while_downloading() {
         );
     }
     // The cache still works once the image fits.
-    then_fetch_works(&env, &origin, "/big.img", &origin.url("/big.img")).await;
+    then_fetch_works(&env, &origin, "/big.img", &origin.at("/big.img")).await;
     drop(env);
 }
 
@@ -335,15 +317,15 @@ async fn disk_full_while_downloading() {
 /// key's flock forever), and works again once the writer is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_writer_in_another_process_is_given_up_on() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let body = image_bytes(2 * MIB, 41);
-    origin.set("/hung.img", Route::new(body.clone()));
+    origin.put("/hung.img", File::bare(body.clone()));
     let bound = Duration::from_secs(1);
     let mut src = sources();
     src.http.read_timeout = bound;
     src.revalidate_interval = Duration::ZERO;
     let env = Env::with(src);
-    let href = origin.url("/hung.img");
+    let href = origin.at("/hung.img");
     let key = key_of(&href, false);
     // "Another process": a second store on the directory holds the key, writes, then hangs.
     let other =
@@ -361,7 +343,7 @@ async fn a_hung_writer_in_another_process_is_given_up_on() {
     assert!(err.to_string().contains("made no progress"), "{err}");
     assert!(took >= bound && took < bound * 4, "gave up after {took:?}");
     assert_eq!(
-        origin.total_requests(),
+        origin.all_requests(),
         0,
         "nothing asked while another writer held the key"
     );

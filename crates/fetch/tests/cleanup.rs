@@ -13,6 +13,7 @@ use imgcache_fetch::{FetchError, FetchOptions, ImageCache, Outcome};
 use imgcache_store::record::now;
 use imgcache_store::registry::free_space;
 use imgcache_store::{Cache, CacheSpec, Key, Registry, Status, StoreError};
+use imgcache_testkit::faults::{FaultOrigin, File};
 
 const H: u64 = 3600;
 
@@ -225,8 +226,8 @@ fn clean_up_caches_by_priority_on_one_filesystem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_with_registry_refuses_what_cannot_fit() {
     let fs = Tmpfs::mount("8m");
-    let origin = Origin::start().await;
-    origin.set("/huge.img", Route::new(image_bytes(16 * MIB, 60)));
+    let origin = FaultOrigin::start();
+    origin.put("/huge.img", File::bare(image_bytes(16 * MIB, 60)));
     let env = Env::at(Some(fs.path.join("cache")), sources());
     publish(env.cache(), "evictable", MIB, ago(10));
     let mut registry = Registry::new();
@@ -234,7 +235,7 @@ async fn fetch_with_registry_refuses_what_cannot_fit() {
     let ic = ImageCache::new(env.spec.clone(), &sources())
         .unwrap()
         .with_registry(Arc::new(registry));
-    let href = origin.url("/huge.img");
+    let href = origin.at("/huge.img");
     let dest = env.dest("huge");
     let err = expect_err(ic.fetch_image(&href, &dest, &FetchOptions::default()).await);
     assert!(
@@ -259,11 +260,11 @@ async fn fetch_with_registry_refuses_what_cannot_fit() {
 /// converted by qemu-img into the same bytes `qemu-img convert -O raw` makes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_raw_keys_converted_and_converts_qcow2() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     let raw = image_bytes(2 * MIB, 70);
-    origin.set("/disk.raw", Route::new(raw.clone()));
-    let href = origin.url("/disk.raw");
+    origin.put("/disk.raw", File::bare(raw.clone()));
+    let href = origin.at("/disk.raw");
     let raw_opts = FetchOptions {
         force_raw: true,
         ..FetchOptions::default()
@@ -296,8 +297,8 @@ async fn force_raw_keys_converted_and_converts_qcow2() {
     );
     let qbytes = std::fs::read(&qpath).unwrap();
     assert_eq!(&qbytes[..4], b"QFI\xfb");
-    origin.set("/disk.qcow2", Route::new(qbytes.clone().into()));
-    let href = origin.url("/disk.qcow2");
+    origin.put("/disk.qcow2", File::bare(qbytes.clone()));
+    let href = origin.at("/disk.qcow2");
     let key = key_of(&href, true);
     let dest = env.dest("qcow");
     let r = env.ic.fetch_image(&href, &dest, &raw_opts).await.unwrap();
@@ -333,7 +334,7 @@ async fn force_raw_keys_converted_and_converts_qcow2() {
 /// unlinked master goes, while the one just fetched (linked into its dest) stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_runs_the_clean_up() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let tmp = tempfile::tempdir().unwrap();
     let mut spec: CacheSpec = spec_at(&tmp.path().join("cache"), "instance", 50);
     spec.max_size = 2 * MIB as u64 + MIB as u64 / 2;
@@ -343,8 +344,8 @@ async fn a_download_runs_the_clean_up() {
     let mut keys = Vec::new();
     for i in 0..3u64 {
         let path = format!("/img{i}");
-        origin.set(&path, Route::new(image_bytes(MIB, 80 + i)));
-        let href = origin.url(&path);
+        origin.put(&path, File::bare(image_bytes(MIB, 80 + i)));
+        let href = origin.at(&path);
         let dest = dests.join(format!("d{i}"));
         ic.fetch_image(&href, &dest, &FetchOptions::default())
             .await

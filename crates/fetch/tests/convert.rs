@@ -19,6 +19,7 @@ use imgcache_fetch::{
     ChecksumSpec, FetchError, FetchOptions, ImageCache, Outcome, Phase, Progress,
 };
 use imgcache_store::{Algorithm, Integrity, Status};
+use imgcache_testkit::faults::{ALWAYS, Fault, FaultOrigin, File};
 
 use imgcache_testkit::qemu_img;
 
@@ -114,7 +115,7 @@ fn no_leftovers(env: &Env) {
 /// published under the `.converted` key with what they were converted from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_raw_converts_each_format_like_qemu_img() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = env_with(permissive());
     let work = tempfile::tempdir().unwrap();
     let raw = raw_disk(work.path());
@@ -128,8 +129,8 @@ async fn force_raw_converts_each_format_like_qemu_img() {
         let img = image(work.path(), &raw, format, opts);
         let expected = qemu_raw(work.path(), &img, format);
         let path = format!("/disk.{format}");
-        origin.set(&path, Route::new(std::fs::read(&img).unwrap().into()));
-        let href = origin.url(&path);
+        origin.put(&path, File::bare(std::fs::read(&img).unwrap()));
+        let href = origin.at(&path);
         let progress = Arc::new(Recorder::default());
         let opts = FetchOptions {
             progress: Some(progress.clone()),
@@ -175,7 +176,7 @@ async fn force_raw_converts_each_format_like_qemu_img() {
         assert!(!env.cache().is_cached(&key_of(&href, false)).unwrap());
     }
     // A second fetch is a hit on the converted master: no download, no conversion.
-    let href = origin.url("/disk.qcow2");
+    let href = origin.at("/disk.qcow2");
     let r = env
         .ic
         .fetch_image(&href, &env.dest("again"), &raw_opts())
@@ -188,7 +189,7 @@ async fn force_raw_converts_each_format_like_qemu_img() {
 /// Raw and ISO images are used as they are, even with force_raw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_and_iso_are_never_converted() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     let work = tempfile::tempdir().unwrap();
     let raw = std::fs::read(raw_disk(work.path())).unwrap();
@@ -210,8 +211,8 @@ async fn raw_and_iso_are_never_converted() {
     let iso = std::fs::read(&iso_path).unwrap();
     for (name, bytes, format) in [("raw", raw, "raw"), ("iso", iso, "iso")] {
         let path = format!("/disk.{name}");
-        origin.set(&path, Route::new(bytes.clone().into()));
-        let href = origin.url(&path);
+        origin.put(&path, File::bare(bytes.clone()));
+        let href = origin.at(&path);
         let dest = env.dest(name);
         env.ic.fetch_image(&href, &dest, &raw_opts()).await.unwrap();
         let key = key_of(&href, true);
@@ -233,7 +234,7 @@ async fn raw_and_iso_are_never_converted() {
 /// never finishes sending it, and the partial file holds only the first part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsafe_image_is_refused_before_it_is_downloaded() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     let work = tempfile::tempdir().unwrap();
     let base = work.path().join("base.raw");
@@ -254,14 +255,13 @@ async fn an_unsafe_image_is_refused_before_it_is_downloaded() {
     let mut bytes = std::fs::read(&backed).unwrap();
     let total = 32 * MIB;
     bytes.extend_from_slice(&image_bytes(total - bytes.len(), 9));
-    origin.set(
-        "/backed.qcow2",
-        Route::new(bytes.into()).behave(Behave::Throttle {
-            chunk: 64 * 1024,
-            delay: Duration::from_millis(10),
-        }),
-    );
-    let href = origin.url("/backed.qcow2");
+    origin.put("/backed.qcow2", File::bare(bytes));
+    let pace = Fault::Paced {
+        step: 64 * 1024,
+        pause: Duration::from_millis(10),
+    };
+    origin.fail("/backed.qcow2", pace, ALWAYS);
+    let href = origin.at("/backed.qcow2");
     let dest = env.dest("backed");
     let started = Instant::now();
     let err = expect_err(
@@ -285,7 +285,7 @@ async fn an_unsafe_image_is_refused_before_it_is_downloaded() {
     assert!(partial < total as u64 / 4, "{partial} bytes written");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
-        origin.body_done("/backed.qcow2").is_none(),
+        origin.body_end("/backed.qcow2").is_none(),
         "the whole body was sent"
     );
 }
@@ -294,13 +294,13 @@ async fn an_unsafe_image_is_refused_before_it_is_downloaded() {
 /// permitted list, are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declared_and_permitted_formats_are_enforced() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     let work = tempfile::tempdir().unwrap();
     let raw = raw_disk(work.path());
     let qcow = std::fs::read(image(work.path(), &raw, "qcow2", &[])).unwrap();
-    origin.set("/q", Route::new(qcow.clone().into()));
-    let href = origin.url("/q");
+    origin.put("/q", File::bare(qcow.clone()));
+    let href = origin.at("/q");
     let opts = FetchOptions {
         disk_format: Some(DiskFormat::Image(Format::Raw)),
         ..FetchOptions::default()
@@ -330,8 +330,8 @@ async fn declared_and_permitted_formats_are_enforced() {
 
     // vmdk is not in the default permitted list.
     let vmdk = std::fs::read(image(work.path(), &raw, "vmdk", &[])).unwrap();
-    origin.set("/v", Route::new(vmdk.into()));
-    let href = origin.url("/v");
+    origin.put("/v", File::bare(vmdk));
+    let href = origin.at("/v");
     let err = expect_err(env.ic.fetch_image(&href, &env.dest("v"), &raw_opts()).await);
     assert!(
         matches!(
@@ -353,7 +353,7 @@ async fn declared_and_permitted_formats_are_enforced() {
 /// (or converted); the checksum the source gives is of the compressed bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zstd_downloads_are_decompressed_and_checked_as_sent() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     let work = tempfile::tempdir().unwrap();
     let raw = raw_disk(work.path());
@@ -363,8 +363,8 @@ async fn zstd_downloads_are_decompressed_and_checked_as_sent() {
     let packed = zstd::bulk::compress(&qcow, 3).unwrap();
     assert_eq!(&packed[..4], &[0x28, 0xB5, 0x2F, 0xFD]);
     let sent = Integrity::of(Algorithm::Sha256, &packed);
-    origin.set("/disk.qcow2.zst", Route::new(packed.clone().into()));
-    let href = origin.url("/disk.qcow2.zst");
+    origin.put("/disk.qcow2.zst", File::bare(packed.clone()));
+    let href = origin.at("/disk.qcow2.zst");
     let with_checksum = |force_raw: bool, c: &Integrity| FetchOptions {
         force_raw,
         checksum: Some(c.to_string().parse::<ChecksumSpec>().unwrap()),
@@ -425,15 +425,15 @@ async fn zstd_downloads_are_decompressed_and_checked_as_sent() {
 /// incomplete/ or published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_conversion_leaves_nothing() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     let work = tempfile::tempdir().unwrap();
     let raw = raw_disk(work.path());
     let mut qcow = std::fs::read(image(work.path(), &raw, "qcow2", &[])).unwrap();
     let l1 = u64::from_be_bytes(qcow[40..48].try_into().unwrap()) as usize;
     qcow[l1..l1 + 8].copy_from_slice(&(0x8000_0000_0001_2345u64).to_be_bytes());
-    origin.set("/corrupt.qcow2", Route::new(Bytes::from(qcow)));
-    let href = origin.url("/corrupt.qcow2");
+    origin.put("/corrupt.qcow2", File::bare(Bytes::from(qcow)));
+    let href = origin.at("/corrupt.qcow2");
     let dest = env.dest("corrupt");
     let err = expect_err(env.ic.fetch_image(&href, &dest, &raw_opts()).await);
     match &err {
@@ -477,7 +477,7 @@ fn alive(pid: i32) -> bool {
 /// its output; qemu-img ran under the configured address-space and CPU limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_conversion_kills_qemu_img_and_leaves_nothing() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let work = tempfile::tempdir().unwrap();
     let fake = fake_qemu_img(work.path());
     let env = env_with(ImageOptions {
@@ -490,8 +490,8 @@ async fn a_cancelled_conversion_kills_qemu_img_and_leaves_nothing() {
     });
     let raw = raw_disk(work.path());
     let qcow = std::fs::read(image(work.path(), &raw, "qcow2", &[])).unwrap();
-    origin.set("/q", Route::new(qcow.into()));
-    let href = origin.url("/q");
+    origin.put("/q", File::bare(qcow));
+    let href = origin.at("/q");
     let key = key_of(&href, true);
     let dest = env.dest("q");
     let env = Arc::new(env);
@@ -546,7 +546,7 @@ async fn a_cancelled_conversion_kills_qemu_img_and_leaves_nothing() {
 /// Without qemu-img, a conversion fails saying so; nothing is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_qemu_img_is_a_clear_error() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = env_with(ImageOptions {
         convert: ConvertOptions {
             qemu_img: "/nonexistent/bin/qemu-img".into(),
@@ -557,8 +557,8 @@ async fn a_missing_qemu_img_is_a_clear_error() {
     let work = tempfile::tempdir().unwrap();
     let raw = raw_disk(work.path());
     let qcow = std::fs::read(image(work.path(), &raw, "qcow2", &[])).unwrap();
-    origin.set("/q", Route::new(qcow.into()));
-    let href = origin.url("/q");
+    origin.put("/q", File::bare(qcow));
+    let href = origin.at("/q");
     let dest = env.dest("q");
     let err = expect_err(env.ic.fetch_image(&href, &dest, &raw_opts()).await);
     assert!(

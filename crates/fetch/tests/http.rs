@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::*;
 use imgcache_fetch::{FetchOptions, ImageCache, Outcome, Placement, SourceConfig};
 use imgcache_store::{Algorithm, Integrity};
+use imgcache_testkit::faults::{Counts, FaultOrigin, File};
 
 fn opts() -> FetchOptions {
     FetchOptions::default()
@@ -22,11 +23,11 @@ fn revalidate_always() -> SourceConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miss_downloads_and_hard_links_then_hit_asks_nothing() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let body = image_bytes(3 * MIB + 17, 1);
-    origin.set("/img/a.raw", Route::new(body.clone()).etag("v1"));
+    origin.put("/img/a.raw", File::bare(body.clone()).etag(Some("v1")));
     let env = Env::new();
-    let href = origin.url("/img/a.raw");
+    let href = origin.at("/img/a.raw");
     let key = key_of(&href, false);
 
     let d1 = env.dest("d1");
@@ -64,7 +65,7 @@ async fn miss_downloads_and_hard_links_then_hit_asks_nothing() {
         (r.outcome, r.placement),
         (Outcome::Hit, Placement::AlreadyInPlace)
     );
-    assert_eq!(origin.total_requests(), 1, "hits must not reach the origin");
+    assert_eq!(origin.all_requests(), 1, "hits must not reach the origin");
     assert_eq!(
         env.cache().get_hit_count(&key).unwrap(),
         2,
@@ -74,17 +75,17 @@ async fn miss_downloads_and_hard_links_then_hit_asks_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_interval_one_conditional_get_and_304_revalidates() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let a = image_bytes(2 * MIB, 2);
     let b = image_bytes(2 * MIB, 3);
-    origin.set("/etag.img", Route::new(a.clone()).etag("e1"));
-    origin.set(
+    origin.put("/etag.img", File::bare(a.clone()).etag(Some("e1")));
+    origin.put(
         "/lm.img",
-        Route::new(b.clone()).last_modified("Wed, 01 May 2024 10:00:00 GMT"),
+        File::bare(b.clone()).last_modified(Some("Wed, 01 May 2024 10:00:00 GMT")),
     );
     let env = Env::with(revalidate_always());
     for (path, body) in [("/etag.img", &a), ("/lm.img", &b)] {
-        let href = origin.url(path);
+        let href = origin.at(path);
         let key = key_of(&href, false);
         let d1 = env.dest(&format!("{}-1", &path[1..]));
         let r = env.ic.fetch_image(&href, &d1, &opts()).await.unwrap();
@@ -111,12 +112,12 @@ async fn after_the_interval_one_conditional_get_and_304_revalidates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_origin_replaces_master_and_dest() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let v1 = image_bytes(2 * MIB, 4);
     let v2 = image_bytes(3 * MIB, 5);
-    origin.set("/x.img", Route::new(v1.clone()).etag("v1"));
+    origin.put("/x.img", File::bare(v1.clone()).etag(Some("v1")));
     let env = Env::with(revalidate_always());
-    let href = origin.url("/x.img");
+    let href = origin.at("/x.img");
     let key = key_of(&href, false);
     let dest = env.dest("node-1");
     let other = env.dest("node-2");
@@ -124,7 +125,7 @@ async fn changed_origin_replaces_master_and_dest() {
     env.ic.fetch_image(&href, &other, &opts()).await.unwrap();
     let old_ino = inode(&env.master(&key)).1;
 
-    origin.set("/x.img", Route::new(v2.clone()).etag("v2"));
+    origin.put("/x.img", File::bare(v2.clone()).etag(Some("v2")));
     let r = env.ic.fetch_image(&href, &dest, &opts()).await.unwrap();
     assert_eq!(r.outcome, Outcome::Downloaded);
     assert_eq!(r.size, v2.len() as u64);
@@ -151,11 +152,11 @@ async fn changed_origin_replaces_master_and_dest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_without_validators_is_not_redownloaded_within_the_interval() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let body = image_bytes(MIB, 6);
-    origin.set("/plain.img", Route::new(body.clone()));
+    origin.put("/plain.img", File::bare(body.clone()));
     let env = Env::new(); // interval: one hour
-    let href = origin.url("/plain.img");
+    let href = origin.at("/plain.img");
     let key = key_of(&href, false);
     for i in 0..4 {
         let r = env
@@ -195,11 +196,11 @@ async fn origin_without_validators_is_not_redownloaded_within_the_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dest_on_another_filesystem_is_copied() {
     let fs = Tmpfs::mount("32m");
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let body = image_bytes(3 * MIB, 9);
-    origin.set("/far.img", Route::new(body.clone()).etag("f"));
+    origin.put("/far.img", File::bare(body.clone()).etag(Some("f")));
     let env = Env::at(Some(fs.path.join("cache")), sources());
-    let href = origin.url("/far.img");
+    let href = origin.at("/far.img");
     let key = key_of(&href, false);
     let dest = env.dest("far");
     let r = env.ic.fetch_image(&href, &dest, &opts()).await.unwrap();
@@ -226,6 +227,6 @@ async fn dest_on_another_filesystem_is_copied() {
         .unwrap();
     assert_eq!((r.outcome, r.placement), (Outcome::Hit, Placement::Copied));
     assert_eq!(std::fs::read(env.dest("far2")).unwrap(), body);
-    assert_eq!(origin.total_requests(), 1);
+    assert_eq!(origin.all_requests(), 1);
     drop(env);
 }

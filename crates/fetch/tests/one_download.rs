@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use imgcache_fetch::{FetchOptions, ImageCache, Outcome};
+use imgcache_testkit::faults::{ALWAYS, Counts, Fault, FaultOrigin, File};
 
 const TEST_NAME: &str = "sixteen_threads_and_four_processes_download_once";
 const ROLE: &str = "IMGCACHE_FETCH_TEST_CHILD";
@@ -57,19 +58,16 @@ fn sixteen_threads_and_four_processes_download_once() {
         .enable_all()
         .build()
         .unwrap();
-    let origin = rt.block_on(Origin::start());
+    let origin = FaultOrigin::start();
     // 4 MiB at 32 KiB per 15 ms: about two seconds, so every caller arrives mid-download.
     let body = image_bytes(4 * MIB, 50);
-    origin.set(
-        "/shared.img",
-        Route::new(body.clone())
-            .etag("s1")
-            .behave(Behave::Throttle {
-                chunk: 32 * 1024,
-                delay: Duration::from_millis(15),
-            }),
-    );
-    let href = origin.url("/shared.img");
+    origin.put("/shared.img", File::bare(body.clone()).etag(Some("s1")));
+    let pace = Fault::Paced {
+        step: 32 * 1024,
+        pause: Duration::from_millis(15),
+    };
+    origin.fail("/shared.img", pace, ALWAYS);
+    let href = origin.at("/shared.img");
     let tmp = tempfile::tempdir().unwrap();
     let cache_dir = tmp.path().join("cache");
     let dests = tmp.path().join("dests");
@@ -165,7 +163,7 @@ fn sixteen_threads_and_four_processes_download_once() {
             not_modified: 0
         }
     );
-    assert_eq!(origin.total_requests(), 1);
+    assert_eq!(origin.all_requests(), 1);
     let downloaded = results
         .iter()
         .filter(|(o, _)| *o == Outcome::Downloaded)
@@ -179,10 +177,7 @@ fn sixteen_threads_and_four_processes_download_once() {
     );
 
     // The callers really overlapped: every one had started before the body finished.
-    let done_ago = origin
-        .body_done("/shared.img")
-        .expect("body sent")
-        .elapsed();
+    let done_ago = origin.body_end("/shared.img").expect("body sent").elapsed();
     let done_at = SystemTime::now() - done_ago;
     for (i, (_, started)) in results.iter().enumerate() {
         assert!(

@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::*;
 use imgcache_fetch::source::http::{HttpSource, MAX_REDIRECTS};
 use imgcache_fetch::{AllowList, FetchError, FetchOptions, Outcome, Refusal, SourceConfig};
+use imgcache_testkit::faults::{Counts, FaultOrigin, File};
 use reqwest::header::{HeaderMap, HeaderValue};
 
 fn opts() -> FetchOptions {
@@ -19,15 +20,15 @@ fn opts() -> FetchOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_is_followed_and_revalidated_through() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let body = image_bytes(MIB + 5, 31);
-    origin.set("/old/a.img", Route::redirect("/new/a.img"));
-    origin.set("/new/a.img", Route::new(body.clone()).etag("r1"));
+    origin.redirect("/old/a.img", "/new/a.img");
+    origin.put("/new/a.img", File::bare(body.clone()).etag(Some("r1")));
     let env = Env::with(SourceConfig {
         revalidate_interval: Duration::ZERO,
         ..sources()
     });
-    let href = origin.url("/old/a.img");
+    let href = origin.at("/old/a.img");
     let key = key_of(&href, false);
     let r = env
         .ic
@@ -63,12 +64,12 @@ async fn a_redirect_is_followed_and_revalidated_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_to_userinfo_or_file_is_refused_without_an_allow_list() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let body = image_bytes(64 << 10, 32);
-    origin.set("/target.img", Route::new(body));
+    origin.put("/target.img", File::bare(body));
     let env = Env::new();
     let with_userinfo = origin
-        .url("/target.img")
+        .at("/target.img")
         .replacen("http://", "http://user:secret@", 1);
     for (path, location, want) in [
         ("/to-userinfo", with_userinfo, Refusal::Userinfo),
@@ -83,8 +84,8 @@ async fn a_redirect_to_userinfo_or_file_is_refused_without_an_allow_list() {
             Refusal::Scheme("ftp".into()),
         ),
     ] {
-        origin.set(path, Route::redirect(&location));
-        let href = origin.url(path);
+        origin.redirect(path, &location);
+        let href = origin.at(path);
         let key = key_of(&href, false);
         let dest = env.dest(&path[1..]);
         let e = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
@@ -104,9 +105,9 @@ async fn a_redirect_to_userinfo_or_file_is_refused_without_an_allow_list() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_most_five_hops() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let body = image_bytes(64 << 10, 33);
-    origin.set("/end.img", Route::new(body.clone()));
+    origin.put("/end.img", File::bare(body.clone()));
     // Chain `/c{n}/0` -> `/c{n}/1` -> ... -> `/c{n}/{n-1}` -> `/end.img`: n redirects.
     for n in [MAX_REDIRECTS, MAX_REDIRECTS + 1] {
         for i in 0..n {
@@ -115,11 +116,11 @@ async fn at_most_five_hops() {
             } else {
                 format!("/c{n}/{}", i + 1)
             };
-            origin.set(&format!("/c{n}/{i}"), Route::redirect(&next));
+            origin.redirect(&format!("/c{n}/{i}"), &next);
         }
     }
     let env = Env::new();
-    let href = origin.url(&format!("/c{MAX_REDIRECTS}/0"));
+    let href = origin.at(&format!("/c{MAX_REDIRECTS}/0"));
     let r = env
         .ic
         .fetch_image(&href, &env.dest("five"), &opts())
@@ -130,7 +131,7 @@ async fn at_most_five_hops() {
     assert_eq!(origin.counts("/end.img").total(), 1);
 
     let n = MAX_REDIRECTS + 1;
-    let href = origin.url(&format!("/c{n}/0"));
+    let href = origin.at(&format!("/c{n}/0"));
     let dest = env.dest("six");
     let e = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
     assert!(
@@ -147,28 +148,28 @@ async fn at_most_five_hops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_an_allow_list_every_hop_is_checked() {
-    let origin = Origin::start().await;
-    let other = Origin::start().await;
+    let origin = FaultOrigin::start();
+    let other = FaultOrigin::start();
     let body = image_bytes(64 << 10, 34);
-    origin.set("/images/a.img", Route::redirect("/images/b.img"));
-    origin.set("/images/b.img", Route::new(body.clone()));
-    origin.set("/images/out", Route::redirect("/private/x"));
-    origin.set("/images/away", Route::redirect(&other.url("/images/b.img")));
-    origin.set("/private/x", Route::new(body.clone()));
-    other.set("/images/b.img", Route::new(body.clone()));
-    let allow = AllowList::new([format!("{}/images", origin.base())]).unwrap();
+    origin.redirect("/images/a.img", "/images/b.img");
+    origin.put("/images/b.img", File::bare(body.clone()));
+    origin.redirect("/images/out", "/private/x");
+    origin.redirect("/images/away", &other.at("/images/b.img"));
+    origin.put("/private/x", File::bare(body.clone()));
+    other.put("/images/b.img", File::bare(body.clone()));
+    let allow = AllowList::new([format!("{}/images", origin.url)]).unwrap();
     let env = Env::with(SourceConfig {
         allow: Some(Arc::new(allow)),
         ..sources()
     });
-    let href = origin.url("/images/a.img");
+    let href = origin.at("/images/a.img");
     env.ic
         .fetch_image(&href, &env.dest("ok"), &opts())
         .await
         .unwrap();
     assert_linked(&env.master(&key_of(&href, false)), &env.dest("ok"), &body);
     for path in ["/images/out", "/images/away"] {
-        let href = origin.url(path);
+        let href = origin.at(path);
         let dest = env.dest(&path[8..]);
         let e = expect_err(env.ic.fetch_image(&href, &dest, &opts()).await);
         assert!(
@@ -184,23 +185,23 @@ async fn with_an_allow_list_every_hop_is_checked() {
         assert_failed_cleanly(&env, &key_of(&href, false), &dest);
     }
     assert_eq!(origin.counts("/private/x").total(), 0);
-    assert_eq!(other.total_requests(), 0);
+    assert_eq!(other.all_requests(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_resent_and_credentials_stay_with_their_origin() {
-    let origin = Origin::start().await;
-    let other = Origin::start().await;
+    let origin = FaultOrigin::start();
+    let other = FaultOrigin::start();
     let body = image_bytes(4 << 10, 35);
-    origin.set("/same", Route::redirect("/final"));
-    origin.set("/final", Route::new(body.clone()));
-    origin.set("/cross", Route::redirect(&other.url("/final")));
-    other.set("/final", Route::new(body.clone()));
+    origin.redirect("/same", "/final");
+    origin.put("/final", File::bare(body.clone()));
+    origin.redirect("/cross", &other.at("/final"));
+    other.put("/final", File::bare(body.clone()));
     let http = HttpSource::new(http_options()).unwrap();
     let mut h = HeaderMap::new();
     h.insert("x-auth-token", HeaderValue::from_static("tok"));
     for path in ["/same", "/cross"] {
-        let url = origin.url(path).parse().unwrap();
+        let url = origin.at(path).parse().unwrap();
         let got = http.get_small(&url, &h, 1 << 20).await.unwrap();
         assert_eq!(got, body, "{path}");
     }

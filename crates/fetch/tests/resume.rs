@@ -10,7 +10,20 @@ use common::*;
 use futures_util::StreamExt;
 use imgcache_fetch::{Admission, Admitted, FetchError, FetchOptions, Hooks, Href, RoomPolicy};
 use imgcache_store::Status;
-use imgcache_testkit::faulty::{Fault, FaultyOrigin, Seen};
+use imgcache_testkit::faults::{ALWAYS, Fault, FaultOrigin, File, Logged};
+
+const PATH: &str = "/disk.img";
+
+/// An origin serving `body` at [`PATH`] with the strong ETag `"etag"` when given (and no
+/// `Last-Modified`).
+fn origin_of(body: &[u8], etag: Option<&str>) -> FaultOrigin {
+    let origin = FaultOrigin::start();
+    origin.put(
+        PATH,
+        File::new(body.to_vec()).etag(etag).last_modified(None),
+    );
+    origin
+}
 
 fn env_with(f: impl FnOnce(&mut imgcache_fetch::SourceConfig)) -> Env {
     let mut src = sources();
@@ -18,12 +31,12 @@ fn env_with(f: impl FnOnce(&mut imgcache_fetch::SourceConfig)) -> Env {
     Env::with(src)
 }
 
-fn ranged(log: &[Seen]) -> Vec<&Seen> {
+fn ranged(log: &[Logged]) -> Vec<&Logged> {
     log.iter().filter(|s| s.range.is_some()).collect()
 }
 
 /// The offset a `bytes=N-` range asks from.
-fn offset(s: &Seen) -> u64 {
+fn offset(s: &Logged) -> u64 {
     let r = s.range.as_deref().unwrap();
     r.trim_start_matches("bytes=")
         .trim_end_matches('-')
@@ -46,10 +59,10 @@ fn nothing_left(env: &Env, href: &str) {
 #[tokio::test]
 async fn a_reset_mid_body_resumes_with_one_range_request_and_exact_bytes() {
     let body = image_bytes(6 * MIB, 1).to_vec();
-    let origin = FaultyOrigin::start(body.clone(), Some("v1"));
-    origin.script([Fault::ResetAfter(2 * MIB)]);
+    let origin = origin_of(&body, Some("v1"));
+    origin.script(PATH, [Fault::ResetAfter((2 * MIB) as u64)]);
     let env = Env::new();
-    let href = origin.at("/disk.img");
+    let href = origin.at(PATH);
     let dest = env.dest("d");
     let report = env
         .ic
@@ -58,7 +71,7 @@ async fn a_reset_mid_body_resumes_with_one_range_request_and_exact_bytes() {
         .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), body, "exact bytes");
     assert_eq!(report.size, body.len() as u64);
-    let log = origin.log();
+    let log = origin.log(PATH);
     assert_eq!(log.len(), 2, "one request, one resume: {log:?}");
     let r = ranged(&log);
     assert_eq!(r.len(), 1, "{log:?}");
@@ -73,16 +86,23 @@ async fn a_reset_mid_body_resumes_with_one_range_request_and_exact_bytes() {
 #[tokio::test]
 async fn a_5xx_while_resuming_is_retried_then_resumes() {
     let body = image_bytes(3 * MIB, 2).to_vec();
-    let origin = FaultyOrigin::start(body.clone(), Some("v1"));
-    origin.script([Fault::ResetAfter(MIB), Fault::Status(503), Fault::Normal]);
+    let origin = origin_of(&body, Some("v1"));
+    origin.script(
+        PATH,
+        [
+            Fault::ResetAfter(MIB as u64),
+            Fault::Status(503),
+            Fault::None,
+        ],
+    );
     let env = Env::new();
     let dest = env.dest("d");
     env.ic
-        .fetch_image(&origin.at("/disk.img"), &dest, &FetchOptions::default())
+        .fetch_image(&origin.at(PATH), &dest, &FetchOptions::default())
         .await
         .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), body);
-    let log = origin.log();
+    let log = origin.log(PATH);
     assert_eq!(log.len(), 3, "{log:?}");
     assert_eq!(
         ranged(&log).len(),
@@ -95,18 +115,21 @@ async fn a_5xx_while_resuming_is_retried_then_resumes() {
 #[tokio::test]
 async fn last_modified_is_the_validator_without_a_strong_etag() {
     let body = image_bytes(2 * MIB, 3).to_vec();
-    let origin = FaultyOrigin::start(body.clone(), None);
     let lm = "Wed, 01 May 2024 10:00:00 GMT";
-    origin.last_modified(lm);
-    origin.script([Fault::ResetAfter(MIB)]);
+    let origin = FaultOrigin::start();
+    origin.put(
+        PATH,
+        File::new(body.clone()).etag(None).last_modified(Some(lm)),
+    );
+    origin.script(PATH, [Fault::ResetAfter(MIB as u64)]);
     let env = Env::new();
     let dest = env.dest("d");
     env.ic
-        .fetch_image(&origin.at("/disk.img"), &dest, &FetchOptions::default())
+        .fetch_image(&origin.at(PATH), &dest, &FetchOptions::default())
         .await
         .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), body);
-    let log = origin.log();
+    let log = origin.log(PATH);
     assert_eq!(log[1].if_range.as_deref(), Some(lm), "{log:?}");
     assert_eq!(log[1].status, 206);
 }
@@ -115,18 +138,25 @@ async fn last_modified_is_the_validator_without_a_strong_etag() {
 async fn an_origin_that_changed_restarts_and_never_mixes_bytes() {
     let old = image_bytes(4 * MIB, 4).to_vec();
     let new = image_bytes(4 * MIB, 5).to_vec();
-    let origin = FaultyOrigin::start(old.clone(), Some("v1"));
+    let origin = origin_of(&old, Some("v1"));
     // The first request is answered (and cut) with v1, the file replaced meanwhile.
-    origin.script([Fault::ResetThenChange(MIB, new.clone(), "v2")]);
+    origin.script(
+        PATH,
+        [Fault::ChangedAfter {
+            cut_after: MIB as u64,
+            then: new.clone().into(),
+            then_etag: Some("v2".into()),
+        }],
+    );
     let env = Env::new();
-    let href = origin.at("/disk.img");
+    let href = origin.at(PATH);
     let dest = env.dest("d");
     env.ic
         .fetch_image(&href, &dest, &FetchOptions::default())
         .await
         .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), new, "the new image, whole");
-    let log = origin.log();
+    let log = origin.log(PATH);
     assert_eq!(
         log.len(),
         3,
@@ -141,17 +171,17 @@ async fn an_origin_that_changed_restarts_and_never_mixes_bytes() {
 #[tokio::test]
 async fn no_range_support_starts_over() {
     let body = image_bytes(3 * MIB, 6).to_vec();
-    let origin = FaultyOrigin::start(body.clone(), Some("v1"));
+    let origin = origin_of(&body, Some("v1"));
     origin.no_ranges();
-    origin.script([Fault::ResetAfter(MIB)]);
+    origin.script(PATH, [Fault::ResetAfter(MIB as u64)]);
     let env = Env::new();
     let dest = env.dest("d");
     env.ic
-        .fetch_image(&origin.at("/disk.img"), &dest, &FetchOptions::default())
+        .fetch_image(&origin.at(PATH), &dest, &FetchOptions::default())
         .await
         .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), body);
-    let log = origin.log();
+    let log = origin.log(PATH);
     assert_eq!(log.len(), 3, "{log:?}");
     assert_eq!(log[1].status, 200);
     assert_eq!(log[2].range, None);
@@ -160,11 +190,11 @@ async fn no_range_support_starts_over() {
 #[tokio::test]
 async fn a_restart_inside_one_admission_is_a_clear_error() {
     let body = image_bytes(3 * MIB, 7).to_vec();
-    let origin = FaultyOrigin::start(body.clone(), Some("v1"));
+    let origin = origin_of(&body, Some("v1"));
     origin.no_ranges();
-    origin.script([Fault::ResetAfter(MIB)]);
+    origin.script(PATH, [Fault::ResetAfter(MIB as u64)]);
     let env = Env::new();
-    let href = origin.at("/disk.img");
+    let href = origin.at(PATH);
     let key = key_of(&href, false);
     let parsed = Href::parse(&href).unwrap();
     let response = env.ic.request(&parsed, None, None).await.unwrap();
@@ -192,13 +222,13 @@ async fn a_restart_inside_one_admission_is_a_clear_error() {
 #[tokio::test]
 async fn resumes_are_bounded_by_the_retry_count() {
     let body = image_bytes(3 * MIB, 8).to_vec();
-    let origin = FaultyOrigin::start(body.clone(), Some("v1"));
-    origin.script(std::iter::repeat_n(Fault::ResetAfter(256 << 10), 10));
+    let origin = origin_of(&body, Some("v1"));
+    origin.script(PATH, std::iter::repeat_n(Fault::ResetAfter(256 << 10), 10));
     let env = env_with(|s| s.http.retries = 2);
     let dest = env.dest("d");
     let e = expect_err(
         env.ic
-            .fetch_image(&origin.at("/disk.img"), &dest, &FetchOptions::default())
+            .fetch_image(&origin.at(PATH), &dest, &FetchOptions::default())
             .await,
     );
     assert!(matches!(e, FetchError::Truncated { .. }), "{e}");
@@ -206,15 +236,15 @@ async fn resumes_are_bounded_by_the_retry_count() {
         e.to_string().contains("gave up after 2 resume attempts"),
         "{e}"
     );
-    assert_eq!(origin.log().len(), 3, "{:?}", origin.log());
+    assert_eq!(origin.log(PATH).len(), 3, "{:?}", origin.log(PATH));
     assert!(!dest.exists());
 }
 
 #[tokio::test]
 async fn resumes_are_bounded_by_the_retry_budget() {
     let body = image_bytes(3 * MIB, 9).to_vec();
-    let origin = FaultyOrigin::start(body.clone(), Some("v1"));
-    origin.script(std::iter::repeat_n(Fault::ResetAfter(256 << 10), 50));
+    let origin = origin_of(&body, Some("v1"));
+    origin.script(PATH, std::iter::repeat_n(Fault::ResetAfter(256 << 10), 50));
     let env = env_with(|s| {
         s.http.retries = 100;
         s.http.retry_budget = Duration::from_millis(300);
@@ -223,16 +253,12 @@ async fn resumes_are_bounded_by_the_retry_budget() {
     let t = Instant::now();
     let e = expect_err(
         env.ic
-            .fetch_image(
-                &origin.at("/disk.img"),
-                &dest_of(&env),
-                &FetchOptions::default(),
-            )
+            .fetch_image(&origin.at(PATH), &dest_of(&env), &FetchOptions::default())
             .await,
     );
     let took = t.elapsed();
     assert!(e.to_string().contains("gave up"), "{e}");
-    assert!(origin.log().len() < 10, "{:?}", origin.log());
+    assert!(origin.log(PATH).len() < 10, "{:?}", origin.log(PATH));
     assert!(took < Duration::from_secs(3), "{took:?}");
 }
 
@@ -242,8 +268,8 @@ fn dest_of(env: &Env) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn an_origin_that_never_sends_headers_fails_within_the_attempt_budget() {
-    let origin = FaultyOrigin::start(image_bytes(MIB, 10).to_vec(), Some("v1"));
-    origin.script(std::iter::repeat_n(Fault::NoHeaders, 10));
+    let origin = origin_of(&image_bytes(MIB, 10), Some("v1"));
+    origin.script(PATH, std::iter::repeat_n(Fault::NoHeaders, 10));
     let budget = Duration::from_secs(1);
     let env = env_with(|s| {
         s.http.attempt_timeout = budget;
@@ -253,11 +279,7 @@ async fn an_origin_that_never_sends_headers_fails_within_the_attempt_budget() {
     let t = Instant::now();
     let e = expect_err(
         env.ic
-            .fetch_image(
-                &origin.at("/disk.img"),
-                &dest_of(&env),
-                &FetchOptions::default(),
-            )
+            .fetch_image(&origin.at(PATH), &dest_of(&env), &FetchOptions::default())
             .await,
     );
     let took = t.elapsed();
@@ -265,7 +287,7 @@ async fn an_origin_that_never_sends_headers_fails_within_the_attempt_budget() {
     assert!(e.to_string().contains("attempt timeout"), "{e}");
     assert!(took >= budget, "{took:?}");
     assert!(took < budget + Duration::from_millis(500), "{took:?}");
-    assert_eq!(origin.log().len(), 1, "not retried past the budget");
+    assert_eq!(origin.log(PATH).len(), 1, "not retried past the budget");
 }
 
 /// A body without Content-Length that outgrows the room the cache can make: caching stops,
@@ -274,13 +296,14 @@ async fn an_origin_that_never_sends_headers_fails_within_the_attempt_budget() {
 #[tokio::test]
 async fn an_unannounced_length_past_the_hard_limit_is_handed_back_whole() {
     let body = image_bytes(6 * MIB, 11);
-    let origin = Origin::start().await;
-    origin.set("/big", Route::new(body.clone()).behave(Behave::Chunked));
+    let origin = FaultOrigin::start();
+    origin.put("/big", File::bare(body.clone()));
+    origin.fail("/big", Fault::Chunked, ALWAYS);
     let env = Env::new();
     let ic = imgcache_fetch::ImageCache::new(env.spec.clone(), &sources())
         .unwrap()
         .with_room(RoomPolicy::HardLimit(2 * MIB as u64));
-    let href = origin.url("/big");
+    let href = origin.at("/big");
     let key = key_of(&href, false);
     let parsed = Href::parse(&href).unwrap();
     let response = ic.request(&parsed, None, None).await.unwrap();

@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime};
 use common::*;
 use imgcache_fetch::{ChecksumSpec, FetchError, FetchOptions, ImageCache, Outcome, SourceConfig};
 use imgcache_store::{Algorithm, Integrity};
+use imgcache_testkit::faults::{FaultOrigin, File};
+use imgcache_testkit::glance::{ADMIN_TOKEN, FakeGlance, Seed};
 use url::Url;
 
 fn with_checksum(spec: ChecksumSpec) -> FetchOptions {
@@ -26,7 +28,7 @@ fn inline(s: &str) -> ChecksumSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inline_checksums_match_and_mismatch() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     for (i, algo) in [Algorithm::Sha256, Algorithm::Md5, Algorithm::Sha512]
         .into_iter()
@@ -35,12 +37,12 @@ async fn inline_checksums_match_and_mismatch() {
         let body = image_bytes(MIB + i, 10 + i as u64);
         let good_path = format!("/good-{}.img", algo.name());
         let bad_path = format!("/bad-{}.img", algo.name());
-        origin.set(&good_path, Route::new(body.clone()));
-        origin.set(&bad_path, Route::new(body.clone()));
+        origin.put(&good_path, File::bare(body.clone()));
+        origin.put(&bad_path, File::bare(body.clone()));
         let right = Integrity::of(algo, &body);
         let wrong = Integrity::of(algo, b"something else");
 
-        let href = origin.url(&good_path);
+        let href = origin.at(&good_path);
         let dest = env.dest(&format!("good-{}", algo.name()));
         let r = env
             .ic
@@ -55,7 +57,7 @@ async fn inline_checksums_match_and_mismatch() {
         );
         assert_linked(&env.master(&key_of(&href, false)), &dest, &body);
 
-        let href = origin.url(&bad_path);
+        let href = origin.at(&bad_path);
         let key = key_of(&href, false);
         let dest = env.dest(&format!("bad-{}", algo.name()));
         let err = expect_err(
@@ -88,24 +90,24 @@ async fn inline_checksums_match_and_mismatch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checksum_file_matched_by_file_name() {
-    let origin = Origin::start().await;
+    let origin = FaultOrigin::start();
     let env = Env::new();
     let focal = image_bytes(MIB, 20);
     let jammy = image_bytes(MIB, 21);
-    origin.set("/images/focal.img", Route::new(focal.clone()));
-    origin.set("/images/jammy.img", Route::new(jammy.clone()));
-    origin.set("/images/noble.img", Route::new(image_bytes(MIB, 22)));
+    origin.put("/images/focal.img", File::bare(focal.clone()));
+    origin.put("/images/jammy.img", File::bare(jammy.clone()));
+    origin.put("/images/noble.img", File::bare(image_bytes(MIB, 22)));
     let sums = format!(
         "# SHA256SUMS\n{}  other.img\n{} *focal.img\n{}  jammy.img\n",
         "0".repeat(64),
         Integrity::of(Algorithm::Sha256, &focal).hex(),
         Integrity::of(Algorithm::Sha256, b"not jammy").hex(),
     );
-    origin.set("/images/SHA256SUMS", Route::new(sums.into()));
-    let sums_url = origin.url("/images/SHA256SUMS");
+    origin.put("/images/SHA256SUMS", File::bare(sums));
+    let sums_url = origin.at("/images/SHA256SUMS");
     let spec = ChecksumSpec::File(Url::parse(&sums_url).unwrap());
 
-    let href = origin.url("/images/focal.img");
+    let href = origin.at("/images/focal.img");
     let dest = env.dest("focal");
     let r = env
         .ic
@@ -116,7 +118,7 @@ async fn checksum_file_matched_by_file_name() {
     assert_linked(&env.master(&key_of(&href, false)), &dest, &focal);
 
     // Listed with the wrong digest: a checksum error.
-    let href = origin.url("/images/jammy.img");
+    let href = origin.at("/images/jammy.img");
     let key = key_of(&href, false);
     let dest = env.dest("jammy");
     let err = expect_err(
@@ -128,7 +130,7 @@ async fn checksum_file_matched_by_file_name() {
     assert_failed_cleanly(&env, &key, &dest);
 
     // Not listed at all.
-    let href = origin.url("/images/noble.img");
+    let href = origin.at("/images/noble.img");
     let key = key_of(&href, false);
     let dest = env.dest("noble");
     let err = expect_err(env.ic.fetch_image(&href, &dest, &with_checksum(spec)).await);
@@ -304,19 +306,26 @@ async fn file_outside_allowed_dirs_is_refused() {
 
 const ID: &str = "6a2b5b54-2d8c-4d6a-9f4e-0c1b2c3d4e5f";
 
-fn glance_env(origin: &Origin) -> Env {
+/// A fake Glance holding `body` as the active raw image [`ID`].
+fn glance_with(body: &[u8]) -> FakeGlance {
+    let glance =
+        FakeGlance::start().unwrap_or_else(|e| panic!("the fake Glance cannot start: {e}"));
+    glance.seed(Seed::new("img", body).id(ID));
+    glance
+}
+
+fn glance_env(glance: &FakeGlance) -> Env {
     Env::with(SourceConfig {
-        glance_url: Some(Url::parse(&origin.base()).unwrap()),
-        glance_token: Some("secret-token".into()),
+        glance_url: Some(Url::parse(&glance.url).unwrap()),
+        glance_token: Some(ADMIN_TOKEN.into()),
         ..sources()
     })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn glance_id_bare_and_glance_scheme_verified_by_os_hash_value() {
-    let origin = Origin::start().await;
     let body = image_bytes(3 * MIB, 40);
-    origin.glance_image(ID, &GlanceImage::active(body.clone()));
+    let origin = glance_with(&body);
     let env = glance_env(&origin);
 
     let dest = env.dest("bare");
@@ -338,15 +347,12 @@ async fn glance_id_bare_and_glance_scheme_verified_by_os_hash_value() {
         rec.props.get("disk_format").map(String::as_str),
         Some("raw")
     );
+    let tokens: Vec<_> = origin.log().into_iter().map(|l| l.token).collect();
     assert!(
-        origin
-            .tokens()
-            .iter()
-            .all(|t| t.as_deref() == Some("secret-token")),
-        "token sent on every Glance request: {:?}",
-        origin.tokens()
+        tokens.iter().all(|t| t.as_deref() == Some(ADMIN_TOKEN)),
+        "token sent on every Glance request: {tokens:?}"
     );
-    let requests = origin.total_requests();
+    let requests = origin.log().len();
     assert_eq!(requests, 2, "metadata + file");
 
     // glance://<id> is the same image; Glance images are immutable per id: no request.
@@ -359,17 +365,16 @@ async fn glance_id_bare_and_glance_scheme_verified_by_os_hash_value() {
     assert_eq!(r.outcome, Outcome::Hit);
     assert_eq!(r.key, ID);
     assert_linked(&env.master(&key_of(ID, false)), &dest2, &body);
-    assert_eq!(origin.total_requests(), requests);
+    assert_eq!(origin.log().len(), requests);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn glance_md5_checksum_used_when_there_is_no_multihash() {
-    let origin = Origin::start().await;
     let body = image_bytes(MIB, 41);
-    let mut img = GlanceImage::active(body.clone());
-    img.os_hash_algo = None;
-    img.os_hash_value = None;
-    origin.glance_image(ID, &img);
+    // An image uploaded before Glance had multihash (Rocky): md5 `checksum` only.
+    let origin = glance_with(&body);
+    origin.set_field(ID, "os_hash_algo", serde_json::Value::Null);
+    origin.set_field(ID, "os_hash_value", serde_json::Value::Null);
     let env = glance_env(&origin);
     let r = env
         .ic
@@ -381,10 +386,8 @@ async fn glance_md5_checksum_used_when_there_is_no_multihash() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn glance_image_not_active_is_refused() {
-    let origin = Origin::start().await;
-    let mut img = GlanceImage::active(image_bytes(MIB, 42));
-    img.status = "queued";
-    origin.glance_image(ID, &img);
+    let origin = glance_with(&image_bytes(MIB, 42));
+    origin.set_field(ID, "status", "queued".into());
     let env = glance_env(&origin);
     let key = key_of(ID, false);
     let dest = env.dest("d");
@@ -402,7 +405,7 @@ async fn glance_image_not_active_is_refused() {
     }
     assert!(err.to_string().contains("queued"), "{err}");
     assert_eq!(
-        origin.counts(&format!("/v2/images/{ID}/file")).total(),
+        origin.requests("GET", "/v2/images/{id}/file"),
         0,
         "no data requested"
     );
@@ -411,12 +414,10 @@ async fn glance_image_not_active_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn glance_checksum_mismatch_names_expected_and_actual() {
-    let origin = Origin::start().await;
     let body = image_bytes(2 * MIB, 43);
-    let mut img = GlanceImage::active(body.clone());
+    let origin = glance_with(&body);
     let claimed = Integrity::of(Algorithm::Sha512, b"what glance thinks it holds");
-    img.os_hash_value = Some(claimed.hex().to_string());
-    origin.glance_image(ID, &img);
+    origin.set_field(ID, "os_hash_value", claimed.hex().into());
     let env = glance_env(&origin);
     let key = key_of(ID, false);
     let dest = env.dest("d");
@@ -455,13 +456,13 @@ async fn glance_id_without_a_glance_endpoint() {
     assert!(matches!(err, FetchError::NoGlance { .. }), "{err:?}");
     assert_failed_cleanly(&env, &key_of(ID, false), &env.dest("d"));
     // And an ImageCache with one works on the same cache dir afterwards.
-    let origin = Origin::start().await;
     let body = image_bytes(MIB, 44);
-    origin.glance_image(ID, &GlanceImage::active(body.clone()));
+    let origin = glance_with(&body);
     let ic = ImageCache::new(
         env.spec.clone(),
         &SourceConfig {
-            glance_url: Some(Url::parse(&origin.base()).unwrap()),
+            glance_url: Some(Url::parse(&origin.url).unwrap()),
+            glance_token: Some(ADMIN_TOKEN.into()),
             ..sources()
         },
     )

@@ -20,6 +20,7 @@
 
 pub mod error;
 pub mod migrations;
+pub mod source;
 
 use std::future::Future;
 use std::str::FromStr;
@@ -44,14 +45,36 @@ pub struct FleetConfig {
     pub call_timeout: Duration,
 }
 
+/// How long a download lease lasts unless renewed. Not an operator setting: it paces the
+/// holder's renewals (every third of it) and how long a waiting node follows a lease (two
+/// of it), both of which the fleet's behaviour is tested at; tests shorten it in code.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// The longest one index call may take. Not an operator setting: it is the bound that keeps
+/// the database off a request's critical path (a miss waits at most this on the index).
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Whether `url` names a node peers can read from (an http(s) URL; a fetch-only member's
+/// `fetch://HOST/PID` is not one).
+pub fn serves_peers(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
 impl FleetConfig {
+    /// How often a member proves itself alive: a quarter of the heartbeat timeout.
+    pub fn heartbeat_every(&self) -> Duration {
+        (self.heartbeat_timeout / 4).max(Duration::from_millis(200))
+    }
+
+    /// `heartbeat_timeout` is the settings table's default; the lease TTL and call timeout
+    /// are [`LEASE_TTL`] and [`CALL_TIMEOUT`].
     pub fn new(db_url: impl Into<String>, node_url: impl Into<String>) -> FleetConfig {
         FleetConfig {
             db_url: db_url.into(),
             node_url: node_url.into(),
-            heartbeat_timeout: Duration::from_secs(60),
-            lease_ttl: Duration::from_secs(30),
-            call_timeout: Duration::from_millis(250),
+            heartbeat_timeout: imgcache_settings::default_duration("heartbeat_timeout"),
+            lease_ttl: LEASE_TTL,
+            call_timeout: CALL_TIMEOUT,
         }
     }
 }
@@ -132,6 +155,15 @@ impl Fleet {
     /// fleet as `cfg.node_url`: refused with [`FleetError::DuplicateNode`] while another live
     /// node uses that URL.
     pub async fn connect(cfg: FleetConfig) -> Result<Fleet> {
+        let fleet = Fleet::observe(cfg).await?;
+        fleet.join().await?;
+        Ok(fleet)
+    }
+
+    /// Connects and applies missing migrations without joining: for a reader of the index
+    /// (`imgcache fleet nodes`), which is no node and must not appear as one. `cfg.node_url`
+    /// is not used.
+    pub async fn observe(cfg: FleetConfig) -> Result<Fleet> {
         let mut pg = tokio_postgres::Config::from_str(&cfg.db_url)
             .map_err(|e| FleetError::Config(e.to_string()))?;
         pg.connect_timeout(cfg.call_timeout.max(Duration::from_millis(100)));
@@ -162,7 +194,6 @@ impl Fleet {
             .await
             .map_err(|_| FleetError::TimedOut(Duration::from_secs(30)))??;
         drop(client);
-        fleet.join().await?;
         Ok(fleet)
     }
 
@@ -197,7 +228,8 @@ impl Fleet {
     /// reachable now?
     pub async fn ping(&self) -> Result<()> {
         self.call(|c| async move {
-            c.query_one("SELECT 1", &[]).await?;
+            c.query_one(&c.prepare_cached("SELECT 1").await?, &[])
+                .await?;
             Ok(())
         })
         .await
@@ -237,8 +269,12 @@ impl Fleet {
             debug_assert_eq!(row.get::<_, String>(0), instance);
             // Whatever this URL held before belonged to an earlier instance: the node
             // announces what it holds after joining.
-            c.execute("DELETE FROM imgcache_holdings WHERE node = $1", &[&url])
-                .await?;
+            c.execute(
+                &c.prepare_cached("DELETE FROM imgcache_holdings WHERE node = $1")
+                    .await?,
+                &[&url],
+            )
+            .await?;
             Ok(())
         })
         .await
@@ -268,7 +304,8 @@ impl Fleet {
         let (url, instance) = (self.cfg.node_url.clone(), self.instance.clone());
         self.call(|c| async move {
             c.execute(
-                "DELETE FROM imgcache_nodes WHERE url = $1 AND instance = $2",
+                &c.prepare_cached("DELETE FROM imgcache_nodes WHERE url = $1 AND instance = $2")
+                    .await?,
                 &[&url, &instance],
             )
             .await?;
@@ -381,11 +418,14 @@ impl Fleet {
         let size = size.map(|s| s as i64);
         self.call(|c| async move {
             c.execute(
-                "INSERT INTO imgcache_holdings (image_key, node, state, size, checksum, bytes)
+                &c.prepare_cached(
+                    "INSERT INTO imgcache_holdings (image_key, node, state, size, checksum, bytes)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (image_key, node) DO UPDATE
                     SET state = EXCLUDED.state, size = EXCLUDED.size,
                         checksum = EXCLUDED.checksum, bytes = EXCLUDED.bytes, updated = now()",
+                )
+                .await?,
                 &[
                     &key,
                     &node,
@@ -401,12 +441,35 @@ impl Fleet {
         .await
     }
 
+    /// How far this node's fill of `key` has got: updates the bytes of its `filling`
+    /// holding only (never creates one, never touches a published one), so a late update can
+    /// never undo a newer state.
+    pub async fn filling_progress(&self, key: &str, bytes: u64) -> Result<()> {
+        let (key, node) = (key.to_string(), self.cfg.node_url.clone());
+        self.call(|c| async move {
+            c.execute(
+                &c.prepare_cached(
+                    "UPDATE imgcache_holdings SET bytes = $3, updated = now()
+                 WHERE image_key = $1 AND node = $2 AND state = 'filling' AND bytes < $3",
+                )
+                .await?,
+                &[&key, &node, &(bytes as i64)],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Records that this node no longer holds `key`.
     pub async fn withdraw(&self, key: &str) -> Result<()> {
         let (key, node) = (key.to_string(), self.cfg.node_url.clone());
         self.call(|c| async move {
             c.execute(
-                "DELETE FROM imgcache_holdings WHERE image_key = $1 AND node = $2",
+                &c.prepare_cached(
+                    "DELETE FROM imgcache_holdings WHERE image_key = $1 AND node = $2",
+                )
+                .await?,
                 &[&key, &node],
             )
             .await?;
@@ -415,15 +478,35 @@ impl Fleet {
         .await
     }
 
+    /// The node holding `key`'s origin lease now (unexpired), if any.
+    pub async fn lease_holder(&self, key: &str) -> Result<Option<String>> {
+        let key = key.to_string();
+        self.call(|c| async move {
+            let row = c
+                .query_opt(
+                    "SELECT holder FROM imgcache_leases WHERE image_key = $1 AND expires_at > now()",
+                    &[&key],
+                )
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
+        .await
+    }
+
     /// Takes the origin-download lease of `key`: `Some` with a new generation when there was
-    /// none or the last one expired (by the database's clock), `None` while another holds it.
+    /// none, the last one expired (by the database's clock) or its holder is dead (no
+    /// heartbeat within `heartbeat_timeout`, or gone from the fleet), `None` while a live
+    /// node holds it.
     pub async fn take_lease(&self, key: &str) -> Result<Option<Lease>> {
-        let (key, holder, ttl) = (
+        let (key, holder, ttl, dead) = (
             key.to_string(),
             self.cfg.node_url.clone(),
             self.cfg.lease_ttl.as_secs_f64(),
+            self.timeout_secs(),
         );
         self.call(|c| async move {
+            // Free when expired, or when its holder is dead (silent past the heartbeat
+            // timeout): a killed holder's lease need not be waited out.
             let row = c
                 .query_opt(
                     "INSERT INTO imgcache_leases (image_key, holder, generation, expires_at)
@@ -433,8 +516,12 @@ impl Fleet {
                             generation = imgcache_leases.generation + 1,
                             expires_at = EXCLUDED.expires_at
                         WHERE imgcache_leases.expires_at <= now()
+                           OR NOT EXISTS (
+                                SELECT 1 FROM imgcache_nodes n
+                                WHERE n.url = imgcache_leases.holder
+                                  AND n.heartbeat >= now() - make_interval(secs => $4))
                      RETURNING generation",
-                    &[&key, &holder, &ttl],
+                    &[&key, &holder, &ttl, &dead],
                 )
                 .await?;
             Ok(row.map(|r| Lease {
@@ -481,8 +568,11 @@ impl Fleet {
         );
         self.call(|c| async move {
             c.execute(
-                "UPDATE imgcache_leases SET expires_at = now()
+                &c.prepare_cached(
+                    "UPDATE imgcache_leases SET expires_at = now()
                  WHERE image_key = $1 AND holder = $2 AND generation = $3",
+                )
+                .await?,
                 &[&key, &holder, &generation],
             )
             .await?;
@@ -496,8 +586,11 @@ impl Fleet {
         let dead = self.timeout_secs();
         self.call(|c| async move {
             Ok(c.execute(
-                "DELETE FROM imgcache_nodes
+                &c.prepare_cached(
+                    "DELETE FROM imgcache_nodes
                  WHERE heartbeat < now() - make_interval(secs => $1)",
+                )
+                .await?,
                 &[&dead],
             )
             .await?)

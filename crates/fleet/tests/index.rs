@@ -145,6 +145,49 @@ async fn one_lease_per_key_fenced_by_generation() {
 }
 
 #[tokio::test]
+async fn a_dead_holders_lease_is_free_before_it_expires() {
+    let pg = pg();
+    let mut long = cfg(&pg, "http://dies:1");
+    long.lease_ttl = Duration::from_secs(600);
+    let dies = Fleet::connect(long).await.unwrap();
+    let other = Fleet::connect(cfg(&pg, "http://other:1")).await.unwrap();
+    let held = dies.take_lease("k").await.unwrap().expect("free");
+    assert_eq!(
+        other.take_lease("k").await.unwrap(),
+        None,
+        "its holder lives"
+    );
+    // The holder stops heartbeating (killed): past the heartbeat timeout (2 s) its lease is
+    // free, long before its 600 s expiry; the dead holder is fenced off.
+    let stopped = Instant::now();
+    let taken = loop {
+        other.heartbeat().await.unwrap();
+        if let Some(l) = other.take_lease("k").await.unwrap() {
+            break l;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(6), "not taken over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(taken.generation, held.generation + 1);
+    assert!(matches!(
+        dies.renew(&held).await.unwrap_err(),
+        FleetError::LeaseLost { .. }
+    ));
+    // A holder that left the fleet frees its lease at once.
+    other.leave().await.unwrap();
+    let third = Fleet::connect(cfg(&pg, "http://third:1")).await.unwrap();
+    assert_eq!(
+        third.take_lease("k").await.unwrap().map(|l| l.generation),
+        Some(taken.generation + 1)
+    );
+}
+
+#[tokio::test]
 async fn holders_rank_published_first_and_calls_are_bounded_when_the_database_is_down() {
     let pg = pg();
     let a = Fleet::connect(cfg(&pg, "http://a:1")).await.unwrap();

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use imgcache_fetch::SourceConfig;
+use imgcache_fetch::{HttpOptions, SourceConfig};
 use imgcache_store::DriverKind;
 
 #[derive(Clone, Debug)]
@@ -52,28 +52,49 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// Defaults for a cache at `cache_dir` (Glance's: 10 GiB, stall time 24 h).
+    /// Defaults for a cache at `cache_dir`: every value an operator can set is the settings
+    /// table's default ([`imgcache_settings::SETTINGS`], the one the CLI resolves to when
+    /// nothing is configured; a test in the CLI holds the two equal). What the table has no
+    /// row for: no TLS, every format (unsafe images are refused whatever this says), a
+    /// single node.
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        use imgcache_settings::{default_bool, default_count, default_duration, default_string};
+        let driver = default_string("driver");
         ServerConfig {
-            listen: "127.0.0.1:9292".into(),
+            listen: default_string("listen").to_owned(),
             cache_dir: cache_dir.into(),
-            driver: DriverKind::Sqlite,
-            max_size: 10 << 30,
-            stall_time: Duration::from_secs(24 * 3600),
-            sources: SourceConfig::default(),
+            driver: driver
+                .parse()
+                .unwrap_or_else(|e| panic!("SETTINGS: the default of driver {driver:?}: {e}")),
+            max_size: imgcache_settings::default_size("max_size"),
+            stall_time: default_duration("stall_time"),
+            sources: SourceConfig {
+                http: HttpOptions {
+                    attempt_timeout: default_duration("origin_attempt_timeout"),
+                    retries: default_count("origin_retries"),
+                    retry_budget: default_duration("origin_retry_budget"),
+                    insecure: default_bool("insecure"),
+                    ..HttpOptions::default()
+                },
+                revalidate_interval: imgcache_settings::default_duration_for(
+                    "revalidate_interval",
+                    "serve",
+                ),
+                ..SourceConfig::default()
+            },
             admin_token: None,
             allow_href_prefixes: Vec::new(),
-            auth_cache_ttl: Duration::from_secs(60),
-            prune_interval: Duration::from_secs(60),
-            clean_interval: Duration::from_secs(600),
+            auth_cache_ttl: default_duration("auth_cache_ttl"),
+            prune_interval: default_duration("prune_interval"),
+            clean_interval: default_duration("clean_interval"),
             scrub_interval: None,
-            shutdown_grace: Duration::from_secs(30),
-            header_read_timeout: Duration::from_secs(10),
+            shutdown_grace: default_duration("shutdown_grace"),
+            header_read_timeout: default_duration("header_read_timeout"),
             tls_cert: None,
             tls_key: None,
             permitted_formats: imgcache_fetch::formats::Format::ALL.to_vec(),
             fleet: None,
-            access_log: true,
+            access_log: default_bool("access_log"),
         }
     }
 }

@@ -131,10 +131,7 @@ impl Fills {
             return Err(shutting_down());
         }
         let lead = match self.locks.acquire(key)? {
-            Acquired::Follow(f) => {
-                f.flight().extra().progress.joined();
-                return Ok((f.into_flight(), Joined::Followed));
-            }
+            Acquired::Follow(f) => return Ok((f.into_flight(), Joined::Followed)),
             Acquired::Write(p) => Lead::Write(p),
             Acquired::Elsewhere(e) => Lead::Elsewhere(e),
         };
@@ -159,7 +156,8 @@ impl Fills {
             let outcome = match run(&st, &mut permit, &origin).await {
                 Ok(o) => o,
                 Err(e) => {
-                    tracing::warn!(key = %permit.key(), error = %e.message, "download failed");
+                    // Said where it happened (admission, or the origin request in `run`).
+                    tracing::debug!(key = %permit.key(), error = %e.message, "download failed");
                     Outcome::Failed(failure(&e))
                 }
             };
@@ -292,11 +290,15 @@ async fn run(
     // is opened under the flock, so no eviction comes between. A revalidation asks with the
     // copy's validators.
     let held = if origin.revalidate {
-        let rec = off_thread(move || cache.get_record(&key)).await?;
+        let rec = off_thread(move || cache.get_record(&key))
+            .await
+            .inspect_err(|e| tracing::warn!(key = %permit.key(), error = %e, "download failed: the cache could not be read"))?;
         rec.map(|r| ImageMeta::from_props(&r.props).validators)
             .filter(|v| !v.is_empty())
     } else {
-        let open = off_thread(move || cache.open_for_read_uncounted(&key)).await?;
+        let open = off_thread(move || cache.open_for_read_uncounted(&key))
+            .await
+            .inspect_err(|e| tracing::warn!(key = %permit.key(), error = %e, "download failed: the cache could not be read"))?;
         if let Some(reader) = open {
             return Ok(Outcome::Done(Done::held(reader)));
         }
@@ -327,6 +329,8 @@ async fn run(
                 .request(&origin.href, held.as_ref(), origin.glance_token.clone())
                 .await
                 .map_err(|e| {
+                    // Admission logs its own refusals and failures; this one came before it.
+                    tracing::warn!(key = %permit.key(), error = %e, "download failed: the origin did not answer with the image");
                     state.metrics.count_origin_error(&e);
                     origin_error(e)
                 })?;
@@ -358,9 +362,16 @@ async fn run(
         }),
         written: Some({
             let (r, f) = (report.clone(), permit.flight().clone());
+            let fleet = state
+                .fleet
+                .clone()
+                .map(|n| crate::fleet_node::FillProgress::new(n, permit.key().as_str()));
             Arc::new(move |n| {
                 r.written(n);
                 f.extra().progress.sample(n);
+                if let Some(fleet) = &fleet {
+                    fleet.written(n);
+                }
             })
         }),
         // Readers get the last byte as soon as the bytes are verified; fsync, record and
@@ -452,7 +463,7 @@ async fn run(
                 if let Some(node) = &peer
                     && e.refusal().is_some()
                 {
-                    fleet.suspects.mark(node);
+                    fleet.source.suspects.mark(node);
                 }
                 fleet.gone(permit.key().as_str()).await;
             }

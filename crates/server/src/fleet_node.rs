@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use imgcache_fetch::source::http::HttpSource;
+use imgcache_fleet::source::FleetSource;
 use imgcache_fleet::{Fleet, FleetConfig, FleetError, Holding, HoldingState};
 use imgcache_store::Cache;
 use tokio::sync::{Mutex, Notify};
@@ -25,8 +27,20 @@ pub struct FleetSettings {
     /// What peers present to each other (`X-Imgcache-Fleet-Token`).
     pub token: String,
     /// A node serves at most this many peers at once; further peers go elsewhere, so that
-    /// the fleet fills as a pipelined tree, not a star on the first holder.
+    /// the fleet fills as a pipelined tree, not a star on the first holder. At least 1
+    /// ([`crate::Server::bind`] refuses 0).
     pub peer_fanout: usize,
+}
+
+impl FleetSettings {
+    /// `index` and `token` with the settings table's default fan-out (`peer_fanout`).
+    pub fn new(index: FleetConfig, token: impl Into<String>) -> FleetSettings {
+        FleetSettings {
+            index,
+            token: token.into(),
+            peer_fanout: imgcache_settings::default_count("peer_fanout") as usize,
+        }
+    }
 }
 
 /// A pending update of this node's holding of a key.
@@ -49,25 +63,27 @@ pub struct FleetNode {
     wake: Notify,
     /// Peer streams this node is serving now.
     pub serving_peers: AtomicUsize,
-    /// Peers that sent a bad image lately.
-    pub suspects: crate::peer_fill::Suspects,
+    /// The fleet's source selection for this node's misses (and the peers it distrusts).
+    pub source: Arc<FleetSource>,
 }
 
 impl FleetNode {
     /// Joins the fleet and announces the local cache (adoption of an existing cache).
+    /// `http`: the client peers are asked with.
     pub async fn start(
         settings: FleetSettings,
         cache: Cache,
+        http: &HttpSource,
     ) -> Result<Arc<FleetNode>, FleetError> {
         let fleet = Fleet::connect(settings.index.clone()).await?;
         let node = Arc::new(FleetNode {
+            source: FleetSource::new(fleet.clone(), settings.token.clone(), http),
             fleet,
             settings,
             cache,
             pending: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             serving_peers: AtomicUsize::new(0),
-            suspects: Default::default(),
         });
         node.announce_all().await;
         Ok(node)
@@ -159,21 +175,12 @@ impl FleetNode {
     /// Live holders of `key` other than this node, best first; empty when the database does
     /// not answer within the call timeout (the miss goes to the origin).
     pub async fn holders(&self, key: &str) -> Vec<Holding> {
-        match self.fleet.holders(key).await {
-            Ok(h) => h
-                .into_iter()
-                .filter(|h| h.node != self.fleet.node_url())
-                .collect(),
-            Err(e) => {
-                tracing::warn!(key, error = %e, "fleet index unavailable: going to the origin");
-                Vec::new()
-            }
-        }
+        self.source.holders(key).await
     }
 
     /// A slot for serving one peer stream, or `None` at the fan-out limit.
     pub fn serve_peer(self: &Arc<Self>) -> Option<PeerSlot> {
-        let k = self.settings.peer_fanout.max(1);
+        let k = self.settings.peer_fanout;
         let prev = self.serving_peers.fetch_add(1, Ordering::AcqRel);
         if prev >= k {
             self.serving_peers.fetch_sub(1, Ordering::AcqRel);
@@ -185,7 +192,7 @@ impl FleetNode {
     /// The bookkeeping loop: applies pending updates, heartbeats, re-joins when the index took
     /// this node for dead, and replays everything once the database is back.
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let beat = (self.settings.index.heartbeat_timeout / 4).max(Duration::from_millis(200));
+        let beat = self.settings.index.heartbeat_every();
         let mut down = false;
         loop {
             tokio::select! {
@@ -252,6 +259,48 @@ impl FleetNode {
         if let Err(e) = self.fleet.leave().await {
             tracing::warn!(error = %e, "cannot leave the fleet cleanly (it will drop this node after the heartbeat timeout)");
         }
+    }
+}
+
+/// How often a fill's bytes so far are written to the index.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// A fill's bytes so far, refreshed in the index at most every [`PROGRESS_EVERY`], best
+/// effort (an update the database misses is not queued: the next one supersedes it). Peers
+/// pick the filler furthest along by it, and `imgcache fleet holders` shows it move.
+pub struct FillProgress {
+    node: Arc<FleetNode>,
+    key: String,
+    last: std::sync::Mutex<std::time::Instant>,
+    rt: tokio::runtime::Handle,
+}
+
+impl FillProgress {
+    /// For `key`'s fill; call from within the runtime (the hook may run off it).
+    pub fn new(node: Arc<FleetNode>, key: &str) -> FillProgress {
+        FillProgress {
+            node,
+            key: key.to_string(),
+            last: std::sync::Mutex::new(std::time::Instant::now()),
+            rt: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// `bytes` are written.
+    pub fn written(&self, bytes: u64) {
+        {
+            let mut last = self.last.lock().expect("poisoned");
+            if last.elapsed() < PROGRESS_EVERY {
+                return;
+            }
+            *last = std::time::Instant::now();
+        }
+        let (node, key) = (self.node.clone(), self.key.clone());
+        self.rt.spawn(async move {
+            if let Err(e) = node.fleet.filling_progress(&key, bytes).await {
+                tracing::debug!(key, error = %e, "fill progress not written to the fleet index");
+            }
+        });
     }
 }
 

@@ -110,7 +110,8 @@ impl Server {
         if let Some(fleet) = state.config.fleet.clone() {
             // Joining is part of starting: a node whose URL a live node already uses is
             // refused.
-            let node = fleet_node::FleetNode::start(fleet, state.cache.clone())
+            let http = state.fetcher.http_source()?;
+            let node = fleet_node::FleetNode::start(fleet, state.cache.clone(), &http)
                 .await
                 .context("joining the fleet")?;
             state.fleet = Some(node);
@@ -155,6 +156,21 @@ impl Server {
 
 /// What can fail before the socket matters: the TLS files, then the cache.
 fn prepare(config: ServerConfig) -> anyhow::Result<(Option<tokio_rustls::TlsAcceptor>, AppState)> {
+    // The CLI's parsers refuse these too; a config built in code is checked here.
+    if let Some(f) = &config.fleet
+        && f.peer_fanout == 0
+    {
+        bail!("peer_fanout is 0: a fleet node must serve at least 1 peer at once");
+    }
+    for (name, d) in [
+        ("prune_interval", config.prune_interval),
+        ("clean_interval", config.clean_interval),
+        ("header_read_timeout", config.header_read_timeout),
+    ] {
+        if d.is_zero() {
+            bail!("{name} is 0s: it must be more than 0s");
+        }
+    }
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
         (None, None) => None,

@@ -5,6 +5,9 @@
 //! carrying the fleet token is answered; a node already serving its fan-out of peers answers
 //! 503, so that the asking node tries another holder and the fleet fills as a pipelined tree.
 //!
+//! `Range: bytes=N-` is honoured as a client's is (a 206 from byte N, waiting for bytes not
+//! yet written): how a node whose holder died mid-stream continues from another.
+//!
 //! `X-Imgcache-Checksum` carries the checksum the image is (or will be) verified against, for
 //! the asking node to verify the whole image by.
 
@@ -22,7 +25,7 @@ use crate::representation::Md5Style;
 use crate::state::AppState;
 use imgcache_store::off_thread;
 
-pub const TOKEN_HEADER: &str = "x-imgcache-fleet-token";
+pub use imgcache_fleet::source::TOKEN_HEADER;
 pub const CHECKSUM_HEADER: &str = "x-imgcache-checksum";
 
 pub fn routes() -> Router<AppState> {
@@ -70,7 +73,7 @@ async fn peer_image(
         let checksum = info.checksum.as_ref().map(ToString::to_string);
         let rx = fill.subscribe();
         let resp = with_checksum(
-            crate::images::follow(&state, &fill, Md5Style::Base64, rx, None, &HeaderMap::new()),
+            crate::images::follow(&state, &fill, Md5Style::Base64, rx, None, &headers),
             checksum,
         );
         tagged(resp, CacheOutcome::Follow)
@@ -82,7 +85,7 @@ async fn peer_image(
                 let meta = crate::images::record_representation(&rec, Md5Style::Base64);
                 let file = std::sync::Arc::new(reader.into_file());
                 let resp = with_checksum(
-                    crate::images::file_response(&state, &meta, file, None, &HeaderMap::new()),
+                    crate::images::file_response(&state, &meta, file, None, &headers),
                     rec.checksum.as_ref().map(ToString::to_string),
                 );
                 tagged(resp, CacheOutcome::Hit)

@@ -37,6 +37,8 @@ pub struct AppState {
     pub fleet: Option<Arc<crate::fleet_node::FleetNode>>,
     /// Recent evictions and refusals, for the status page.
     pub events: Arc<crate::ui::events::Events>,
+    /// Status-page logins: the cookie's session id to its token.
+    pub sessions: Arc<crate::ui::session::Sessions>,
 }
 
 impl AppState {
@@ -108,6 +110,7 @@ impl AppState {
             schemas,
             fleet: None,
             events: Arc::default(),
+            sessions: Arc::default(),
         })
     }
 }

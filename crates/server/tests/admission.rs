@@ -47,7 +47,7 @@ fn bytes_on_disk(cache: &Path) -> u64 {
 async fn get(srv: &Server, id: &str) -> (u16, Vec<u8>) {
     let r = client()
         .get(srv.image_url(id))
-        .header("x-auth-token", GOOD_TOKEN)
+        .header("x-auth-token", MEMBER_TOKEN)
         .send()
         .await
         .unwrap();
@@ -60,15 +60,13 @@ async fn get(srv: &Server, id: &str) -> (u16, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_misses_never_pass_the_hard_limit() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let bodies: Vec<_> = (0..8).map(|i| image_bytes(16 * MIB, 100 + i)).collect();
     for (id, body) in IDS.iter().zip(&bodies) {
-        let mut img = Img::new(body.clone());
         // Slow enough that all eight downloads overlap.
-        img.throttle = Some((MIB, Duration::from_millis(20)));
-        fake.add(id, img);
+        fake.seed(image(id, body.clone()).throttle(MIB, Duration::from_millis(20)));
     }
-    let srv = Server::start(&fake, |c| c.max_size = 40 * MIB as u64).await;
+    let srv = Server::start_with(Some(&fake.url), |c| c.max_size = 40 * MIB as u64).await;
     let cache = srv.cache_dir();
 
     // The cache's size, sampled every 50 ms while the misses run.
@@ -125,14 +123,14 @@ async fn concurrent_misses_never_pass_the_hard_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_that_can_never_fit_evicts_nothing() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let small: Vec<_> = (0..3).map(|i| image_bytes(8 * MIB, 200 + i)).collect();
     for (id, body) in IDS.iter().zip(&small) {
-        fake.add(id, Img::new(body.clone()));
+        fake.seed(image(id, body.clone()));
     }
     let huge = image_bytes(64 * MIB, 210);
-    fake.add(IDS[7], Img::new(huge.clone()));
-    let srv = Server::start(&fake, |c| c.max_size = 32 * MIB as u64).await;
+    fake.seed(image(IDS[7], huge.clone()));
+    let srv = Server::start_with(Some(&fake.url), |c| c.max_size = 32 * MIB as u64).await;
     for (id, body) in IDS.iter().zip(&small) {
         let (status, got) = get(&srv, id).await;
         assert!(status == 200 && got == *body, "{id}");
@@ -155,11 +153,11 @@ async fn an_image_that_can_never_fit_evicts_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_of_a_hung_writer_in_another_process_gives_up() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let body = image_bytes(4 * MIB, 300);
-    fake.add(IDS[0], Img::new(body.clone()));
+    fake.seed(image(IDS[0], body.clone()));
     let bound = Duration::from_secs(1);
-    let srv = Server::start(&fake, |c| c.sources.http.read_timeout = bound).await;
+    let srv = Server::start_with(Some(&fake.url), |c| c.sources.http.read_timeout = bound).await;
     // "Another process": a second store on the same directory holds the key and writes a
     // little, then hangs (never writes again, never lets go).
     let other =
@@ -170,7 +168,7 @@ async fn a_follower_of_a_hung_writer_in_another_process_gives_up() {
     let started = Instant::now();
     let r = client()
         .get(srv.image_url(IDS[0]))
-        .header("x-auth-token", GOOD_TOKEN)
+        .header("x-auth-token", MEMBER_TOKEN)
         .send()
         .await
         .unwrap();

@@ -1,11 +1,11 @@
 //! Glance's cache-management API, the background workers, `/healthz` and `/metrics`, against
 //! `imgcache_server::run` on a loopback port (and a fake upstream Glance where one is needed).
 
-mod cache_api_common;
+mod common;
 
 use std::time::Duration;
 
-use cache_api_common::*;
+use common::*;
 use imgcache_store::Key;
 
 const ID_A: &str = "0a7e6b2c-1111-4c3a-9d7e-000000000001";
@@ -14,7 +14,7 @@ const ID_C: &str = "0a7e6b2c-1111-4c3a-9d7e-000000000003";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_list_2_14_to_2_18_with_2_18_current() {
-    let srv = TestServer::start(None).await;
+    let mut srv = Server::start(None).await;
     let c = client();
     let r = c.get(srv.url("/versions")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -39,12 +39,12 @@ async fn versions_list_2_14_to_2_18_with_2_18_current() {
     assert_eq!(r.status(), 300);
     let root: serde_json::Value = r.json().await.unwrap();
     assert_eq!(root, body);
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn management_calls_need_an_admin_token() {
-    let srv = TestServer::start(None).await;
+    let mut srv = Server::start(None).await;
     let c = client();
     let calls = [
         (reqwest::Method::GET, "/v2/cache".to_string()),
@@ -81,32 +81,32 @@ async fn management_calls_need_an_admin_token() {
     // The versions document needs no token.
     let r = c.get(srv.url("/versions")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_admin_role_grants_and_member_is_refused() {
-    let glance = FakeGlance::start().await;
+    let glance = fake_glance();
     // No local admin token: only upstream can grant access.
-    let srv = TestServer::start_with(Some(&glance.url), |c| c.admin_token = None).await;
+    let mut srv = Server::start_with(Some(&glance.url), |c| c.admin_token = None).await;
     let c = client();
     let get = |token: &'static str| {
         c.get(srv.url("/v2/cache"))
             .header("x-auth-token", token)
             .send()
     };
-    assert_eq!(get(UPSTREAM_ADMIN).await.unwrap().status(), 200);
-    assert_eq!(get(UPSTREAM_ADMIN).await.unwrap().status(), 200); // from the answer cache
-    assert_eq!(get(UPSTREAM_MEMBER).await.unwrap().status(), 403);
+    assert_eq!(get(ADMIN_TOKEN).await.unwrap().status(), 200);
+    assert_eq!(get(ADMIN_TOKEN).await.unwrap().status(), 200); // from the answer cache
+    assert_eq!(get(MEMBER_TOKEN).await.unwrap().status(), 403);
     assert_eq!(get("unknown-token").await.unwrap().status(), 401);
     // The local secret is not configured here, so it grants nothing.
     assert_eq!(get(ADMIN).await.unwrap().status(), 401);
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_leaves_a_file_without_a_record_in_place() {
-    let srv = TestServer::start(None).await;
+    let mut srv = Server::start(None).await;
     let c = client();
     let cache = srv.cache();
     let path = cache
@@ -128,13 +128,13 @@ async fn delete_leaves_a_file_without_a_record_in_place() {
         "{msg}"
     );
     assert_eq!(std::fs::read(&path).unwrap(), b"the operator's file");
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_queue_delete_and_nodes() {
     // No upstream: queued images stay queued (the prefetcher cannot fetch them).
-    let srv = TestServer::start(None).await;
+    let mut srv = Server::start(None).await;
     let c = client();
     let cache = srv.cache();
 
@@ -222,12 +222,12 @@ async fn list_queue_delete_and_nodes() {
             .path(&Key::new(ID_A).unwrap(), imgcache_store::Status::Active)
             .exists()
     );
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_ids_are_400() {
-    let srv = TestServer::start(None).await;
+    let mut srv = Server::start(None).await;
     let c = client();
     let long = "a".repeat(256);
     // Dot segments, plain or encoded, are resolved away by URL parsers: send them raw.
@@ -263,7 +263,7 @@ async fn bad_ids_are_400() {
         cache_state(&c, &srv).await["queued_images"],
         serde_json::json!([])
     );
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 /// Sends one request byte for byte as given (no URL normalisation); returns the status.
@@ -287,7 +287,7 @@ async fn raw_request(base: &str, method: &str, path: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clear_target_header() {
-    let srv = TestServer::start(None).await;
+    let mut srv = Server::start(None).await;
     let c = client();
     let cache = srv.cache();
     let fill = || {
@@ -346,12 +346,12 @@ async fn clear_target_header() {
     let s = cache_state(&c, &srv).await;
     assert_eq!(cached_ids(&s), [ID_A]);
     assert_eq!(queued(&s), [ID_B]);
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_method_is_405_with_allow() {
-    let srv = TestServer::start(None).await;
+    let mut srv = Server::start(None).await;
     let c = client();
     let cases = [
         (
@@ -422,14 +422,14 @@ async fn wrong_method_is_405_with_allow() {
             .unwrap()
             .starts_with("application/json")
     );
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queuing_a_cached_image_downloads_nothing() {
-    let glance = FakeGlance::start().await;
-    glance.add_image(ID_A, vec![1u8; 4096]);
-    let srv = TestServer::start(Some(&glance.url)).await;
+    let glance = fake_glance();
+    glance.seed(image(ID_A, vec![1u8; 4096]));
+    let mut srv = Server::start_with(Some(&glance.url), service_token).await;
     let c = client();
     seed(&srv.cache(), ID_A, &[1u8; 4096]);
     let r = c
@@ -441,19 +441,19 @@ async fn queuing_a_cached_image_downloads_nothing() {
     assert_eq!(r.status(), 202);
     // Give the (woken) prefetcher time to act, were it to.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(glance.file_requests(), 0);
+    assert_eq!(file_requests(&glance), 0);
     let s = cache_state(&c, &srv).await;
     assert!(queued(&s).is_empty());
     assert_eq!(cached_ids(&s), [ID_A]);
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetcher_downloads_a_queued_image_once() {
-    let glance = FakeGlance::start().await;
+    let glance = fake_glance();
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    glance.add_image(ID_A, data.clone());
-    let srv = TestServer::start(Some(&glance.url)).await;
+    glance.seed(image(ID_A, data.clone()));
+    let mut srv = Server::start_with(Some(&glance.url), service_token).await;
     let c = client();
     let r = c
         .put(srv.url(&format!("/v2/cache/{ID_A}")))
@@ -467,7 +467,7 @@ async fn prefetcher_downloads_a_queued_image_once() {
         cached_ids(&s) == [ID_A] && queued(&s).is_empty()
     })
     .await;
-    assert_eq!(glance.file_requests(), 1);
+    assert_eq!(file_requests(&glance), 1);
     let cached = std::fs::read(srv.cache_dir().join(ID_A)).unwrap();
     assert!(cached == data, "cached bytes differ from the origin's");
     // Queuing it again does not download it again.
@@ -479,7 +479,7 @@ async fn prefetcher_downloads_a_queued_image_once() {
         .unwrap();
     assert_eq!(r.status(), 202);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(glance.file_requests(), 1);
+    assert_eq!(file_requests(&glance), 1);
     let metrics = c
         .get(srv.url("/metrics"))
         .send()
@@ -496,16 +496,16 @@ async fn prefetcher_downloads_a_queued_image_once() {
         "{metrics}"
     );
     assert!(metrics.contains("imgcache_cache_entries 1"), "{metrics}");
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_origin_leaves_the_image_queued_and_the_worker_running() {
-    let glance = FakeGlance::start().await;
-    glance.add_image(ID_A, vec![5u8; 10_000]);
-    glance.add_image(ID_B, vec![6u8; 20_000]);
+    let glance = fake_glance();
+    glance.seed(image(ID_A, vec![5u8; 10_000]));
+    glance.seed(image(ID_B, vec![6u8; 20_000]));
     glance.set_failing(true);
-    let srv = TestServer::start(Some(&glance.url)).await;
+    let mut srv = Server::start_with(Some(&glance.url), service_token).await;
     let c = client();
     let r = c
         .put(srv.url(&format!("/v2/cache/{ID_A}")))
@@ -515,15 +515,15 @@ async fn a_failing_origin_leaves_the_image_queued_and_the_worker_running() {
         .unwrap();
     assert_eq!(r.status(), 202);
     // Retried with backoff (1 s, 2 s, ...): a second attempt comes, and no spin.
-    eventually("a retry", || async { glance.file_requests() >= 2 }).await;
+    eventually("a retry", || async { file_requests(&glance) >= 2 }).await;
     let s = cache_state(&c, &srv).await;
     assert_eq!(queued(&s), [ID_A]);
     assert!(cached_ids(&s).is_empty());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        glance.file_requests() <= 3,
+        file_requests(&glance) <= 3,
         "{} attempts: spinning",
-        glance.file_requests()
+        file_requests(&glance)
     );
     assert!(
         std::fs::read_dir(srv.cache_dir().join("incomplete"))
@@ -540,7 +540,7 @@ async fn a_failing_origin_leaves_the_image_queued_and_the_worker_running() {
     })
     .await;
     // And it keeps serving the queue.
-    let before = glance.file_requests();
+    let before = file_requests(&glance);
     let r = c
         .put(srv.url(&format!("/v2/cache/{ID_B}")))
         .header("x-auth-token", ADMIN)
@@ -552,14 +552,14 @@ async fn a_failing_origin_leaves_the_image_queued_and_the_worker_running() {
         cached_ids(&cache_state(&c, &srv).await) == [ID_A, ID_B]
     })
     .await;
-    assert_eq!(glance.file_requests(), before + 1);
-    srv.stop().await;
+    assert_eq!(file_requests(&glance), before + 1);
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_upstream_does_not_know_is_refused_at_once() {
-    let glance = FakeGlance::start().await;
-    let srv = TestServer::start(Some(&glance.url)).await;
+    let glance = fake_glance();
+    let mut srv = Server::start_with(Some(&glance.url), service_token).await;
     let c = client();
     let r = c
         .put(srv.url(&format!("/v2/cache/{ID_C}")))
@@ -576,14 +576,14 @@ async fn an_id_upstream_does_not_know_is_refused_at_once() {
         "{body}"
     );
     assert!(queued(&cache_state(&c, &srv).await).is_empty());
-    assert_eq!(glance.file_requests(), 0);
-    srv.stop().await;
+    assert_eq!(file_requests(&glance), 0);
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_survives_a_restart() {
-    let glance = FakeGlance::start().await;
-    glance.add_image(ID_A, vec![9u8; 5000]);
+    let glance = fake_glance();
+    glance.seed(image(ID_A, vec![9u8; 5000]));
     let dir = tempfile::tempdir().unwrap();
     let cache_dir = dir.path().join("cache");
     {
@@ -592,20 +592,21 @@ async fn the_queue_survives_a_restart() {
             imgcache_store::Cache::open(&cache_dir, imgcache_store::DriverKind::Sqlite).unwrap();
         cache.queue_image(&Key::new(ID_A).unwrap()).unwrap();
     }
-    let cfg = config(&cache_dir, Some(&glance.url));
-    let srv = TestServer::start_config(dir, cfg).await;
+    let mut cfg = config(&cache_dir, Some(&glance.url));
+    service_token(&mut cfg);
+    let mut srv = Server::start_config(dir, cfg).await;
     let c = client();
     eventually("the queued image to be fetched at start", || async {
         cached_ids(&cache_state(&c, &srv).await) == [ID_A]
     })
     .await;
-    assert_eq!(glance.file_requests(), 1);
-    srv.stop().await;
+    assert_eq!(file_requests(&glance), 1);
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_endpoint_reports_what_it_evicted() {
-    let srv = TestServer::start_with(None, |c| c.max_size = 2500).await;
+    let mut srv = Server::start_with(None, |c| c.max_size = 2500).await;
     let c = client();
     let cache = srv.cache();
     seed(&cache, ID_A, &[1u8; 1000]);
@@ -661,12 +662,12 @@ async fn prune_endpoint_reports_what_it_evicted() {
         "{metrics}"
     );
     assert!(metrics.contains("imgcache_cache_entries 2"), "{metrics}");
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pruner_worker_keeps_the_cache_under_max_size() {
-    let srv = TestServer::start_with(None, |c| {
+    let mut srv = Server::start_with(None, |c| {
         c.max_size = 2500;
         c.prune_interval = Duration::from_millis(100);
     })
@@ -680,12 +681,12 @@ async fn pruner_worker_keeps_the_cache_under_max_size() {
     })
     .await;
     assert_eq!(cache.get_cached_images().unwrap().len(), 2);
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_endpoint_and_cleaner_worker_remove_invalid_files() {
-    let srv = TestServer::start(None).await;
+    let mut srv = Server::start(None).await;
     let c = client();
     let invalid = srv.cache_dir().join("invalid").join(ID_A);
     std::fs::write(&invalid, b"broken").unwrap();
@@ -701,18 +702,18 @@ async fn clean_endpoint_and_cleaner_worker_remove_invalid_files() {
         "Glance answers clean with no body"
     );
     assert!(!invalid.exists());
-    srv.stop().await;
+    srv.stop().await.unwrap();
 
-    let srv = TestServer::start_with(None, |c| c.clean_interval = Duration::from_millis(100)).await;
+    let mut srv = Server::start_with(None, |c| c.clean_interval = Duration::from_millis(100)).await;
     let invalid = srv.cache_dir().join("invalid").join(ID_B);
     std::fs::write(&invalid, b"broken").unwrap();
     eventually("the cleaner", || async { !invalid.exists() }).await;
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_readyz_and_metrics() {
-    let srv = TestServer::start(None).await;
+    let mut srv = Server::start(None).await;
     let c = client();
     let r = c.get(srv.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -811,7 +812,7 @@ async fn healthz_readyz_and_metrics() {
     );
     let r = c.get(srv.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200, "liveness does not depend on the disk");
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 /// `/readyz` asks the upstream Glance: down, it is 503 naming the upstream and why; up, 200.
@@ -822,7 +823,7 @@ async fn readyz_names_an_unreachable_upstream() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
     };
-    let srv = TestServer::start(Some(&dead)).await;
+    let mut srv = Server::start(Some(&dead)).await;
     let c = client();
     let r = c.get(srv.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
@@ -845,15 +846,15 @@ async fn readyz_names_an_unreachable_upstream() {
         c.get(srv.url("/healthz")).send().await.unwrap().status(),
         200
     );
-    srv.stop().await;
+    srv.stop().await.unwrap();
 
-    let glance = FakeGlance::start().await;
-    let srv = TestServer::start(Some(&glance.url)).await;
+    let glance = fake_glance();
+    let mut srv = Server::start(Some(&glance.url)).await;
     let r = c.get(srv.url("/readyz")).send().await.unwrap();
     let status = r.status();
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "ready");
     assert_eq!(body["checks"]["upstream_glance"]["ok"], true, "{body}");
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }

@@ -3,23 +3,16 @@
 //!
 //! Skipped, saying so, only when the `glance` command is not installed.
 
-mod cache_api_common;
+mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cache_api_common::*;
+use common::*;
 
 const ID_A: &str = "5b1c7f3e-2222-4f00-8a00-00000000000a";
 const ID_B: &str = "5b1c7f3e-2222-4f00-8a00-00000000000b";
-
-fn find_glance() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("glance"))
-        .find(|p| p.is_file())
-}
 
 struct Out {
     status: std::process::ExitStatus,
@@ -104,17 +97,17 @@ fn ok(o: &Out) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn glance_cache_commands() {
-    let Some(bin) = find_glance() else {
+    let Some(bin) = imgcache_testkit::cmd::on_path("glance") else {
         eprintln!(
             "SKIPPED glance_cache_commands: the `glance` command is not installed \
              (pip install python-glanceclient)"
         );
         return;
     };
-    let fake = FakeGlance::start().await;
-    fake.add_image(ID_A, vec![3u8; 70_000]);
-    fake.add_image(ID_B, vec![4u8; 80_000]);
-    let srv = TestServer::start(Some(&fake.url)).await;
+    let fake = fake_glance();
+    fake.seed(image(ID_A, vec![3u8; 70_000]));
+    fake.seed(image(ID_B, vec![4u8; 80_000]));
+    let mut srv = Server::start_with(Some(&fake.url), service_token).await;
     let home = tempfile::tempdir().unwrap();
     let c = client();
     let v2 = ["--os-image-api-version", "2"];
@@ -149,7 +142,7 @@ async fn glance_cache_commands() {
         cached_ids(&cache_state(&c, &srv).await) == [ID_A]
     })
     .await;
-    assert_eq!(fake.file_requests(), 1);
+    assert_eq!(file_requests(&fake), 1);
 
     // B stays queued while the origin fails.
     fake.set_failing(true);
@@ -250,7 +243,7 @@ async fn glance_cache_commands() {
         &bin,
         home.path(),
         &srv.base,
-        UPSTREAM_MEMBER,
+        MEMBER_TOKEN,
         &with_v2(&["cache-queue", ID_A]),
     )
     .await;
@@ -260,11 +253,11 @@ async fn glance_cache_commands() {
         &bin,
         home.path(),
         &srv.base,
-        UPSTREAM_ADMIN,
+        ADMIN_TOKEN,
         &with_v2(&["cache-list"]),
     )
     .await;
     ok(&o);
     assert!(queued(&cache_state(&c, &srv).await).is_empty());
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }

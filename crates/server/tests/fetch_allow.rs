@@ -65,22 +65,22 @@ fn key(href: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redirect_out_of_the_allowed_prefixes_is_refused_and_nothing_is_cached() {
-    let allowed = Fake::start().await;
-    let internal = Fake::start().await;
+    let allowed = Origin::temp();
+    let internal = Origin::temp();
     let secret = image_bytes(64 << 10, 41);
-    internal.add(SECRET, Img::new(secret.clone()));
-    allowed.redirect("out", &format!("{}/files/{SECRET}", internal.url()));
-    allowed.redirect("file", "file:///etc/passwd");
-    let mut srv = Server::start(&allowed, |c| {
+    internal.put(&format!("/files/{SECRET}"), &secret);
+    allowed.redirect("/redirect/out", &format!("{}/files/{SECRET}", internal.url));
+    allowed.redirect("/redirect/file", "file:///etc/passwd");
+    let mut srv = Server::for_origin(None, &allowed, |c| {
         c.allow_href_prefixes
-            .push(format!("{}/redirect", allowed.url()));
+            .push(format!("{}/redirect", allowed.url));
     })
     .await;
     for (name, reason) in [
         ("out", "not under an allowed href prefix"),
         ("file", "is not http or https"),
     ] {
-        let href = format!("{}/redirect/{name}", allowed.url());
+        let href = format!("{}/redirect/{name}", allowed.url);
         let (get, head, message) = get_and_head(&srv, &href).await;
         assert_eq!((get, head), (502, 502), "{name}: {message}");
         assert!(message.contains("redirect refused"), "{name}: {message}");
@@ -89,30 +89,34 @@ async fn a_redirect_out_of_the_allowed_prefixes_is_refused_and_nothing_is_cached
         let (get, _, _) = get_and_head(&srv, &href).await;
         assert_eq!(get, 502);
     }
-    assert_eq!(internal.requests(), 0, "the internal origin was reached");
-    assert_eq!(internal.data_requests(SECRET), 0);
+    assert_eq!(
+        internal.all_requests(),
+        0,
+        "the internal origin was reached"
+    );
+    assert_eq!(internal.data_requests(&format!("/files/{SECRET}")), 0);
     assert_nothing_cached(&srv);
     srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redirect_under_an_allowed_prefix_is_followed_byte_exact() {
-    let a = Fake::start().await;
-    let b = Fake::start().await;
+    let a = Origin::temp();
+    let b = Origin::temp();
     let data = image_bytes(MIB + 7, 42);
     let other = image_bytes(MIB + 9, 43);
-    a.add("a.img", Img::new(data.clone()));
-    b.add("b.img", Img::new(other.clone()));
-    a.redirect("same", "/files/a.img");
-    a.redirect("cross", &format!("{}/files/b.img", b.url()));
-    let mut srv = Server::start(&a, |c| {
-        c.allow_href_prefixes.push(format!("{}/redirect/", a.url()));
-        c.allow_href_prefixes.push(format!("{}/files", b.url()));
+    a.put("/files/a.img", &data);
+    b.put("/files/b.img", &other);
+    a.redirect("/redirect/same", "/files/a.img");
+    a.redirect("/redirect/cross", &format!("{}/files/b.img", b.url));
+    let mut srv = Server::for_origin(None, &a, |c| {
+        c.allow_href_prefixes.push(format!("{}/redirect/", a.url));
+        c.allow_href_prefixes.push(format!("{}/files", b.url));
     })
     .await;
     let c = client();
     for (name, want) in [("same", &data), ("cross", &other)] {
-        let href = format!("{}/redirect/{name}", a.url());
+        let href = format!("{}/redirect/{name}", a.url);
         let r = c.get(fetch_url(&srv, &href)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{name}");
         assert_eq!(&r.bytes().await.unwrap(), want, "{name}");
@@ -123,31 +127,31 @@ async fn a_redirect_under_an_allowed_prefix_is_followed_byte_exact() {
             "{name}"
         );
     }
-    assert_eq!(a.data_requests("a.img"), 1);
-    assert_eq!(b.data_requests("b.img"), 1);
+    assert_eq!(a.data_requests("/files/a.img"), 1);
+    assert_eq!(b.data_requests("/files/b.img"), 1);
     srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn userinfo_after_an_allowed_host_port_is_refused() {
-    let allowed = Fake::start().await;
-    let internal = Fake::start().await;
+    let allowed = Origin::temp();
+    let internal = Origin::temp();
     let data = image_bytes(64 << 10, 44);
-    allowed.add("a.img", Img::new(data.clone()));
-    internal.add(SECRET, Img::new(image_bytes(64 << 10, 45)));
+    allowed.put("/files/a.img", &data);
+    internal.put(&format!("/files/{SECRET}"), &image_bytes(64 << 10, 45));
     // `http://127.0.0.1:PORT`, no trailing slash: a raw `starts_with` let the userinfo
     // trick through.
-    let mut srv = Server::start(&allowed, |c| {
-        c.allow_href_prefixes = vec![allowed.url()];
+    let mut srv = Server::for_origin(None, &allowed, |c| {
+        c.allow_href_prefixes = vec![allowed.url.clone()];
     })
     .await;
-    let ok = format!("{}/files/a.img", allowed.url());
+    let ok = format!("{}/files/a.img", allowed.url);
     let r = client().get(fetch_url(&srv, &ok)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), data);
     let (host, port) = (internal.addr.ip(), internal.addr.port());
     for href in [
-        format!("{}@{host}:{port}/files/{SECRET}", allowed.url()),
+        format!("{}@{host}:{port}/files/{SECRET}", allowed.url),
         format!("http://user:pw@{}/files/a.img", allowed.addr),
     ] {
         let (get, head, message) = get_and_head(&srv, &href).await;
@@ -155,7 +159,7 @@ async fn userinfo_after_an_allowed_host_port_is_refused() {
         assert!(message.contains("userinfo"), "{href}: {message}");
         assert!(!message.contains("pw"), "{message}");
     }
-    assert_eq!(internal.requests(), 0);
+    assert_eq!(internal.all_requests(), 0);
     let cache =
         imgcache_store::Cache::open(srv.cache_dir(), imgcache_store::DriverKind::Sqlite).unwrap();
     assert_eq!(cache.get_cached_images().unwrap().len(), 1, "only {ok}");
@@ -164,44 +168,44 @@ async fn userinfo_after_an_allowed_host_port_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sibling_ports_and_paths_of_a_prefix_without_trailing_slash_are_refused() {
-    let allowed = Fake::start().await;
-    let internal = Fake::start().await;
+    let allowed = Origin::temp();
+    let internal = Origin::temp();
     let data = image_bytes(64 << 10, 46);
-    allowed.add("a.img", Img::new(data.clone()));
-    internal.add(SECRET, Img::new(image_bytes(64 << 10, 47)));
+    allowed.put("/files/a.img", &data);
+    internal.put(&format!("/files/{SECRET}"), &image_bytes(64 << 10, 47));
     // The internal origin's port is the prefix's port followed by one digit (`4567` and
     // `45678`): every ephemeral port has five digits, so the prefix takes the first four.
     let port = internal.addr.port();
     let prefix_port = port / 10;
     assert_eq!(format!("{prefix_port}{}", port % 10), port.to_string());
-    let mut srv = Server::start(&allowed, |c| {
+    let mut srv = Server::for_origin(None, &allowed, |c| {
         c.allow_href_prefixes = vec![
             format!("http://127.0.0.1:{prefix_port}"),
-            format!("{}/files", allowed.url()),
+            format!("{}/files", allowed.url),
         ];
     })
     .await;
-    let before = allowed.requests();
+    let before = allowed.all_requests();
     for href in [
         format!("http://127.0.0.1:{port}/files/{SECRET}"),
-        format!("{}/files2/a.img", allowed.url()),
-        format!("{}/filesx", allowed.url()),
-        format!("{}/files/../private/a.img", allowed.url()),
-        format!("{}/files/..%2Fprivate/a.img", allowed.url()),
+        format!("{}/files2/a.img", allowed.url),
+        format!("{}/filesx", allowed.url),
+        format!("{}/files/../private/a.img", allowed.url),
+        format!("{}/files/..%2Fprivate/a.img", allowed.url),
     ] {
         let (get, head, message) = get_and_head(&srv, &href).await;
         assert_eq!((get, head), (403, 403), "{href}: {message}");
         assert!(message.starts_with("href refused: "), "{href}: {message}");
     }
-    assert_eq!(internal.requests(), 0);
+    assert_eq!(internal.all_requests(), 0);
     assert_eq!(
-        allowed.requests(),
+        allowed.all_requests(),
         before,
         "a refused href reached its origin"
     );
     assert_nothing_cached(&srv);
     // The prefix itself still works, on its segment boundary.
-    let ok = format!("{}/files/a.img", allowed.url());
+    let ok = format!("{}/files/a.img", allowed.url);
     let r = client().get(fetch_url(&srv, &ok)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), data);
@@ -210,9 +214,9 @@ async fn sibling_ports_and_paths_of_a_prefix_without_trailing_slash_are_refused(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn more_than_five_redirects_fail_and_nothing_is_cached() {
-    let a = Fake::start().await;
+    let a = Origin::temp();
     let data = image_bytes(64 << 10, 48);
-    a.add("a.img", Img::new(data.clone()));
+    a.put("/files/a.img", &data);
     // `five-0` -> ... -> `five-4` -> the image: five hops; `six-*`: six.
     for (chain, n) in [("five", 5), ("six", 6)] {
         for i in 0..n {
@@ -221,25 +225,25 @@ async fn more_than_five_redirects_fail_and_nothing_is_cached() {
             } else {
                 format!("/redirect/{chain}-{}", i + 1)
             };
-            a.redirect(&format!("{chain}-{i}"), &next);
+            a.redirect(&format!("/redirect/{chain}-{i}"), &next);
         }
     }
-    let mut srv = Server::start(&a, |c| {
-        c.allow_href_prefixes.push(format!("{}/redirect/", a.url()));
+    let mut srv = Server::for_origin(None, &a, |c| {
+        c.allow_href_prefixes.push(format!("{}/redirect/", a.url));
     })
     .await;
-    let six = format!("{}/redirect/six-0", a.url());
+    let six = format!("{}/redirect/six-0", a.url);
     let (get, head, message) = get_and_head(&srv, &six).await;
     assert_eq!((get, head), (502, 502), "{message}");
     assert!(message.contains("more than 5 redirects"), "{message}");
     assert_eq!(
-        a.data_requests("a.img"),
+        a.data_requests("/files/a.img"),
         0,
         "the end of the chain was asked"
     );
     assert_nothing_cached(&srv);
 
-    let five = format!("{}/redirect/five-0", a.url());
+    let five = format!("{}/redirect/five-0", a.url);
     let r = client().get(fetch_url(&srv, &five)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), data);
@@ -248,8 +252,8 @@ async fn more_than_five_redirects_fail_and_nothing_is_cached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_prefix_that_does_not_parse_stops_the_server() {
-    let fake = Fake::start().await;
-    let mut srv = Server::start(&fake, |c| {
+    let fake = Origin::temp();
+    let mut srv = Server::for_origin(None, &fake, |c| {
         c.allow_href_prefixes.push("not a url".into());
     })
     .await;

@@ -4,7 +4,7 @@
 //! recording HTTP server (the real clients' tests, `crates/cli/tests/glance_clients.rs`, use
 //! the test kit's fake Glance): each test checks what arrived on the far side.
 
-mod cache_api_common;
+mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use cache_api_common::*;
+use common::*;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
@@ -169,7 +169,7 @@ async fn start_upstream() -> (String, Arc<Up>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_lists_and_creates_are_relayed_with_links_naming_imgcache() {
     let (upstream, up) = start_upstream().await;
-    let srv = TestServer::start(Some(&upstream)).await;
+    let mut srv = Server::start(Some(&upstream)).await;
     let c = client();
 
     let r = c
@@ -236,7 +236,7 @@ async fn records_lists_and_creates_are_relayed_with_links_naming_imgcache() {
             .all(|(_, p, _)| p != "/status-nope"),
         "nothing outside /v2 goes upstream"
     );
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 /// The upstream has the first half of an upload before the client sends the second: the
@@ -244,7 +244,7 @@ async fn records_lists_and_creates_are_relayed_with_links_naming_imgcache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_stream_through_unbuffered() {
     let (upstream, up) = start_upstream().await;
-    let srv = TestServer::start(Some(&upstream)).await;
+    let mut srv = Server::start(Some(&upstream)).await;
     let half = 16 << 20;
     let data = imgcache_testkit::image_bytes(2 * half, 7);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
@@ -294,7 +294,7 @@ async fn uploads_stream_through_unbuffered() {
         hex::encode(Sha256::digest(&data)),
         "the bytes arrived exact"
     );
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 /// An image deleted or deactivated upstream is no longer served: the proxied call evicts it,
@@ -302,7 +302,7 @@ async fn uploads_stream_through_unbuffered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_or_deactivating_upstream_evicts() {
     let (upstream, up) = start_upstream().await;
-    let srv = TestServer::start(Some(&upstream)).await;
+    let mut srv = Server::start(Some(&upstream)).await;
     let cache = srv.cache();
     for id in [ID1, ID2, ID3] {
         seed(&cache, id, b"image");
@@ -361,7 +361,7 @@ async fn deleting_or_deactivating_upstream_evicts() {
         .unwrap();
     assert_eq!(r.status(), 404, "ID1 is gone upstream already");
     assert_eq!(cached().await, [ID1]);
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 /// Schemas answer the local admin token too: through the service token, or the last good
@@ -370,14 +370,14 @@ async fn deleting_or_deactivating_upstream_evicts() {
 async fn schemas_fall_back_to_the_service_token_then_the_last_good_copy() {
     let (upstream, up) = start_upstream().await;
     let c = client();
-    let schema = |srv: &TestServer, tok: &str| {
+    let schema = |srv: &Server, tok: &str| {
         c.get(srv.url("/v2/schemas/image"))
             .header("x-auth-token", tok)
             .send()
     };
 
     // With a service token: imgcache's own admin token gets the schema through it.
-    let srv = TestServer::start_with(Some(&upstream), |cfg| {
+    let mut srv = Server::start_with(Some(&upstream), |cfg| {
         cfg.sources.glance_token = Some(SERVICE.into());
     })
     .await;
@@ -396,18 +396,18 @@ async fn schemas_fall_back_to_the_service_token_then_the_last_good_copy() {
         .map(|(_, _, t)| t.clone())
         .collect();
     assert_eq!(tokens, [Some(ADMIN.into()), Some(SERVICE.into())]);
-    srv.stop().await;
+    srv.stop().await.unwrap();
 
     // No service token, and nothing ever fetched: the upstream's 401.
     let keep = tempfile::tempdir().unwrap();
     let cache_dir = keep.path().join("cache");
     let start = || {
-        TestServer::start_config(
+        Server::start_config(
             tempfile::tempdir().unwrap(),
-            cache_api_common::config(&cache_dir, Some(&upstream)),
+            common::config(&cache_dir, Some(&upstream)),
         )
     };
-    let srv = start().await;
+    let mut srv = start().await;
     // imgcache's own token is valid here: not a 401 (glanceclient would call the
     // credentials invalid), but no copy yet.
     assert_eq!(schema(&srv, ADMIN).await.unwrap().status(), 404);
@@ -416,21 +416,21 @@ async fn schemas_fall_back_to_the_service_token_then_the_last_good_copy() {
     // restart on the same cache directory with the upstream down.
     assert_eq!(schema(&srv, TOKEN).await.unwrap().status(), 200);
     assert_eq!(schema(&srv, ADMIN).await.unwrap().status(), 200);
-    srv.stop().await;
+    srv.stop().await.unwrap();
     up.down.store(true, Ordering::SeqCst);
-    let srv = start().await;
+    let mut srv = start().await;
     let r = schema(&srv, ADMIN).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.json::<serde_json::Value>().await.unwrap()["name"],
         "image"
     );
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_honour_the_proxy_in_front() {
-    let srv = TestServer::start(None).await;
+    let mut srv = Server::start(None).await;
     let r = client()
         .get(srv.url("/versions"))
         .header("x-forwarded-proto", "https")
@@ -445,5 +445,5 @@ async fn versions_honour_the_proxy_in_front() {
         body["versions"][0]["links"][0]["href"],
         "https://img.example/v2/"
     );
-    srv.stop().await;
+    srv.stop().await.unwrap();
 }

@@ -12,17 +12,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ID: &str = "6a2b5b54-2d8c-4d6a-9f4e-0c1b2c3d4e5f";
 const ID2: &str = "7b3c6c65-3e9d-4e7b-8a5f-1d2c3e4f5a6b";
+/// The `Last-Modified` of the file the validators test serves.
+const FILES_LAST_MODIFIED: &str = "Mon, 30 Nov 2026 08:00:00 GMT";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn miss_then_hit_byte_exact_with_headers_and_ranges() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(3 * MIB + 17, 1);
-    fake.add(ID, Img::new(data.clone()));
-    let mut srv = Server::start(&fake, |_| {}).await;
+    fake.seed(image(ID, data.clone()));
+    let mut srv = Server::start_with(Some(&fake.url), |_| {}).await;
     let c = client();
     let head = || {
         c.head(srv.image_url(ID))
-            .header("x-auth-token", GOOD_TOKEN)
+            .header("x-auth-token", MEMBER_TOKEN)
             .send()
     };
     // HEAD on a miss: the headers Glance's record gives, and no download.
@@ -34,13 +36,15 @@ async fn miss_then_hit_byte_exact_with_headers_and_ranges() {
     );
     assert_eq!(
         r.headers()["etag"],
-        format!("\"{}\"", md5_hex(&data)).as_str()
+        format!("\"{}\"", sha512_hex(&data)).as_str()
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(fake.data_requests(ID), 0, "a HEAD starts no download");
     assert!(!srv.published(ID).exists());
     let get = |range: Option<&str>, if_range: Option<&str>| {
-        let mut r = c.get(srv.image_url(ID)).header("x-auth-token", GOOD_TOKEN);
+        let mut r = c
+            .get(srv.image_url(ID))
+            .header("x-auth-token", MEMBER_TOKEN);
         if let Some(v) = range {
             r = r.header("range", v);
         }
@@ -57,7 +61,7 @@ async fn miss_then_hit_byte_exact_with_headers_and_ranges() {
         vec![
             "-sSf".into(),
             "-H".into(),
-            format!("X-Auth-Token: {GOOD_TOKEN}"),
+            format!("X-Auth-Token: {MEMBER_TOKEN}"),
             "-o".into(),
             out.display().to_string(),
             srv.image_url(ID),
@@ -75,7 +79,8 @@ async fn miss_then_hit_byte_exact_with_headers_and_ranges() {
     assert_eq!(h["content-length"], data.len().to_string().as_str());
     assert_eq!(h["accept-ranges"], "bytes");
     let md5 = md5_hex(&data);
-    let etag = format!("\"{md5}\"");
+    // The strongest checksum Glance's record gives: its sha512 os_hash_value.
+    let etag = format!("\"{}\"", sha512_hex(&data));
     assert_eq!(h["etag"], etag.as_str());
     // As Glance sends it: the hex digest (python-glanceclient compares it with hexdigest()).
     assert_eq!(h["content-md5"], md5.as_str());
@@ -137,29 +142,24 @@ async fn miss_then_hit_byte_exact_with_headers_and_ranges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn private_images_need_a_token_upstream_accepts() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(MIB, 2);
-    fake.add(
-        ID,
-        Img {
-            private: true,
-            ..Img::new(data.clone())
-        },
-    );
-    let mut srv = Server::start(&fake, |_| {}).await;
+    fake.seed(image(ID, data.clone()).private_to(MEMBER_PROJECT));
+    let mut srv = Server::start_with(Some(&fake.url), |_| {}).await;
     let c = client();
     // Cache it with a good token.
     let r = c
         .get(srv.image_url(ID))
-        .header("x-auth-token", GOOD_TOKEN)
+        .header("x-auth-token", MEMBER_TOKEN)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), data);
     assert!(srv.wait_published(ID).await.exists());
-    // Cached now, but a token upstream refuses gets upstream's 403, and no token 401.
-    for (token, status) in [(Some(STRANGER_TOKEN), 403), (None, 401)] {
+    // Cached now, but a token whose project upstream does not show the image gets upstream's
+    // answer (Glance hides another project's private image: 404), and no token 401.
+    for (token, status) in [(Some(OTHER_TOKEN), 404), (None, 401)] {
         let mut r = c.get(srv.image_url(ID));
         if let Some(t) = token {
             r = r.header("x-auth-token", t);
@@ -172,7 +172,7 @@ async fn private_images_need_a_token_upstream_accepts() {
     // An image upstream does not know: 404 passes through.
     let r = c
         .get(srv.image_url(ID2))
-        .header("x-auth-token", GOOD_TOKEN)
+        .header("x-auth-token", MEMBER_TOKEN)
         .send()
         .await
         .unwrap();
@@ -185,16 +185,10 @@ async fn private_images_need_a_token_upstream_accepts() {
 /// client byte-exact, and bytes reach the clients while the download is still running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_clients_one_origin_request_streamed_while_filling() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(4 * MIB, 3);
-    fake.add(
-        ID,
-        Img {
-            throttle: Some((128 << 10, Duration::from_millis(25))),
-            ..Img::new(data.clone())
-        },
-    );
-    let srv = Server::start(&fake, |_| {}).await;
+    fake.seed(image(ID, data.clone()).throttle(128 << 10, Duration::from_millis(25)));
+    let srv = Server::start_with(Some(&fake.url), |_| {}).await;
     let h1 = client();
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
@@ -208,7 +202,7 @@ async fn sixty_four_clients_one_origin_request_streamed_while_filling() {
         // Half of them ask for a range in the middle: they wait only for their own bytes.
         let range = (i % 2 == 1).then_some((MIB, 2 * MIB));
         tasks.push(tokio::spawn(async move {
-            let mut req = c.get(url).header("x-auth-token", GOOD_TOKEN);
+            let mut req = c.get(url).header("x-auth-token", MEMBER_TOKEN);
             if let Some((s, e)) = range {
                 req = req.header("range", format!("bytes={s}-{}", e - 1));
             }
@@ -265,7 +259,7 @@ async fn all_clients_fail(srv: &Server, n: usize) {
         let c = if i % 2 == 0 { h1.clone() } else { h2.clone() };
         let url = srv.image_url(ID);
         tasks.push(tokio::spawn(async move {
-            let r = c.get(url).header("x-auth-token", GOOD_TOKEN).send().await;
+            let r = c.get(url).header("x-auth-token", MEMBER_TOKEN).send().await;
             match r {
                 Err(_) => true,
                 Ok(r) if r.status() != 200 => true,
@@ -280,17 +274,14 @@ async fn all_clients_fail(srv: &Server, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn origin_dies_mid_download_every_client_sees_an_error() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(4 * MIB, 4);
-    fake.add(
-        ID,
-        Img {
-            throttle: Some((256 << 10, Duration::from_millis(10))),
-            die_after: Some(2 * MIB),
-            ..Img::new(data.clone())
-        },
+    fake.seed(
+        image(ID, data.clone())
+            .throttle(256 << 10, Duration::from_millis(10))
+            .die_after(2 * MIB as u64),
     );
-    let mut srv = Server::start(&fake, |_| {}).await;
+    let mut srv = Server::start_with(Some(&fake.url), |_| {}).await;
     all_clients_fail(&srv, 8).await;
     assert!(!srv.published(ID).exists(), "nothing published");
     let invalid = srv.invalid(ID);
@@ -303,17 +294,14 @@ async fn origin_dies_mid_download_every_client_sees_an_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn checksum_mismatch_aborts_every_reader() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(2 * MIB, 5);
-    fake.add(
-        ID,
-        Img {
-            md5: Some("0".repeat(32)),
-            throttle: Some((256 << 10, Duration::from_millis(5))),
-            ..Img::new(data)
-        },
+    fake.seed(
+        image(ID, data)
+            .wrong_checksums()
+            .throttle(256 << 10, Duration::from_millis(5)),
     );
-    let mut srv = Server::start(&fake, |_| {}).await;
+    let mut srv = Server::start_with(Some(&fake.url), |_| {}).await;
     all_clients_fail(&srv, 8).await;
     assert!(!srv.published(ID).exists());
     let invalid = srv.invalid(ID);
@@ -339,22 +327,19 @@ async fn common_wait(mut f: impl FnMut() -> bool) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_mid_download_publishes_nothing() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(4 * MIB, 6);
-    fake.add(
-        ID,
-        Img {
-            throttle: Some((64 << 10, Duration::from_millis(50))),
-            ..Img::new(data)
-        },
-    );
-    let mut srv = Server::start(&fake, |c| c.shutdown_grace = Duration::from_millis(300)).await;
+    fake.seed(image(ID, data).throttle(64 << 10, Duration::from_millis(50)));
+    let mut srv = Server::start_with(Some(&fake.url), |c| {
+        c.shutdown_grace = Duration::from_millis(300)
+    })
+    .await;
     let c = client();
     let url = srv.image_url(ID);
     let reader = tokio::spawn(async move {
         let r = c
             .get(url)
-            .header("x-auth-token", GOOD_TOKEN)
+            .header("x-auth-token", MEMBER_TOKEN)
             .send()
             .await
             .unwrap();
@@ -380,17 +365,17 @@ async fn shutdown_mid_download_publishes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fetch_by_href_only_under_allowed_prefixes() {
-    let fake = Fake::start().await;
+    let origin = Origin::temp();
     let data = image_bytes(MIB + 3, 7);
-    fake.add("a.img", Img::new(data.clone()));
-    let mut srv = Server::start(&fake, |_| {}).await;
+    origin.put("/files/a.img", &data);
+    let mut srv = Server::for_origin(None, &origin, |_| {}).await;
     let c = client();
     let fetch = |href: String| {
         let url =
             reqwest::Url::parse_with_params(&srv.url("/v1/fetch"), &[("href", href)]).unwrap();
         c.get(url).send()
     };
-    let href = format!("{}/files/a.img", fake.url());
+    let href = format!("{}/files/a.img", origin.url);
     // HEAD on a miss: the origin's HEAD, no download.
     let head_url =
         reqwest::Url::parse_with_params(&srv.url("/v1/fetch"), &[("href", &href)]).unwrap();
@@ -400,18 +385,22 @@ async fn fetch_by_href_only_under_allowed_prefixes() {
         r.headers()["content-length"],
         data.len().to_string().as_str()
     );
-    assert_eq!(fake.data_requests("a.img"), 0, "a HEAD starts no download");
+    assert_eq!(
+        origin.data_requests("/files/a.img"),
+        0,
+        "a HEAD starts no download"
+    );
     for _ in 0..2 {
         let r = fetch(href.clone()).await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.bytes().await.unwrap(), data);
     }
-    assert_eq!(fake.data_requests("a.img"), 1);
+    assert_eq!(origin.data_requests("/files/a.img"), 1);
     let key = imgcache_fetch::cache_key(&imgcache_fetch::Href::parse(&href).unwrap(), &href, false);
     assert!(srv.published(key.as_str()).exists());
     for (href, status) in [
-        (format!("{}/private/a.img", fake.url()), 403),
-        (format!("{}/files/../private/a.img", fake.url()), 403),
+        (format!("{}/private/a.img", origin.url), 403),
+        (format!("{}/files/../private/a.img", origin.url), 403),
         ("http://example.com/x".to_string(), 403),
         (String::new(), 400),
     ] {
@@ -430,12 +419,12 @@ async fn fetch_by_href_only_under_allowed_prefixes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_download_by_another_process_is_streamed_while_it_runs() {
     use std::io::Write;
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(4 * MIB + 3, 31);
-    fake.add(ID, Img::new(data.clone()));
+    fake.seed(image(ID, data.clone()));
     let fake2 = image_bytes(2 * MIB, 32);
-    fake.add(ID2, Img::new(fake2.clone()));
-    let mut srv = Server::start(&fake, |_| {}).await;
+    fake.seed(image(ID2, fake2.clone()));
+    let mut srv = Server::start_with(Some(&fake.url), |_| {}).await;
     let other =
         imgcache_store::Cache::open(srv.cache_dir(), imgcache_store::DriverKind::Sqlite).unwrap();
 
@@ -450,7 +439,7 @@ async fn a_download_by_another_process_is_streamed_while_it_runs() {
         let client_task = tokio::spawn(async move {
             let r = client()
                 .get(url)
-                .header("x-auth-token", GOOD_TOKEN)
+                .header("x-auth-token", MEMBER_TOKEN)
                 .send()
                 .await
                 .unwrap();
@@ -480,7 +469,7 @@ async fn a_download_by_another_process_is_streamed_while_it_runs() {
             tokio::spawn(async move {
                 let r = client()
                     .get(url)
-                    .header("x-auth-token", GOOD_TOKEN)
+                    .header("x-auth-token", MEMBER_TOKEN)
                     .header("range", range)
                     .send()
                     .await
@@ -539,7 +528,7 @@ async fn a_download_by_another_process_is_streamed_while_it_runs() {
     // Published by the other writer: a hit now.
     let r = client()
         .get(srv.image_url(ID))
-        .header("x-auth-token", GOOD_TOKEN)
+        .header("x-auth-token", MEMBER_TOKEN)
         .send()
         .await
         .unwrap();
@@ -553,14 +542,15 @@ async fn a_download_by_another_process_is_streamed_while_it_runs() {
 /// changed origin replaces it, a failed new download leaves the old copy served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fetch_hits_are_revalidated_in_the_background() {
-    let fake = Fake::start().await;
+    let origin = Origin::temp();
     let v1 = image_bytes(MIB, 21);
     let v2 = image_bytes(MIB + 7, 22);
-    fake.add("r.img", Img::new(v1.clone()));
+    origin.put("/files/r.img", &v1);
     let interval = Duration::from_millis(300);
-    let mut srv = Server::start(&fake, |c| c.sources.revalidate_interval = interval).await;
+    let mut srv =
+        Server::for_origin(None, &origin, |c| c.sources.revalidate_interval = interval).await;
     let c = client();
-    let href = format!("{}/files/r.img", fake.url());
+    let href = format!("{}/files/r.img", origin.url);
     let url = reqwest::Url::parse_with_params(&srv.url("/v1/fetch"), &[("href", &href)]).unwrap();
     let get = || async {
         c.get(url.clone())
@@ -577,7 +567,10 @@ async fn fetch_hits_are_revalidated_in_the_background() {
     assert_eq!(get().await, v1);
     assert_eq!(get().await, v1, "a hit within the interval");
     assert_eq!(
-        (fake.data_requests("r.img"), fake.not_modified("r.img")),
+        (
+            origin.data_requests("/files/r.img"),
+            origin.not_modified("/files/r.img")
+        ),
         (1, 0)
     );
 
@@ -586,14 +579,14 @@ async fn fetch_hits_are_revalidated_in_the_background() {
     assert_eq!(get().await, v1);
     assert_eq!(get().await, v1, "a second hit starts no second check");
     assert!(
-        common_wait(|| fake.not_modified("r.img") == 1).await,
+        common_wait(|| origin.not_modified("/files/r.img") == 1).await,
         "one 304"
     );
-    assert_eq!(fake.data_requests("r.img"), 1);
+    assert_eq!(origin.data_requests("/files/r.img"), 1);
 
     // The origin changes: the next due hit still gets the old copy (already on disk), and the
     // new one replaces it in the background.
-    fake.add("r.img", Img::new(v2.clone()));
+    origin.put("/files/r.img", &v2);
     tokio::time::sleep(interval).await;
     assert_eq!(get().await, v1, "stale copy served while revalidating");
     assert!(
@@ -601,19 +594,14 @@ async fn fetch_hits_are_revalidated_in_the_background() {
         "the new image replaced the old one"
     );
     assert_eq!(get().await, v2);
-    assert_eq!(fake.data_requests("r.img"), 2);
+    assert_eq!(origin.data_requests("/files/r.img"), 2);
 
     // The origin changes again but its download dies: the cached copy stays and is served.
-    fake.add(
-        "r.img",
-        Img {
-            die_after: Some(MIB / 2),
-            ..Img::new(image_bytes(MIB, 23))
-        },
-    );
+    origin.put("/files/r.img", &image_bytes(MIB, 23));
+    origin.die_after("/files/r.img", MIB as u64 / 2);
     tokio::time::sleep(interval).await;
     assert_eq!(get().await, v2);
-    assert!(common_wait(|| fake.data_requests("r.img") == 3).await);
+    assert!(common_wait(|| origin.data_requests("/files/r.img") == 3).await);
     assert_eq!(
         metric_reaching(&srv, "imgcache_revalidation_failures_total", 1).await,
         1,
@@ -628,14 +616,14 @@ async fn fetch_hits_are_revalidated_in_the_background() {
 /// one origin request (the fill's own, handed over), and a corrupt one is cut, not a clean 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn too_big_for_the_cache_is_streamed_without_caching() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(2 * MIB, 8);
-    fake.add(ID, Img::new(data.clone()));
-    let mut srv = Server::start(&fake, |c| c.max_size = MIB as u64).await;
+    fake.seed(image(ID, data.clone()));
+    let mut srv = Server::start_with(Some(&fake.url), |c| c.max_size = MIB as u64).await;
     let get = || {
         client()
             .get(srv.image_url(ID))
-            .header("x-auth-token", GOOD_TOKEN)
+            .header("x-auth-token", MEMBER_TOKEN)
             .send()
     };
     let r = get().await.unwrap();
@@ -656,13 +644,7 @@ async fn too_big_for_the_cache_is_streamed_without_caching() {
     );
 
     // Glance's checksum does not match what its data sends: the client never gets it whole.
-    fake.add(
-        ID,
-        Img {
-            md5: Some("0".repeat(32)),
-            ..Img::new(data.clone())
-        },
-    );
+    fake.seed(image(ID, data.clone()).wrong_checksums());
     let r = get().await.unwrap();
     assert_eq!(r.status(), 200);
     let body = r.bytes().await;
@@ -673,10 +655,10 @@ async fn too_big_for_the_cache_is_streamed_without_caching() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_clean_4xx_and_the_server_keeps_serving() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(64 << 10, 9);
-    fake.add(ID, Img::new(data.clone()));
-    let mut srv = Server::start(&fake, |_| {}).await;
+    fake.seed(image(ID, data.clone()));
+    let mut srv = Server::start_with(Some(&fake.url), |_| {}).await;
     let c = client();
     let long = "a".repeat(300);
     for id in [
@@ -692,7 +674,7 @@ async fn bad_input_gets_clean_4xx_and_the_server_keeps_serving() {
         let (status, body) = raw_get(
             srv.addr,
             &format!("/v2/images/{id}/file"),
-            &format!("X-Auth-Token: {GOOD_TOKEN}\r\n"),
+            &format!("X-Auth-Token: {MEMBER_TOKEN}\r\n"),
         )
         .await;
         assert_eq!(status, 400, "{id}: {body}");
@@ -709,7 +691,7 @@ async fn bad_input_gets_clean_4xx_and_the_server_keeps_serving() {
     // Not a UUID: Glance would not know it.
     let r = c
         .get(srv.image_url("not-a-uuid"))
-        .header("x-auth-token", GOOD_TOKEN)
+        .header("x-auth-token", MEMBER_TOKEN)
         .send()
         .await
         .unwrap();
@@ -719,7 +701,7 @@ async fn bad_input_gets_clean_4xx_and_the_server_keeps_serving() {
         srv.addr,
         &format!("/v2/images/{ID}/file"),
         &format!(
-            "X-Auth-Token: {GOOD_TOKEN}\r\nX-Junk: {}\r\n",
+            "X-Auth-Token: {MEMBER_TOKEN}\r\nX-Junk: {}\r\n",
             "j".repeat(100 << 10)
         ),
     )
@@ -736,7 +718,7 @@ async fn bad_input_gets_clean_4xx_and_the_server_keeps_serving() {
     // Still serving.
     let r = c
         .get(srv.image_url(ID))
-        .header("x-auth-token", GOOD_TOKEN)
+        .header("x-auth-token", MEMBER_TOKEN)
         .send()
         .await
         .unwrap();
@@ -752,16 +734,10 @@ async fn aria2c_eight_connections_on_a_miss_and_a_hit() {
         have("aria2c"),
         "aria2c is needed for this test: apt-get install -y aria2"
     );
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(24 * MIB + 5, 10);
-    fake.add(
-        ID,
-        Img {
-            throttle: Some((512 << 10, Duration::from_millis(5))),
-            ..Img::new(data.clone())
-        },
-    );
-    let mut srv = Server::start(&fake, |_| {}).await;
+    fake.seed(image(ID, data.clone()).throttle(512 << 10, Duration::from_millis(5)));
+    let mut srv = Server::start_with(Some(&fake.url), |_| {}).await;
     let out = Arc::new(tempfile::tempdir().unwrap());
     for name in ["miss.img", "hit.img"] {
         let (ok, stdout, err) = run_cmd(
@@ -775,7 +751,7 @@ async fn aria2c_eight_connections_on_a_miss_and_a_hit() {
                 "--allow-overwrite=true".into(),
                 "--console-log-level=warn".into(),
                 "--summary-interval=0".into(),
-                format!("--header=X-Auth-Token: {GOOD_TOKEN}"),
+                format!("--header=X-Auth-Token: {MEMBER_TOKEN}"),
                 "-d".into(),
                 out.path().display().to_string(),
                 "-o".into(),
@@ -880,17 +856,20 @@ async fn sendfile_bytes(srv: &Server) -> u64 {
 /// intact; HTTP/2 (h2c) keeps the user-space path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sendfile_hits_byte_exact_with_exact_headers() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(24 * MIB + 5, 11);
-    fake.add(ID, Img::new(data.clone()));
+    fake.seed(image(ID, data.clone()));
     // This test is about bytes and headers; the fixture's 1 s slowloris bound cut the
     // pipelined connection on a loaded CI machine (the slowloris test keeps the short one).
-    let mut srv = Server::start(&fake, |c| c.header_read_timeout = Duration::from_secs(30)).await;
+    let mut srv = Server::start_with(Some(&fake.url), |c| {
+        c.header_read_timeout = Duration::from_secs(30)
+    })
+    .await;
     let len = data.len();
     // The miss: sendfile from the growing file.
     let r = client()
         .get(srv.image_url(ID))
-        .header("x-auth-token", GOOD_TOKEN)
+        .header("x-auth-token", MEMBER_TOKEN)
         .send()
         .await
         .unwrap();
@@ -898,12 +877,13 @@ async fn sendfile_hits_byte_exact_with_exact_headers() {
     assert_eq!(sendfile_bytes(&srv).await, len as u64);
 
     let md5 = md5_hex(&data);
-    let etag = format!("\"{md5}\"");
+    // The strongest checksum Glance's record gives: its sha512 os_hash_value.
+    let etag = format!("\"{}\"", sha512_hex(&data));
     let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
     let mut buf = Vec::new();
     let req = |method: &str, extra: &str| {
         format!(
-            "{method} /v2/images/{ID}/file HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {GOOD_TOKEN}\r\n{extra}\r\n"
+            "{method} /v2/images/{ID}/file HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {MEMBER_TOKEN}\r\n{extra}\r\n"
         )
     };
     // HEAD, then a full GET on the same connection: the same head, status line included.
@@ -969,7 +949,7 @@ async fn sendfile_hits_byte_exact_with_exact_headers() {
     // reqwest over HTTP/1.1: the same bytes and headers as before this change.
     let r = client()
         .get(srv.image_url(ID))
-        .header("x-auth-token", GOOD_TOKEN)
+        .header("x-auth-token", MEMBER_TOKEN)
         .header("range", "bytes=-10")
         .send()
         .await
@@ -985,7 +965,7 @@ async fn sendfile_hits_byte_exact_with_exact_headers() {
         .unwrap();
     let r = h2
         .get(srv.image_url(ID))
-        .header("x-auth-token", GOOD_TOKEN)
+        .header("x-auth-token", MEMBER_TOKEN)
         .send()
         .await
         .unwrap();
@@ -1023,13 +1003,13 @@ async fn read_response_head_only(
 /// is done, the same prune evicts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sendfile_hit_cannot_be_evicted_mid_send() {
-    let fake = Fake::start().await;
+    let fake = fake_glance();
     let data = image_bytes(48 * MIB + 3, 12);
-    fake.add(ID, Img::new(data.clone()));
-    let mut srv = Server::start(&fake, |_| {}).await;
+    fake.seed(image(ID, data.clone()));
+    let mut srv = Server::start_with(Some(&fake.url), |_| {}).await;
     let r = client()
         .get(srv.image_url(ID))
-        .header("x-auth-token", GOOD_TOKEN)
+        .header("x-auth-token", MEMBER_TOKEN)
         .send()
         .await
         .unwrap();
@@ -1039,7 +1019,7 @@ async fn sendfile_hit_cannot_be_evicted_mid_send() {
     let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
     s.write_all(
         format!(
-            "GET /v2/images/{ID}/file HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {GOOD_TOKEN}\r\nConnection: close\r\n\r\n"
+            "GET /v2/images/{ID}/file HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {MEMBER_TOKEN}\r\nConnection: close\r\n\r\n"
         )
         .as_bytes(),
     )
@@ -1096,21 +1076,21 @@ async fn sendfile_hit_cannot_be_evicted_mid_send() {
 async fn a_zstd_compressed_image_is_served_as_the_origin_sent_it() {
     // A transparent cache: the bytes the origin sent, on the miss (clients follow the file as
     // it is written) and on the hit; nothing decompressed behind the clients' backs.
-    let fake = Fake::start().await;
+    let origin = Origin::temp();
     let mut data = b"\x28\xb5\x2f\xfd".to_vec();
     data.extend_from_slice(&image_bytes(MIB, 11));
     let data = bytes::Bytes::from(data);
-    fake.add("z.img.zst", Img::new(data.clone()));
-    let mut srv = Server::start(&fake, |_| {}).await;
+    origin.put("/files/z.img.zst", &data);
+    let mut srv = Server::for_origin(None, &origin, |_| {}).await;
     let c = client();
-    let href = format!("{}/files/z.img.zst", fake.url());
+    let href = format!("{}/files/z.img.zst", origin.url);
     let url = reqwest::Url::parse_with_params(&srv.url("/v1/fetch"), &[("href", &href)]).unwrap();
     for round in ["miss", "hit"] {
         let r = c.get(url.clone()).send().await.unwrap();
         assert_eq!(r.status(), 200, "{round}");
         assert_eq!(r.bytes().await.unwrap(), data, "{round}");
     }
-    assert_eq!(fake.data_requests("z.img.zst"), 1);
+    assert_eq!(origin.data_requests("/files/z.img.zst"), 1);
     srv.stop().await.unwrap();
 }
 
@@ -1119,16 +1099,17 @@ async fn a_zstd_compressed_image_is_served_as_the_origin_sent_it() {
 /// origin's validators, and conditional requests are answered from them (RFC 9110 order).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn validators_are_the_origins_from_the_first_byte_and_answer_conditionals() {
-    let fake = Fake::start().await;
+    let origin = Origin::temp();
     let data = image_bytes(4 * MIB, 31);
-    let mut img = Img::new(data.clone());
-    img.throttle = Some((256 << 10, Duration::from_millis(20)));
-    fake.add("v.img", img);
-    let mut srv = Server::start(&fake, |_| {}).await;
+    origin.put("/files/v.img", &data);
+    origin.touch("/files/v.img", FILES_LAST_MODIFIED);
+    origin.throttle("/files/v.img", 256 << 10, Duration::from_millis(20));
+    let mut srv = Server::for_origin(None, &origin, |_| {}).await;
     let c = client();
-    let href = format!("{}/files/v.img", fake.url());
+    let href = format!("{}/files/v.img", origin.url);
     let url = reqwest::Url::parse_with_params(&srv.url("/v1/fetch"), &[("href", &href)]).unwrap();
-    let origin_etag = format!("\"{}\"", md5_hex(&data));
+    let (origin_etag, last_modified) = origin.validators_of("/files/v.img");
+    assert_eq!(last_modified, FILES_LAST_MODIFIED);
     let validators = |h: &reqwest::header::HeaderMap| {
         (
             h.get("etag").map(|v| v.to_str().unwrap().to_string()),

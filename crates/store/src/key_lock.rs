@@ -330,6 +330,12 @@ impl<X> Flight<X> {
         self.phase.subscribe()
     }
 
+    /// How many subscribers watch the flight now: its clients (each holds one from its
+    /// request to the end of its response body), so the count falls when one leaves.
+    pub fn watchers(&self) -> usize {
+        self.phase.receiver_count()
+    }
+
     /// The phase now.
     pub fn phase(&self) -> Phase {
         self.phase.borrow().clone()

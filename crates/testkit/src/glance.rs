@@ -2,8 +2,9 @@
 //! (python-glanceclient, openstacksdk, Ironic) through imgcache or straight at it.
 //!
 //! It behaves like a real glance-api with `auth_strategy = keystone`:
-//! - Two tokens are valid: [`ADMIN_TOKEN`] (role admin, project [`ADMIN_PROJECT`]) and
-//!   [`MEMBER_TOKEN`] (role member, project [`MEMBER_PROJECT`]). Any other or missing
+//! - Three tokens are valid: [`ADMIN_TOKEN`] (role admin, project [`ADMIN_PROJECT`]),
+//!   [`MEMBER_TOKEN`] (role member, project [`MEMBER_PROJECT`]) and [`OTHER_TOKEN`] (role
+//!   member, project [`OTHER_PROJECT`]). Any other or missing
 //!   `X-Auth-Token` gets keystonemiddleware's 401: its JSON body and
 //!   `WWW-Authenticate: Keystone uri="..."`. Only `/` and `/versions` are unauthenticated
 //!   (glance-api-paste's `apiversions` app is outside the auth pipeline).
@@ -21,15 +22,19 @@
 //!   deactivate/reactivate, and `GET /v2/info/stores/detail` (admin only), with Glance's
 //!   status codes and webob-style error bodies. Another project's private image is 404.
 //!
-//! Counters for tests: data requests per image id, upload bytes received, and requests per
-//! (method, path class) where the class replaces uuid segments by `{id}`.
+//! Counters for tests: data requests per image id, upload bytes received, requests per
+//! (method, path class) where the class replaces uuid segments by `{id}`, and when each
+//! image's data was last sent to its end. Knobs for tests: an image's data sent slowly
+//! ([`Seed::throttle`]), cut mid-body ([`Seed::die_after`]) or not matching its record's
+//! checksums ([`Seed::wrong_checksums`]), and every download failing with a 503 while
+//! [`FakeGlance::set_failing`] (a store backend that is down).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
@@ -50,8 +55,11 @@ use crate::background::Background;
 pub const ADMIN_TOKEN: &str = "fake-glance-admin-token";
 /// A token with the member role in [`MEMBER_PROJECT`].
 pub const MEMBER_TOKEN: &str = "fake-glance-member-token";
+/// A token with the member role in [`OTHER_PROJECT`] (a stranger to the member's images).
+pub const OTHER_TOKEN: &str = "fake-glance-other-token";
 pub const ADMIN_PROJECT: &str = "4f1e4c0e6bd84b0c9e0f6d0a4d1f0a01";
 pub const MEMBER_PROJECT: &str = "9b3d2c1a0f9e4d8c8b7a6f5e4d3c2b02";
+pub const OTHER_PROJECT: &str = "7c5e1f0a2b3d4c6e8f9a0b1c2d3e4f03";
 /// Where the fake's 401s send clients (keystonemiddleware's `www_authenticate_uri`).
 pub const KEYSTONE_URI: &str = "http://keystone.invalid:5000/v3";
 
@@ -78,6 +86,26 @@ pub struct FakeGlance {
 struct Image {
     rec: Map<String, Value>,
     data: Option<PathBuf>,
+    pace: Pace,
+}
+
+/// How a body is sent: `chunk` bytes at a time, `delay` apart, cut (an error: the connection
+/// is reset) once the offset `die_after` is reached.
+#[derive(Clone, Debug)]
+pub(crate) struct Pace {
+    pub chunk: usize,
+    pub delay: Duration,
+    pub die_after: Option<u64>,
+}
+
+impl Default for Pace {
+    fn default() -> Pace {
+        Pace {
+            chunk: 256 * 1024,
+            delay: Duration::ZERO,
+            die_after: None,
+        }
+    }
 }
 
 /// The fake's state, shared with tests through [`FakeGlance`]'s methods.
@@ -86,9 +114,11 @@ pub struct GlanceState {
     dir: tempfile::TempDir,
     schemas: Schemas,
     data_requests: Mutex<HashMap<String, usize>>,
+    body_end: Arc<Mutex<HashMap<String, Instant>>>,
     requests: Mutex<Vec<Logged>>,
     upload_bytes: AtomicU64,
     seq: AtomicU64,
+    failing: AtomicBool,
 }
 
 struct Schemas {
@@ -123,6 +153,8 @@ pub struct Seed {
     pub properties: Map<String, Value>,
     /// `None`: a queued image without data.
     pub data: Option<Vec<u8>>,
+    pace: Pace,
+    wrong_checksums: bool,
 }
 
 impl Seed {
@@ -139,7 +171,26 @@ impl Seed {
             protected: false,
             properties: Map::new(),
             data: Some(data.into()),
+            pace: Pace::default(),
+            wrong_checksums: false,
         }
+    }
+    /// Its data sent `chunk` bytes at a time, `delay` apart.
+    pub fn throttle(mut self, chunk: usize, delay: Duration) -> Seed {
+        self.pace.chunk = chunk.max(1);
+        self.pace.delay = delay;
+        self
+    }
+    /// Its downloads cut (the connection reset) once `n` bytes of it are sent.
+    pub fn die_after(mut self, n: u64) -> Seed {
+        self.pace.die_after = Some(n);
+        self
+    }
+    /// A record whose `checksum` and `os_hash_value` are not its data's (zeros): a store
+    /// that lost or corrupted the bytes.
+    pub fn wrong_checksums(mut self) -> Seed {
+        self.wrong_checksums = true;
+        self
     }
     pub fn id(mut self, id: &str) -> Seed {
         self.id = Some(id.to_string());
@@ -185,9 +236,11 @@ impl FakeGlance {
             dir,
             schemas,
             data_requests: Mutex::new(HashMap::new()),
+            body_end: Arc::default(),
             requests: Mutex::new(Vec::new()),
             upload_bytes: AtomicU64::new(0),
             seq: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
         });
         let st = state.clone();
         let server = Background::start("fake-glance", move |base| app(st, base));
@@ -228,7 +281,11 @@ impl FakeGlance {
         for (k, v) in s.properties {
             rec.insert(k, v);
         }
-        let mut img = Image { rec, data: None };
+        let mut img = Image {
+            rec,
+            data: None,
+            pace: s.pace,
+        };
         match s.data {
             Some(bytes) => {
                 let path = self.state.data_path(&id);
@@ -242,6 +299,11 @@ impl FakeGlance {
                     bytes.len() as u64,
                 );
                 img.rec.insert("status".into(), json!(s.status));
+                if s.wrong_checksums {
+                    img.rec.insert("checksum".into(), json!("0".repeat(32)));
+                    img.rec
+                        .insert("os_hash_value".into(), json!("0".repeat(128)));
+                }
             }
             None => {
                 img.rec.insert("status".into(), json!("queued"));
@@ -273,6 +335,16 @@ impl FakeGlance {
     pub fn data_requests(&self, id: &str) -> usize {
         let m = self.state.data_requests.lock().unwrap();
         m.get(id).copied().unwrap_or(0)
+    }
+
+    /// When a download of `id` last sent its last byte (or was cut).
+    pub fn body_end(&self, id: &str) -> Option<Instant> {
+        self.state.body_end.lock().unwrap().get(id).copied()
+    }
+
+    /// While `failing`, every `GET /v2/images/{id}/file` answers 503 (the store is down).
+    pub fn set_failing(&self, failing: bool) {
+        self.state.failing.store(failing, Ordering::SeqCst);
     }
 
     /// Bytes received by `PUT /v2/images/{id}/file`, all uploads together.
@@ -387,6 +459,10 @@ fn ctx_of(headers: &HeaderMap) -> Option<Ctx> {
         Some(MEMBER_TOKEN) => Some(Ctx {
             admin: false,
             project: MEMBER_PROJECT,
+        }),
+        Some(OTHER_TOKEN) => Some(Ctx {
+            admin: false,
+            project: OTHER_PROJECT,
         }),
         _ => None,
     }
@@ -992,10 +1068,14 @@ async fn create(
         for (k, v) in rec_fields {
             rec.insert(k, v);
         }
-        a.st.images
-            .lock()
-            .unwrap()
-            .insert(id.clone(), Image { rec, data: None });
+        a.st.images.lock().unwrap().insert(
+            id.clone(),
+            Image {
+                rec,
+                data: None,
+                pace: Pace::default(),
+            },
+        );
     }
     let rec = a.st.images.lock().unwrap()[&id].rec.clone();
     let mut r = json_resp(StatusCode::CREATED, &view(&rec));
@@ -1235,6 +1315,13 @@ async fn download(
     let Some(path) = img.data.clone() else {
         return StatusCode::NO_CONTENT.into_response();
     };
+    if a.st.failing.load(Ordering::SeqCst) {
+        return webob_error(
+            &headers,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The image data could not be read from its store.",
+        );
+    }
     let size = img.rec["size"].as_u64().unwrap_or(0);
     let (mut start, mut len, mut range_hdr) = (0u64, size, None);
     if let Some(r) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
@@ -1258,8 +1345,16 @@ async fn download(
             }
         }
     }
-    *a.st.data_requests.lock().unwrap().entry(id).or_default() += 1;
-    let body = file_body(path, start, len);
+    *a.st
+        .data_requests
+        .lock()
+        .unwrap()
+        .entry(id.clone())
+        .or_default() += 1;
+    let ends = a.st.body_end.clone();
+    let body = paced_body(path, start, len, img.pace.clone(), move || {
+        ends.lock().unwrap().insert(id.clone(), Instant::now());
+    });
     let mut b = Response::builder()
         .status(if range_hdr.is_some() {
             StatusCode::PARTIAL_CONTENT
@@ -1305,45 +1400,80 @@ pub(crate) fn parse_range(v: &str, size: u64) -> Option<(u64, u64)> {
     (e >= s).then_some((s, e))
 }
 
-/// `len` bytes of `path` from `start`, read 256 KiB at a time.
-pub(crate) fn file_body(path: PathBuf, start: u64, len: u64) -> Body {
+/// `len` bytes of `path` from `start`, sent as `pace` says; `ended` is called when the last
+/// byte was read or the body was cut.
+pub(crate) fn paced_body(
+    path: PathBuf,
+    start: u64,
+    len: u64,
+    pace: Pace,
+    ended: impl Fn() + Send + Sync + 'static,
+) -> Body {
+    let ended = Arc::new(ended);
     let stream = futures_util::stream::unfold(
         (None::<tokio::fs::File>, path, start, len),
-        |(f, path, pos, left)| async move {
-            if left == 0 {
-                return None;
-            }
-            let mut f = match f {
-                Some(f) => f,
-                None => {
-                    let mut f = match tokio::fs::File::open(&path).await {
-                        Ok(f) => f,
-                        Err(e) => return Some((Err(e), (None, path, pos, 0))),
-                    };
-                    if let Err(e) = f.seek(std::io::SeekFrom::Start(pos)).await {
-                        return Some((Err(e), (None, path, pos, 0)));
+        move |(f, path, pos, left)| {
+            let (pace, ended) = (pace.clone(), ended.clone());
+            async move {
+                if left == 0 {
+                    return None;
+                }
+                if let Some(d) = pace.die_after
+                    && pos >= d
+                {
+                    // As a real origin dying mid-body: what it sent (the head, too, when
+                    // nothing else was) reaches the client before the reset; hyper drops a
+                    // response whose body fails before anything was flushed.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    ended();
+                    return Some((
+                        Err(std::io::Error::other("origin died")),
+                        (None, path, pos, 0),
+                    ));
+                }
+                if !pace.delay.is_zero() && f.is_some() {
+                    tokio::time::sleep(pace.delay).await;
+                }
+                let mut f = match f {
+                    Some(f) => f,
+                    None => {
+                        let mut f = match tokio::fs::File::open(&path).await {
+                            Ok(f) => f,
+                            Err(e) => return Some((Err(e), (None, path, pos, 0))),
+                        };
+                        if let Err(e) = f.seek(std::io::SeekFrom::Start(pos)).await {
+                            return Some((Err(e), (None, path, pos, 0)));
+                        }
+                        f
                     }
-                    f
+                };
+                let mut want = left.min(pace.chunk as u64);
+                if let Some(d) = pace.die_after {
+                    want = want.min(d.saturating_sub(pos).max(1));
                 }
-            };
-            let mut buf = vec![0u8; left.min(256 * 1024) as usize];
-            match f.read(&mut buf).await {
-                Ok(0) => Some((
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "file shorter than its size",
+                let mut buf = vec![0u8; want as usize];
+                match f.read(&mut buf).await {
+                    Ok(0) => Some((
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "file shorter than its size",
+                        )),
+                        (None, path, pos, 0),
                     )),
-                    (None, path, pos, 0),
-                )),
-                Ok(n) => {
-                    buf.truncate(n);
-                    let n = n as u64;
-                    Some((
-                        Ok(bytes::Bytes::from(buf)),
-                        (Some(f), path, pos + n, left - n),
-                    ))
+                    Ok(n) => {
+                        buf.truncate(n);
+                        let n = n as u64;
+                        if n == left {
+                            // hyper stops polling once Content-Length is reached: this is the end.
+                            ended();
+                        }
+                        Some((
+                            Ok(bytes::Bytes::from(buf)),
+                            (Some(f), path, pos + n, left - n),
+                        ))
+                    }
+                    Err(e) => Some((Err(e), (None, path, pos, 0))),
                 }
-                Err(e) => Some((Err(e), (None, path, pos, 0))),
             }
         },
     );

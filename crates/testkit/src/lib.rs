@@ -5,13 +5,16 @@
 //!
 //! [`glance`] is a fake Keystone-protected Glance v2, [`origin`] a plain HTTP file origin and
 //! [`faults`] an origin that misbehaves on purpose (resets, short bodies, stalls, ...),
-//! each served by its own runtime on its own thread (usable from sync and async tests).
+//! each served by its own runtime or threads (usable from sync and async tests). [`http`] is
+//! the client side (a reqwest client, a raw GET), [`cmd`] finds and runs programs, [`digest`]
+//! gives hex digests and encodings.
 
 mod background;
 pub mod clients;
+pub mod cmd;
 pub mod faults;
-pub mod faulty;
 pub mod glance;
+pub mod http;
 pub mod origin;
 pub mod postgres;
 
@@ -111,9 +114,25 @@ pub mod bad_images {
     }
 }
 
-/// Hex digests, for tests whose crate has no hash dependency of its own.
+/// A file's bytes; panics naming the file when it cannot be read.
+pub fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Hex digests and encodings, for tests whose crate has no hash dependency of its own.
 pub mod digest {
+    use base64::Engine as _;
     use sha2::Digest as _;
+
+    /// Standard base64 (with padding).
+    pub fn base64(data: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(data)
+    }
+
+    /// The bytes a hex string spells; panics on bad hex.
+    pub fn from_hex(hex: &str) -> Vec<u8> {
+        hex::decode(hex).unwrap_or_else(|e| panic!("hex {hex:?}: {e}"))
+    }
 
     pub fn md5_hex(data: &[u8]) -> String {
         hex::encode(md5::Md5::digest(data))

@@ -2,12 +2,14 @@
 //! with `Last-Modified` (the file's mtime), a strong `ETag` (nginx's form,
 //! `"<mtime hex>-<size hex>"`), `Accept-Ranges: bytes`, one-range `Range` requests and
 //! RFC 9110's conditional requests in its evaluation order. It counts data requests (GET
-//! answered 200 or 206) per path, so tests can tell whether a client or a cache downloaded.
+//! answered 200 or 206) and 304s per path, so tests can tell whether a client or a cache
+//! downloaded or revalidated. Knobs for tests: a path's body sent slowly or cut mid-way, and
+//! a path answered with a redirect (a rewrite rule).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -15,20 +17,38 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::background::Background;
-use crate::glance::{file_body, parse_range};
+use crate::glance::{Pace, paced_body, parse_range};
 
 pub struct Origin {
     /// `http://127.0.0.1:PORT`, no trailing slash.
     pub url: String,
+    pub addr: std::net::SocketAddr,
     pub root: PathBuf,
     state: Arc<OriginState>,
     _server: Background,
+    _dir: Option<tempfile::TempDir>,
 }
 
 #[derive(Default)]
 struct OriginState {
     data: Mutex<HashMap<String, usize>>,
     all: Mutex<HashMap<String, usize>>,
+    not_modified: Mutex<HashMap<String, usize>>,
+    body_end: Arc<Mutex<HashMap<String, Instant>>>,
+    paces: Mutex<HashMap<String, Pace>>,
+    redirects: Mutex<HashMap<String, String>>,
+}
+
+fn set_mtime(file: &std::path::Path, t: SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(file)
+        .and_then(|f| f.set_modified(t))
+        .expect("set mtime");
+}
+
+fn count(m: &Mutex<HashMap<String, usize>>, path: &str) -> usize {
+    m.lock().unwrap().get(path).copied().unwrap_or(0)
 }
 
 impl Origin {
@@ -42,32 +62,104 @@ impl Origin {
         });
         Origin {
             url: server.url(),
+            addr: server.addr,
             root,
             state,
             _server: server,
+            _dir: None,
         }
+    }
+
+    /// Serves a fresh temporary directory (removed when dropped); add files with
+    /// [`Origin::put`].
+    pub fn temp() -> Origin {
+        let dir = tempfile::Builder::new()
+            .prefix("file-origin")
+            .tempdir()
+            .expect("temp dir");
+        let mut origin = Origin::start(dir.path());
+        origin._dir = Some(dir);
+        origin
+    }
+
+    /// The URL of `path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// Writes `body` as the file at `path` (e.g. `/files/a.img`), as a deploy replacing it
+    /// would: its mtime is later than the previous file's (so its validators change), and the
+    /// path's knobs ([`Origin::throttle`], [`Origin::die_after`]) are reset.
+    pub fn put(&self, path: &str, body: &[u8]) {
+        let file = self.root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(file.parent().expect("a file path")).expect("mkdir");
+        let before = std::fs::metadata(&file).and_then(|m| m.modified()).ok();
+        std::fs::write(&file, body).expect("write origin file");
+        let now = SystemTime::now();
+        let mtime = match before {
+            Some(b) if b + Duration::from_secs(1) > now => b + Duration::from_secs(1),
+            _ => now,
+        };
+        set_mtime(&file, mtime);
+        self.state.paces.lock().unwrap().remove(path);
+    }
+
+    /// Sets the file's mtime, so that it is served with `Last-Modified: last_modified` (an
+    /// HTTP date).
+    pub fn touch(&self, path: &str, last_modified: &str) {
+        let t = httpdate::parse_http_date(last_modified).expect("an HTTP date");
+        set_mtime(&self.root.join(path.trim_start_matches('/')), t);
+    }
+
+    /// `path`'s body sent `chunk` bytes at a time, `delay` apart.
+    pub fn throttle(&self, path: &str, chunk: usize, delay: Duration) {
+        let mut p = self.state.paces.lock().unwrap();
+        let pace = p.entry(path.to_string()).or_default();
+        pace.chunk = chunk.max(1);
+        pace.delay = delay;
+    }
+
+    /// `path`'s downloads cut (the connection reset) once `n` bytes of it are sent.
+    pub fn die_after(&self, path: &str, n: u64) {
+        let mut p = self.state.paces.lock().unwrap();
+        p.entry(path.to_string()).or_default().die_after = Some(n);
+    }
+
+    /// `GET path` answers `302 Found` with `Location: location` (verbatim).
+    pub fn redirect(&self, path: &str, location: &str) {
+        let mut r = self.state.redirects.lock().unwrap();
+        r.insert(path.to_string(), location.to_string());
+    }
+
+    /// The (ETag, Last-Modified) `path` is served with now.
+    pub fn validators_of(&self, path: &str) -> (String, String) {
+        let file = self.root.join(path.trim_start_matches('/'));
+        validators(&std::fs::metadata(file).expect("origin file"))
     }
 
     /// GET requests for `path` (e.g. `/images/disk.img`) answered with data.
     pub fn data_requests(&self, path: &str) -> usize {
-        self.state
-            .data
-            .lock()
-            .unwrap()
-            .get(path)
-            .copied()
-            .unwrap_or(0)
+        count(&self.state.data, path)
+    }
+
+    /// Conditional requests for `path` answered 304 Not Modified.
+    pub fn not_modified(&self, path: &str) -> usize {
+        count(&self.state.not_modified, path)
     }
 
     /// Every request for `path`, any method and status.
     pub fn requests(&self, path: &str) -> usize {
-        self.state
-            .all
-            .lock()
-            .unwrap()
-            .get(path)
-            .copied()
-            .unwrap_or(0)
+        count(&self.state.all, path)
+    }
+
+    /// Every request so far, any path, method and status.
+    pub fn all_requests(&self) -> usize {
+        self.state.all.lock().unwrap().values().sum()
+    }
+
+    /// When a download of `path` last sent its last byte (or was cut).
+    pub fn body_end(&self, path: &str) -> Option<Instant> {
+        self.state.body_end.lock().unwrap().get(path).copied()
     }
 }
 
@@ -114,6 +206,13 @@ async fn serve(State((root, st)): State<St>, req: Request) -> Response {
     if method != Method::GET && method != Method::HEAD {
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     }
+    if let Some(location) = st.redirects.lock().unwrap().get(&path) {
+        return Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, location)
+            .body(axum::body::Body::empty())
+            .expect("response");
+    }
     let rel = path.trim_start_matches('/');
     if rel.split('/').any(|s| s == ".." || s.is_empty()) {
         return StatusCode::NOT_FOUND.into_response();
@@ -156,6 +255,7 @@ async fn serve(State((root, st)): State<St>, req: Request) -> Response {
         false
     };
     if not_modified {
+        *st.not_modified.lock().unwrap().entry(path).or_default() += 1;
         return base(StatusCode::NOT_MODIFIED)
             .body(axum::body::Body::empty())
             .expect("response");
@@ -197,6 +297,17 @@ async fn serve(State((root, st)): State<St>, req: Request) -> Response {
     if method == Method::HEAD {
         return b.body(axum::body::Body::empty()).expect("response");
     }
-    *st.data.lock().unwrap().entry(path).or_default() += 1;
-    b.body(file_body(file, start, len)).expect("response")
+    *st.data.lock().unwrap().entry(path.clone()).or_default() += 1;
+    let pace = st
+        .paces
+        .lock()
+        .unwrap()
+        .get(&path)
+        .cloned()
+        .unwrap_or_default();
+    let ends = st.body_end.clone();
+    let body = paced_body(file, start, len, pace, move || {
+        ends.lock().unwrap().insert(path.clone(), Instant::now());
+    });
+    b.body(body).expect("response")
 }

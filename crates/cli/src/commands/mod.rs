@@ -2,6 +2,7 @@
 //! text or JSON result; errors bubble up to `main` as `anyhow::Error`.
 
 mod add;
+mod fleet;
 mod inspect;
 mod inspect_image;
 mod maintain;
@@ -80,6 +81,7 @@ pub fn run(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Cleanup { cache, amount } => provision::cleanup(ctx, cache.as_deref(), amount),
         Command::Caches => provision::caches(ctx),
         Command::Verify { keys, quiet } => verify::verify(ctx, &keys, quiet),
+        Command::Fleet(args) => fleet::fleet(ctx, args.what),
         Command::Serve(args) => serve::serve(ctx, args),
     }
 }

@@ -86,13 +86,24 @@ pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
     let images = ImageCache::new(spec, &sources)?
         .with_registry(reg)
         .with_images(image_options(&args)?);
-    let report = runtime()?.block_on(async {
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        // Fleet mode: this fetch is a node of the fleet while it runs (see `join_fleet`).
+        let member = join_fleet(ctx, &images).await?;
+        let images = match &member {
+            Some(m) => images.with_fleet(m.clone()),
+            None => images,
+        };
         // A signal drops the fetch: its download or conversion stops (qemu-img is killed) and
         // leaves nothing in incomplete/.
-        tokio::select! {
+        let r = tokio::select! {
             r = images.fetch_image(&args.href, &args.dest, &opts) => r.map_err(anyhow::Error::from),
-            sig = interrupted() => bail!("interrupted by {sig}: nothing was published"),
+            sig = interrupted() => Err(anyhow::anyhow!("interrupted by {sig}: nothing was published")),
+        };
+        if let Some(m) = &member {
+            m.leave().await;
         }
+        r
     })?;
     if ctx.json {
         return output::json(&report);
@@ -124,6 +135,60 @@ pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
             ),
         ])
     ))
+}
+
+/// Fleet mode (`fleet_db` set): joins the fleet as a transient node, so this fetch may fill
+/// from a live holder and may hold the fleet's origin lease (a lease's holder must be a live,
+/// heartbeating node). It joins as `node_url` when configured (announcing what it publishes
+/// there, for a `serve` on the same cache answering at that URL), else, or when a live node
+/// already uses that URL, as `fetch://HOST/PID`, which announces nothing (no peer can read
+/// from it). A fleet database that does not answer (every call is bounded) leaves the fetch
+/// to the origin alone.
+async fn join_fleet(
+    ctx: &Ctx,
+    images: &ImageCache,
+) -> Result<Option<Arc<imgcache_fleet::source::FetchMember>>> {
+    use imgcache_fleet::source::FetchMember;
+    let s = &ctx.settings;
+    let Some(db) = &s.fleet_db else {
+        return Ok(None);
+    };
+    let Some(token) = s.fleet_token.clone().filter(|t| !t.is_empty()) else {
+        bail!("fleet mode (fleet_db) needs a fleet_token, the secret peers present");
+    };
+    let http = images.http_source()?;
+    let transient = format!("fetch://{}/{}", hostname(), std::process::id());
+    let mut urls = vec![transient];
+    if let Some(u) = &s.node_url {
+        urls.insert(0, u.clone());
+    }
+    for url in urls {
+        let mut cfg = imgcache_fleet::FleetConfig::new(db.clone(), url.clone());
+        cfg.heartbeat_timeout = s.heartbeat_timeout;
+        match FetchMember::join(cfg, token.clone(), &http).await {
+            Ok(m) => {
+                tracing::debug!(node = url, "joined the fleet");
+                return Ok(Some(m));
+            }
+            Err(e @ imgcache_fleet::FleetError::DuplicateNode { .. }) => {
+                tracing::info!(error = %e, "node URL in use: joining under this process's own id");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fleet index unavailable: fetching from the origin");
+                return Ok(None);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// This host's name, for a transient node id.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// The format policy, zstd and qemu-img settings from the fetch flags.

@@ -9,42 +9,7 @@ use super::Ctx;
 use crate::cli::ServeArgs;
 
 pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
-    let s = &ctx.settings;
-    let mut config = ServerConfig::new(&s.cache_dir);
-    config.listen = s.listen.clone();
-    config.driver = s.driver;
-    config.max_size = s.max_size;
-    config.stall_time = s.stall_time;
-    config.sources = ctx.sources(crate::config::default_revalidate_interval("serve"))?;
-    config.admin_token = s.admin_token.clone();
-    config.allow_href_prefixes = s.allow_href_prefixes.clone();
-    config.scrub_interval = s.scrub_interval;
-    config.access_log = s.access_log;
-    config.shutdown_grace = args.shutdown_grace;
-    config.header_read_timeout = args.header_read_timeout;
-    config.auth_cache_ttl = args.auth_cache_ttl;
-    config.tls_cert = args.tls_cert;
-    config.tls_key = args.tls_key;
-    if let Some(policy) = args.formats.policy()? {
-        config.permitted_formats = policy.permitted;
-    }
-    if let Some(db) = &s.fleet_db {
-        let Some(token) = s.fleet_token.clone().filter(|t| !t.is_empty()) else {
-            anyhow::bail!("fleet mode (fleet_db) needs a fleet_token, the secret peers present");
-        };
-        let node_url = s
-            .node_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", s.listen));
-        let mut index = imgcache_fleet::FleetConfig::new(db.clone(), node_url);
-        index.heartbeat_timeout = s.heartbeat_timeout;
-        config.fleet = Some(imgcache_server::fleet_node::FleetSettings {
-            index,
-            token,
-            peer_fanout: 4,
-        });
-    }
-
+    let config = server_config(ctx, args)?;
     startup_check(ctx)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -79,6 +44,50 @@ pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
         }
         res
     })
+}
+
+/// The server's configuration from the resolved settings and `serve`'s own flags (TLS files,
+/// formats). Everything the settings table has comes from `ctx.settings`; what they leave
+/// unset is [`ServerConfig::new`]'s, which is the table's too.
+fn server_config(ctx: &Ctx, args: ServeArgs) -> Result<ServerConfig> {
+    let s = &ctx.settings;
+    let mut config = ServerConfig::new(&s.cache_dir);
+    config.listen = s.listen.clone();
+    config.driver = s.driver;
+    config.max_size = s.max_size;
+    config.stall_time = s.stall_time;
+    config.sources = ctx.sources(crate::config::default_revalidate_interval("serve"))?;
+    config.admin_token = s.admin_token.clone();
+    config.allow_href_prefixes = s.allow_href_prefixes.clone();
+    config.scrub_interval = s.scrub_interval;
+    config.access_log = s.access_log;
+    config.prune_interval = s.prune_interval;
+    config.clean_interval = s.clean_interval;
+    config.shutdown_grace = s.shutdown_grace;
+    config.header_read_timeout = s.header_read_timeout;
+    config.auth_cache_ttl = s.auth_cache_ttl;
+    config.tls_cert = args.tls_cert;
+    config.tls_key = args.tls_key;
+    if let Some(policy) = args.formats.policy()? {
+        config.permitted_formats = policy.permitted;
+    }
+    if let Some(db) = &s.fleet_db {
+        let Some(token) = s.fleet_token.clone().filter(|t| !t.is_empty()) else {
+            anyhow::bail!("fleet mode (fleet_db) needs a fleet_token, the secret peers present");
+        };
+        let node_url = s
+            .node_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", s.listen));
+        let mut fleet = imgcache_server::fleet_node::FleetSettings::new(
+            imgcache_fleet::FleetConfig::new(db.clone(), node_url),
+            token,
+        );
+        fleet.index.heartbeat_timeout = s.heartbeat_timeout;
+        fleet.peer_fanout = usize::try_from(s.peer_fanout).context("peer_fanout")?;
+        config.fleet = Some(fleet);
+    }
+    Ok(config)
 }
 
 /// Tells systemd (`Type=notify`) how the service is doing: `READY=1` once it serves,
@@ -168,4 +177,127 @@ fn startup_check(ctx: &Ctx) -> Result<()> {
         tracing::info!("startup check: clean");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Host, Layer, Settings};
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let argv = ["imgcache", "serve"].iter().chain(extra).copied();
+        match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+            crate::cli::Command::Serve(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    /// `ServerConfig::new` and `Settings::resolve` with nothing configured agree on every
+    /// field they share: both take their defaults from the settings table, so an unconfigured
+    /// `imgcache serve` runs with what the server crate documents as its defaults.
+    #[test]
+    fn server_defaults_are_the_resolved_defaults() {
+        let host = Host {
+            is_root: true,
+            xdg_cache_home: None,
+            home: None,
+        };
+        let resolve = |file: Layer| {
+            Settings::resolve(file, Layer::default(), Layer::default(), &host).unwrap()
+        };
+        let settings = resolve(Layer::default());
+        let ctx = Ctx {
+            settings: settings.clone(),
+            json: false,
+        };
+        let ours = server_config(&ctx, args(&[])).unwrap();
+        let new = ServerConfig::new(&settings.cache_dir);
+        assert_eq!(ours.listen, new.listen);
+        assert_eq!(ours.cache_dir, new.cache_dir);
+        assert_eq!(ours.driver, new.driver);
+        assert_eq!(ours.max_size, new.max_size);
+        assert_eq!(ours.stall_time, new.stall_time);
+        assert_eq!(ours.admin_token, new.admin_token);
+        assert_eq!(ours.allow_href_prefixes, new.allow_href_prefixes);
+        assert_eq!(ours.auth_cache_ttl, new.auth_cache_ttl);
+        assert_eq!(ours.prune_interval, new.prune_interval);
+        assert_eq!(ours.clean_interval, new.clean_interval);
+        assert_eq!(ours.scrub_interval, new.scrub_interval);
+        assert_eq!(ours.shutdown_grace, new.shutdown_grace);
+        assert_eq!(ours.header_read_timeout, new.header_read_timeout);
+        assert_eq!(ours.access_log, new.access_log);
+        assert_eq!(ours.permitted_formats, new.permitted_formats);
+        assert!(ours.fleet.is_none() && new.fleet.is_none());
+        let (a, b) = (&ours.sources, &new.sources);
+        assert_eq!(a.revalidate_interval, b.revalidate_interval);
+        assert_eq!(a.allowed_file_dirs, b.allowed_file_dirs);
+        assert_eq!(a.glance_url, b.glance_url);
+        assert_eq!(a.glance_token, b.glance_token);
+        assert_eq!(a.http.attempt_timeout, b.http.attempt_timeout);
+        assert_eq!(a.http.retries, b.http.retries);
+        assert_eq!(a.http.retry_budget, b.http.retry_budget);
+        assert_eq!(a.http.insecure, b.http.insecure);
+        assert_eq!(a.http.ca_bundle, b.http.ca_bundle);
+
+        // Fleet mode: the fleet crate's and the server's fleet defaults are the table's too.
+        let settings = resolve(
+            Layer::from_toml("fleet_db = \"postgresql://db/x\"\nfleet_token = \"t\"").unwrap(),
+        );
+        let ctx = Ctx {
+            settings,
+            json: false,
+        };
+        let ours = server_config(&ctx, args(&[])).unwrap().fleet.unwrap();
+        let new = imgcache_server::fleet_node::FleetSettings::new(
+            imgcache_fleet::FleetConfig::new("postgresql://db/x", "http://127.0.0.1:9292"),
+            "t",
+        );
+        assert_eq!(ours.index.db_url, new.index.db_url);
+        assert_eq!(ours.index.node_url, new.index.node_url);
+        assert_eq!(ours.index.heartbeat_timeout, new.index.heartbeat_timeout);
+        assert_eq!(ours.index.lease_ttl, new.index.lease_ttl);
+        assert_eq!(ours.index.call_timeout, new.index.call_timeout);
+        assert_eq!(ours.token, new.token);
+        assert_eq!(ours.peer_fanout, new.peer_fanout);
+    }
+
+    /// What the settings say reaches the server's configuration.
+    #[test]
+    fn settings_reach_the_server_config() {
+        let host = Host {
+            is_root: true,
+            xdg_cache_home: None,
+            home: None,
+        };
+        let file = Layer::from_toml(
+            "fleet_db = \"postgresql://db/x\"\nfleet_token = \"t\"\npeer_fanout = 2\n\
+             prune_interval = \"5m\"\nclean_interval = \"1h\"\nauth_cache_ttl = \"0s\"",
+        )
+        .unwrap();
+        let cli = crate::cli::Cli::try_parse_from([
+            "imgcache",
+            "serve",
+            "--shutdown-grace",
+            "1s",
+            "--header-read-timeout",
+            "2s",
+        ])
+        .unwrap();
+        let settings = Settings::resolve(file, Layer::default(), cli.flag_layer(), &host).unwrap();
+        let crate::cli::Command::Serve(a) = cli.command else {
+            unreachable!()
+        };
+        let ctx = Ctx {
+            settings,
+            json: false,
+        };
+        let c = server_config(&ctx, a).unwrap();
+        assert_eq!(c.fleet.unwrap().peer_fanout, 2);
+        assert_eq!(c.prune_interval, std::time::Duration::from_secs(300));
+        assert_eq!(c.clean_interval, std::time::Duration::from_secs(3600));
+        assert_eq!(c.auth_cache_ttl, std::time::Duration::ZERO);
+        assert_eq!(c.shutdown_grace, std::time::Duration::from_secs(1));
+        assert_eq!(c.header_read_timeout, std::time::Duration::from_secs(2));
+    }
 }

@@ -1,57 +1,12 @@
-//! What the `imgcache serve` tests share: a counting origin, the real binary started on
-//! 127.0.0.1:0 (its address read from the first stdout line), and SIGTERM.
+//! What the `imgcache serve` tests share: the real binary started on 127.0.0.1:0 (its
+//! address read from the first stdout line), and SIGTERM. Their origins are the test kit's
+//! (`imgcache_testkit::origin::Origin`, throttled where a test needs a slow download).
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-
-/// Serves `body` at any path, counting requests.
-pub fn origin(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
-    origin_paced(body, usize::MAX, std::time::Duration::ZERO)
-}
-
-/// [`origin`], sending the body `chunk` bytes at a time, `delay` apart.
-pub fn origin_paced(
-    body: Vec<u8>,
-    chunk: usize,
-    delay: std::time::Duration,
-) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            c.fetch_add(1, Ordering::SeqCst);
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-            }
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            if stream.write_all(head.as_bytes()).is_err() {
-                continue;
-            }
-            for piece in body.chunks(chunk) {
-                if stream.write_all(piece).is_err() {
-                    break;
-                }
-                std::thread::sleep(delay);
-            }
-        }
-    });
-    (url, count)
-}
 
 pub struct Server {
     pub child: Child,

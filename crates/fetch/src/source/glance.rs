@@ -142,6 +142,19 @@ impl GlanceSource {
         Ok(image.origin_meta(None))
     }
 
+    /// The image's data from `offset` on (see [`HttpSource::get_rest`]).
+    pub async fn rest(
+        &self,
+        id: &Uuid,
+        offset: u64,
+        if_range: Option<&str>,
+    ) -> Result<std::result::Result<reqwest::Response, String>> {
+        let url = self.url(&format!("/v2/images/{id}/file"))?;
+        self.http
+            .get_rest(&url, &self.headers(), None, offset, if_range, None)
+            .await
+    }
+
     /// Glance images are immutable per id, so there is nothing to revalidate: this always
     /// fetches, and the caller only calls it on a miss.
     pub async fn get(&self, id: &Uuid) -> Result<Response> {

@@ -210,25 +210,28 @@ impl HttpSource {
         Ok(buf.into())
     }
 
-    /// GETs the bytes of `url` from `offset` on, under `If-Range: if_range`: the rest of the
+    /// GETs the bytes of `url` from `offset` on, under `If-Range: if_range` when given (a
+    /// caller that verifies the whole image's checksum may go without): the rest of the
     /// same image on a 206 whose `Content-Range` starts at `offset` (and whose total is
     /// `total`, when known), else why not (the image changed, or no range support).
-    pub(crate) async fn get_rest(
+    pub async fn get_rest(
         &self,
         url: &Url,
         extra: &HeaderMap,
         allow: Option<&AllowList>,
         offset: u64,
-        if_range: &str,
+        if_range: Option<&str>,
         total: Option<u64>,
     ) -> Result<std::result::Result<reqwest::Response, String>> {
         let mut headers = extra.clone();
         let range = HeaderValue::from_str(&format!("bytes={offset}-")).expect("ASCII");
         headers.insert(RANGE, range);
-        let Ok(ir) = HeaderValue::from_str(if_range) else {
-            return Ok(Err("its validator is not a header value".into()));
-        };
-        headers.insert(IF_RANGE, ir);
+        if let Some(if_range) = if_range {
+            let Ok(ir) = HeaderValue::from_str(if_range) else {
+                return Ok(Err("its validator is not a header value".into()));
+            };
+            headers.insert(IF_RANGE, ir);
+        }
         let resp = self.send(Method::GET, url, headers, allow).await?;
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {}

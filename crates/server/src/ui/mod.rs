@@ -4,12 +4,14 @@
 //!
 //! Admin-only, like the cache API: the JSON answers to the admin `X-Auth-Token` header or to
 //! the `imgcache_admin` cookie (`HttpOnly; SameSite=Strict`, path `/ui`) that the login form
-//! (`POST /ui/login`, the token in the form body, never in a URL) sets. Both go through
+//! (`POST /ui/login`, the token in the form body, never in a URL) sets. The cookie names a
+//! server-side session ([`session`]), never the token. Both go through
 //! [`crate::auth::check_admin`]. Without a valid token, `/ui/` is the login form and the JSON
 //! a 401.
 
 pub mod events;
 pub mod progress;
+pub mod session;
 pub mod status;
 
 use axum::Router;
@@ -26,7 +28,7 @@ use crate::auth::{TOKEN_HEADER, check_admin};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// The session cookie: the admin token itself, percent-encoded.
+/// The session cookie: a session id (see [`session`]).
 pub const COOKIE_NAME: &str = "imgcache_admin";
 const PAGE: &str = include_str!("page.html");
 const LOGIN: &str = include_str!("login.html");
@@ -55,8 +57,15 @@ pub fn routes() -> Router<AppState> {
 /// Ok when the request carries an admin token, in the header or the cookie. A token that is
 /// not admin is a 401 here too: the page's answer to both is to log in again.
 async fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let result = match (headers.contains_key(TOKEN_HEADER), cookie_token(headers)) {
-        (false, Some(token)) => {
+    let session = cookie_session(headers);
+    let result = match (headers.contains_key(TOKEN_HEADER), session) {
+        (false, Some(id)) => {
+            let Some(token) = state.sessions.token(&id) else {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "the session ended (logged out, expired or the server restarted): log in again",
+                ));
+            };
             let mut h = HeaderMap::new();
             let v = HeaderValue::from_str(&token)
                 .map_err(|_| ApiError::new(StatusCode::UNAUTHORIZED, "a malformed session"))?;
@@ -71,8 +80,8 @@ async fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError
     })
 }
 
-/// The admin token of the `imgcache_admin` cookie, if the request has one.
-fn cookie_token(headers: &HeaderMap) -> Option<String> {
+/// The session id of the `imgcache_admin` cookie, if the request has one.
+fn cookie_session(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(COOKIE)
         .iter()
@@ -80,15 +89,8 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
         .find(|(k, _)| *k == COOKIE_NAME)
-        .map(|(_, v)| percent_decode(v))
+        .map(|(_, v)| v.trim().to_string())
         .filter(|t| !t.is_empty())
-}
-
-fn percent_decode(v: &str) -> String {
-    url::form_urlencoded::parse(format!("t={v}").as_bytes())
-        .next()
-        .map(|(_, t)| t.into_owned())
-        .unwrap_or_default()
 }
 
 async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
@@ -141,7 +143,7 @@ async fn login(State(state): State<AppState>, body: Bytes) -> Response {
         };
         return login_page(e.status, Some(msg));
     }
-    let value: String = url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
+    let value = state.sessions.start(&token);
     let secure = if state.config.tls_cert.is_some() {
         "; Secure"
     } else {
@@ -151,8 +153,11 @@ async fn login(State(state): State<AppState>, body: Bytes) -> Response {
     see_other(Some(cookie))
 }
 
-/// `POST /ui/logout`: the cookie is cleared.
-async fn logout() -> Response {
+/// `POST /ui/logout`: the session ends and the cookie is cleared.
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(id) = cookie_session(&headers) {
+        state.sessions.end(&id);
+    }
     see_other(Some(format!(
         "{COOKIE_NAME}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"
     )))
@@ -223,17 +228,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cookie_is_found_among_others_and_decoded() {
+    fn the_cookie_is_found_among_others() {
         let mut h = HeaderMap::new();
         h.append(
             COOKIE,
-            HeaderValue::from_static("a=1; imgcache_admin=s%3Dcr%26t; b=2"),
+            HeaderValue::from_static("a=1; imgcache_admin=0123abcd; b=2"),
         );
-        assert_eq!(cookie_token(&h).as_deref(), Some("s=cr&t"));
+        assert_eq!(cookie_session(&h).as_deref(), Some("0123abcd"));
         let mut h = HeaderMap::new();
         h.append(COOKIE, HeaderValue::from_static("imgcache_admin="));
-        assert_eq!(cookie_token(&h), None);
-        assert_eq!(cookie_token(&HeaderMap::new()), None);
+        assert_eq!(cookie_session(&h), None);
+        assert_eq!(cookie_session(&HeaderMap::new()), None);
     }
 
     #[test]

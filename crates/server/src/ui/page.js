@@ -64,7 +64,7 @@ function download(d) {
     el("span", {}, el("b", { class: "percent" }, d.percent === null ? "–" : d.percent.toFixed(1) + " %")),
     el("span", {}, el("b", {}, bytes(d.rate) + "/s")),
     el("span", {}, "ETA ", el("b", {}, d.eta_seconds === null ? "?" : duration(d.eta_seconds))),
-    el("span", {}, el("b", { class: "followers" }, d.followers), d.followers === 1 ? " follower" : " followers"),
+    el("span", {}, el("b", { class: "clients" }, d.clients), d.clients === 1 ? " client" : " clients"),
     el("span", {}, d.source === "peer" ? "from peer " + d.peer : "from " + d.source),
     el("span", {}, d.phase),
   );

@@ -1,10 +1,10 @@
 //! What the status page shows of one download, kept beside its flight
-//! ([`crate::fill::Beside`]): where it comes from, when it started, how many clients joined
-//! it, and its recent rate, fed by the fill's `written` hook (the same one that wakes its
-//! followers). Nothing here reads the image file.
+//! ([`crate::fill::Beside`]): where it comes from, when it started, and its recent rate,
+//! fed by the fill's `written` hook (the same one that wakes its followers). How many clients
+//! stream it is the flight's own count ([`imgcache_store::key_lock::Flight::watchers`]), so
+//! it falls when one leaves. Nothing here reads the image file.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How often the rate is re-estimated; a sample older than [`STALL`] means no bytes lately.
@@ -20,7 +20,6 @@ pub struct Progress {
     origin: Mutex<Option<String>>,
     source: Mutex<&'static str>,
     peer: Mutex<Option<String>>,
-    followers: AtomicUsize,
     rate: Mutex<Rate>,
 }
 
@@ -40,7 +39,6 @@ impl Default for Progress {
             origin: Mutex::new(None),
             source: Mutex::new("origin"),
             peer: Mutex::new(None),
-            followers: AtomicUsize::new(0),
             rate: Mutex::new(Rate {
                 at: now,
                 bytes: 0,
@@ -59,11 +57,6 @@ impl Progress {
     pub fn set_source(&self, source: &'static str, peer: Option<&str>) {
         *lock(&self.source) = source;
         *lock(&self.peer) = peer.map(str::to_string);
-    }
-
-    /// A client joined the running download.
-    pub fn joined(&self) {
-        self.followers.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `n` bytes are written (called after every chunk: cheap, and never waits for a reader).
@@ -92,10 +85,6 @@ impl Progress {
 
     pub fn source(&self) -> (&'static str, Option<String>) {
         (*lock(&self.source), lock(&self.peer).clone())
-    }
-
-    pub fn followers(&self) -> usize {
-        self.followers.load(Ordering::Relaxed)
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -145,8 +134,5 @@ mod tests {
         p.sample(2_000_000);
         let rate = p.rate(2_000_000);
         assert!((900_000.0..=1_100_000.0).contains(&rate), "{rate}");
-        p.joined();
-        p.joined();
-        assert_eq!(p.followers(), 2);
     }
 }

@@ -76,8 +76,9 @@ pub struct Download {
     pub rate: f64,
     pub eta_seconds: Option<f64>,
     pub elapsed_seconds: f64,
-    /// Clients that joined the download after the one that started it.
-    pub followers: usize,
+    /// Clients streaming the download now: the one whose request started it included, and
+    /// peers of the fleet (a prefetch has none of its own).
+    pub clients: usize,
 }
 
 /// How an image is named on the page: the href it came from, or its Glance image id.
@@ -270,7 +271,7 @@ fn downloads(state: &AppState) -> Vec<Download> {
                     .filter(|_| rate > 0.0)
                     .map(|t| t.saturating_sub(bytes) as f64 / rate),
                 elapsed_seconds: p.elapsed().as_secs_f64(),
-                followers: p.followers(),
+                clients: f.watchers(),
             })
         })
         .collect();
