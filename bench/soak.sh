@@ -12,7 +12,8 @@
 #           under --max-size 256M.
 # Checks, each printed: 0 errors (socket errors and non-2xx/206 answers, from wrk's summary),
 # RSS sampled every 10 s (first, last, max), open file descriptors before and after (no
-# leak: at most 10 more once the load is gone). Exit 1 when a check fails.
+# leak: at most 10 more once the load is gone), and RSS flat after warm-up (the last third's
+# peak within 10 % of the middle third's). Exit 1 when a check fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-600}
@@ -72,6 +73,7 @@ fds() { ls "/proc/$IMG_PID/fd" | wc -l; }
 # closed after the client's idle timeout): not a leak, so counted apart.
 pooled() { ss -Htn state established "( dport = :$P_ORIGIN )" 2>/dev/null | wc -l; }
 rss() { awk '/VmRSS/ {print $2}' "/proc/$IMG_PID/status"; }
+threads() { awk '/^Threads/ {print $2}' "/proc/$IMG_PID/status"; }
 FD_BEFORE=$(fds) # after the warm-up: the runtime's and the store's own descriptors are open
 
 cat > "$WORK/common.lua" <<'LUA'
@@ -108,7 +110,7 @@ end
 LUA
 
 RSS_LOG=$WORK/rss.log
-(while kill -0 "$IMG_PID" 2>/dev/null; do echo "$(date +%s) $(rss)" >> "$RSS_LOG"; sleep 10; done) &
+(while kill -0 "$IMG_PID" 2>/dev/null; do echo "$(date +%s) $(rss) $(threads)" >> "$RSS_LOG"; sleep 10; done) &
 SAMPLER=$!
 echo "==> soak: ${DURATION}s, $CONNS connections ($((CONNS - 20)) hits/ranges, 20 misses)"
 wrk -t2 -c$((CONNS - 20)) -d"${DURATION}s" --timeout 10s -s "$WORK/hits.lua" "http://127.0.0.1:$P_IMG" > "$WORK/hits.out" 2>&1 &
@@ -117,7 +119,7 @@ wrk -t1 -c20 -d"${DURATION}s" --timeout 10s -s "$WORK/misses.lua" "http://127.0.
 W2=$!
 wait $W1 $W2
 sleep 3 # let the last fills and the pruner settle
-echo "$(date +%s) $(rss)" >> "$RSS_LOG"
+echo "$(date +%s) $(rss) $(threads)" >> "$RSS_LOG"
 kill "$SAMPLER" 2>/dev/null; SAMPLER=
 FD_AFTER=$(fds) POOLED=$(pooled)
 
@@ -137,7 +139,20 @@ for part in hits misses; do
 done
 first=$(head -n1 "$RSS_LOG" | cut -d' ' -f2) last=$(tail -n1 "$RSS_LOG" | cut -d' ' -f2)
 max=$(cut -d' ' -f2 "$RSS_LOG" | sort -n | tail -n1)
-echo "rss: first $((first / 1024)) MiB, last $((last / 1024)) MiB, max $((max / 1024)) MiB ($(wc -l < "$RSS_LOG") samples, every 10 s)"
+n=$(wc -l < "$RSS_LOG")
+echo "rss: first $((first / 1024)) MiB, last $((last / 1024)) MiB, max $((max / 1024)) MiB ($n samples, every 10 s)"
+echo "rss samples (MiB): $(awk '{printf "%d ", $2 / 1024}' "$RSS_LOG")"
+echo "thread samples: $(awk '{printf "%d ", $3}' "$RSS_LOG")"
+# Flat: once warmed up (the first third of the run: connection buffers, allocator arenas, the
+# page cache of the database), the last third's peak is no more than 10 % (and 8 MiB) above
+# the middle third's. A leak keeps climbing; a working set levels off.
+if [ "$n" -ge 6 ]; then
+  third=$((n / 3))
+  mid=$(sed -n "$((third + 1)),$((2 * third))p" "$RSS_LOG" | cut -d' ' -f2 | sort -n | tail -n1)
+  end=$(tail -n "$third" "$RSS_LOG" | cut -d' ' -f2 | sort -n | tail -n1)
+  echo "rss steady state: middle third peak $((mid / 1024)) MiB, last third peak $((end / 1024)) MiB"
+  [ "$end" -le $((mid + mid / 10 + 8192)) ] || { echo "rss keeps growing after warm-up"; fail=1; }
+fi
 echo "fds: before $FD_BEFORE, after $FD_AFTER (of which $POOLED pooled origin connections)"
 [ $((FD_AFTER - POOLED)) -le $((FD_BEFORE + 10)) ] || { echo "fd leak: $FD_BEFORE -> $FD_AFTER"; fail=1; }
 echo "hit latency: p50 $(field "$WORK/hits.out" p50_ms) ms, p99 $(field "$WORK/hits.out" p99_ms) ms"

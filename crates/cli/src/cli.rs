@@ -170,15 +170,8 @@ pub struct ServeArgs {
     /// X-Auth-Token that grants the cache-management API
     #[arg(long, value_name = "SECRET")]
     pub admin_token: Option<String>,
-    /// Fleet mode: the shared PostgreSQL index, e.g. postgresql://user@host:5432/imgcache
-    #[arg(long, value_name = "URL")]
-    pub fleet_db: Option<String>,
-    /// Fleet mode: how peers and clients reach this node (default http://LISTEN)
-    #[arg(long, value_name = "URL")]
-    pub node_url: Option<String>,
-    /// Fleet mode: the token peers present to each other
-    #[arg(long, value_name = "SECRET")]
-    pub fleet_token: Option<String>,
+    #[command(flatten)]
+    pub fleet: FleetFlags,
     /// /v1/fetch serves only hrefs under the URL PREFIX (scheme, host, port exact; path on a segment boundary; every redirect re-checked) (repeatable)
     #[arg(long = "allow-href-prefix", value_name = "PREFIX")]
     pub allow_href_prefix: Vec<String>,
@@ -212,11 +205,42 @@ pub struct ServeArgs {
     pub scrub_interval: Option<Duration>,
 }
 
+/// `--fleet-db`, defined once for every command that reads or joins the fleet.
 #[derive(Debug, Args)]
-pub struct FleetArgs {
-    /// The shared PostgreSQL index, e.g. postgresql://user@host:5432/imgcache
+pub struct FleetDbFlag {
+    /// Fleet mode: the shared PostgreSQL index, e.g. postgresql://user@host:5432/imgcache;
+    /// a miss fills from a live holder, else under the fleet's one origin lease
     #[arg(long, value_name = "URL")]
     pub fleet_db: Option<String>,
+}
+
+/// The flags of a fleet member (`serve` and `fetch`), defined once.
+#[derive(Debug, Args)]
+pub struct FleetFlags {
+    #[command(flatten)]
+    pub db: FleetDbFlag,
+    /// Fleet mode: how peers and clients reach this node (for fetch: the URL of a `serve` on
+    /// the same cache, which serves its images to peers)
+    #[arg(long, value_name = "URL")]
+    pub node_url: Option<String>,
+    /// Fleet mode: the token peers present to each other
+    #[arg(long, value_name = "SECRET")]
+    pub fleet_token: Option<String>,
+}
+
+impl FleetFlags {
+    /// Puts the flags given into the command line's layer of settings.
+    fn apply(&self, layer: &mut Layer) {
+        layer.fleet_db = self.db.fleet_db.clone();
+        layer.node_url = self.node_url.clone();
+        layer.fleet_token = self.fleet_token.clone();
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    pub db: FleetDbFlag,
     #[command(subcommand)]
     pub what: FleetCommand,
 }
@@ -311,15 +335,8 @@ pub struct FetchArgs {
     /// Accept any TLS certificate (labs only)
     #[arg(long)]
     pub insecure: bool,
-    /// Fleet mode: the shared PostgreSQL index; a miss fills from a live holder, else under the fleet's origin lease
-    #[arg(long, value_name = "URL")]
-    pub fleet_db: Option<String>,
-    /// Fleet mode: the node URL this fetch joins as (an http(s) URL a `serve` on the same cache answers at; default fetch://HOST/PID)
-    #[arg(long, value_name = "URL")]
-    pub node_url: Option<String>,
-    /// Fleet mode: the token peers present to each other
-    #[arg(long, value_name = "SECRET")]
-    pub fleet_token: Option<String>,
+    #[command(flatten)]
+    pub fleet: FleetFlags,
     /// No progress bar (it is only shown when stderr is a terminal anyway)
     #[arg(short, long)]
     pub quiet: bool,
@@ -457,20 +474,16 @@ impl Cli {
             layer.revalidate_interval = f.revalidate_interval;
             layer.ca_bundle = f.ca_bundle.clone();
             layer.insecure = f.insecure.then_some(true);
-            layer.fleet_db = f.fleet_db.clone();
-            layer.node_url = f.node_url.clone();
-            layer.fleet_token = f.fleet_token.clone();
+            f.fleet.apply(&mut layer);
         }
         if let Command::Fleet(a) = &self.command {
-            layer.fleet_db = a.fleet_db.clone();
+            layer.fleet_db = a.db.fleet_db.clone();
         }
         if let Command::Serve(a) = &self.command {
             layer.listen = a.listen.clone();
             layer.glance_url = a.glance_url.clone();
             layer.admin_token = a.admin_token.clone();
-            layer.fleet_db = a.fleet_db.clone();
-            layer.node_url = a.node_url.clone();
-            layer.fleet_token = a.fleet_token.clone();
+            a.fleet.apply(&mut layer);
             if !a.allow_href_prefix.is_empty() {
                 layer.allow_href_prefixes = Some(a.allow_href_prefix.clone());
             }

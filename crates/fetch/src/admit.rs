@@ -115,6 +115,10 @@ pub enum Admitted {
         meta: OriginMeta,
         body: BodyStream,
         room: Room,
+        /// How many of the body's first bytes were written to the file the streaming hook
+        /// was given before the download outgrew the cache (0: handed back before a byte was
+        /// written, and the streaming hook was never called).
+        written: u64,
     },
 }
 
@@ -233,6 +237,7 @@ impl ImageCache {
                     meta,
                     body: wrap(body),
                     room,
+                    written: 0,
                 });
             }
         };
@@ -340,6 +345,7 @@ impl ImageCache {
                         Ok(Admitted::Passthrough {
                             meta,
                             body,
+                            written: seen,
                             room: Room::Full {
                                 size: seen,
                                 max_size,
@@ -433,7 +439,12 @@ impl ImageCache {
             Ok(r) => r,
             Err(room) => {
                 let body = file_stream(file, &path);
-                return Ok(Admitted::Passthrough { meta, body, room });
+                return Ok(Admitted::Passthrough {
+                    meta,
+                    body,
+                    room,
+                    written: 0,
+                });
             }
         };
         let record_meta = self.record_meta(&adm.href_raw, &meta);

@@ -9,10 +9,12 @@
 //!   connection breaks mid-body (a reset, a read past the read timeout, a 5xx when asked again)
 //!   it asks for the bytes from the position it reached and goes on with a 206 whose
 //!   `Content-Range` starts there. Whoever reads the stream (zstd, the inspector, the hasher,
-//!   the writer, the server's followers) sees one unbroken body. A 200 (the image changed, or
-//!   the origin ignores ranges) or a `Content-Range` that does not fit ends it with
-//!   [`FetchError::Restart`]: nothing is mixed, the download fails and the next one starts
-//!   from byte 0. Bounded by [`HttpOptions::retries`] resumes and
+//!   the writer, the server's followers) sees one unbroken body. An origin that ignores
+//!   ranges but answers with provably the same image (the same strong validator and length)
+//!   is read again from byte 0, the bytes already had passed over, and the body goes on
+//!   unbroken too. A 200 of a changed image or a `Content-Range` that does not fit ends it
+//!   with [`FetchError::Restart`]: nothing is mixed, the download fails and the next one
+//!   starts from byte 0. Bounded by [`HttpOptions::retries`] resumes and
 //!   [`HttpOptions::retry_budget`] of time from the first break.
 //! - **From somewhere else**: a body whose source may be gone for good (a fleet peer that
 //!   died mid-stream) resumes through a [`Continuation`] instead ([`continuing`]), which finds
@@ -102,6 +104,36 @@ pub type RestFuture<'a> =
 pub struct Rest {
     pub response: reqwest::Response,
     pub keep: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// Leading bytes of `response` that come before the asked offset, passed over: an origin
+    /// that ignores ranges answers with the whole (same) image.
+    pub skip: u64,
+}
+
+/// `chunks` without their first `skip` bytes.
+fn skipping(chunks: Chunks, skip: u64) -> Chunks {
+    if skip == 0 {
+        return chunks;
+    }
+    Box::pin(futures_util::stream::unfold(
+        (chunks, skip),
+        |(mut chunks, mut skip)| async move {
+            loop {
+                let mut c = match chunks.next().await? {
+                    Ok(c) => c,
+                    Err(e) => return Some((Err(e), (chunks, skip))),
+                };
+                if skip == 0 {
+                    return Some((Ok(c), (chunks, 0)));
+                }
+                let k = skip.min(c.len() as u64);
+                skip -= k;
+                if (k as usize) < c.len() {
+                    let _ = c.split_to(k as usize);
+                    return Some((Ok(c), (chunks, skip)));
+                }
+            }
+        },
+    ))
 }
 
 impl std::fmt::Debug for Resumable {
@@ -184,7 +216,8 @@ impl Resumable {
     /// the origin will not give them (the image changed, or it does not serve ranges).
     pub async fn rest(&self, offset: u64) -> Result<std::result::Result<BodyStream, String>> {
         Ok(self.rest_response(offset).await?.map(|rest| {
-            let mut body = body_of(self.0.url.clone(), chunks_of(rest.response), offset);
+            let chunks = skipping(chunks_of(rest.response), rest.skip);
+            let mut body = body_of(self.0.url.clone(), chunks, offset);
             body.resume = Some(self.clone());
             body.keep = rest.keep;
             body.stream()
@@ -321,8 +354,15 @@ impl Body {
             tracing::warn!(url = %crate::allow::redacted(&self.url), offset = self.pos, attempt = self.resumes, reason = %last, "origin body broke; resuming with a range request");
             match r.rest_response(self.pos).await {
                 Ok(Ok(rest)) => {
-                    tracing::info!(url = %crate::allow::redacted(&self.url), offset = self.pos, "download resumed");
-                    self.inner = chunks_of(rest.response);
+                    match rest.skip {
+                        0 => {
+                            tracing::info!(url = %crate::allow::redacted(&self.url), offset = self.pos, "download resumed")
+                        }
+                        skip => {
+                            tracing::info!(url = %crate::allow::redacted(&self.url), offset = self.pos, skip, "download resumed: the origin sent the same image whole (no ranges); its first bytes are passed over")
+                        }
+                    }
+                    self.inner = skipping(chunks_of(rest.response), rest.skip);
                     self.keep = rest.keep;
                     return Ok(());
                 }
@@ -351,7 +391,7 @@ impl Resumable {
                 validator,
                 total,
             } => Ok(http
-                .get_rest(
+                .get_rest_or_whole(
                     &c.url,
                     headers,
                     allow.as_ref(),
@@ -360,9 +400,10 @@ impl Resumable {
                     *total,
                 )
                 .await?
-                .map(|response| Rest {
+                .map(|(response, skip)| Rest {
                     response,
                     keep: None,
+                    skip,
                 })),
             How::Elsewhere(cont) => cont.rest(offset).await,
         }

@@ -169,7 +169,7 @@ async fn an_origin_that_changed_restarts_and_never_mixes_bytes() {
 }
 
 #[tokio::test]
-async fn no_range_support_starts_over() {
+async fn an_origin_without_ranges_is_read_again_past_the_bytes_already_had() {
     let body = image_bytes(3 * MIB, 6).to_vec();
     let origin = origin_of(&body, Some("v1"));
     origin.no_ranges();
@@ -181,10 +181,43 @@ async fn no_range_support_starts_over() {
         .await
         .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), body);
+    // The range request was answered with the same image whole (same ETag, same length):
+    // its first MiB passed over, the download went on; no third request from byte 0.
+    let log = origin.log(PATH);
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[1].range.as_deref(), Some("bytes=1048576-"));
+    assert_eq!(log[1].status, 200);
+}
+
+#[tokio::test]
+async fn an_origin_without_ranges_whose_image_changed_starts_over() {
+    let body = image_bytes(3 * MIB, 16).to_vec();
+    let other = bytes::Bytes::from(image_bytes(3 * MIB, 17).to_vec());
+    let origin = origin_of(&body, Some("v1"));
+    origin.no_ranges();
+    origin.script(
+        PATH,
+        [Fault::ChangedAfter {
+            cut_after: MIB as u64,
+            then: other.clone(),
+            then_etag: Some("v2".into()),
+        }],
+    );
+    let env = Env::new();
+    let dest = env.dest("d");
+    env.ic
+        .fetch_image(&origin.at(PATH), &dest, &FetchOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        other,
+        "the new image, never a mix"
+    );
     let log = origin.log(PATH);
     assert_eq!(log.len(), 3, "{log:?}");
     assert_eq!(log[1].status, 200);
-    assert_eq!(log[2].range, None);
+    assert_eq!(log[2].range, None, "started over from byte 0");
 }
 
 #[tokio::test]
@@ -192,7 +225,14 @@ async fn a_restart_inside_one_admission_is_a_clear_error() {
     let body = image_bytes(3 * MIB, 7).to_vec();
     let origin = origin_of(&body, Some("v1"));
     origin.no_ranges();
-    origin.script(PATH, [Fault::ResetAfter(MIB as u64)]);
+    origin.script(
+        PATH,
+        [Fault::ChangedAfter {
+            cut_after: MIB as u64,
+            then: bytes::Bytes::from(image_bytes(3 * MIB, 8).to_vec()),
+            then_etag: Some("v2".into()),
+        }],
+    );
     let env = Env::new();
     let href = origin.at(PATH);
     let key = key_of(&href, false);

@@ -302,6 +302,7 @@ impl Continue {
                     return Ok(Ok(Rest {
                         response,
                         keep: None,
+                        skip: 0,
                     }));
                 }
             }
@@ -325,6 +326,7 @@ impl Continue {
             return Ok(rest.map(|response| Rest {
                 response,
                 keep: lease.map(|l| Box::new(l) as Box<dyn std::any::Any + Send + Sync>),
+                skip: 0,
             }));
         }
     }

@@ -53,6 +53,9 @@ pub struct Beside {
     meta: OnceLock<ImageMeta>,
     /// What the status page shows of the download (`/ui/`).
     pub progress: crate::ui::progress::Progress,
+    /// The responses following the growing file, carried on by a relay should the download
+    /// outgrow the cache mid-way.
+    pub followers: Arc<crate::relay::Followers>,
 }
 
 /// Whether a fill's bytes come from another node of the fleet (its progress says where they
@@ -407,6 +410,8 @@ async fn run(
     let Some(lock) = permit.take_lock() else {
         return Err(ApiError::internal("the key's flock was handed out twice"));
     };
+    // What a relayed rest is checked against, should the download outgrow the cache.
+    let relay_expected = checksum.clone();
     let adm = Admission {
         key: permit.key().clone(),
         href: origin.href.clone(),
@@ -433,7 +438,28 @@ async fn run(
             FailKind::Unavailable,
             "the cached copy was evicted while it was revalidated; retry",
         )),
-        Ok(Admitted::Passthrough { meta, body, room }) => {
+        Ok(Admitted::Passthrough {
+            meta,
+            body,
+            room,
+            written,
+        }) if written > 0 => {
+            // Outgrew the cache mid-way: the followers have the file's bytes; the relay
+            // carries them on with the rest, checked as it passes.
+            tracing::info!(key = %permit.key(), written, ?room, "outgrew the cache: its followers are streamed the rest without caching");
+            let expected = relay_expected.or_else(|| meta.checksum.clone());
+            let body = crate::verify_stream::verified(
+                body,
+                expected,
+                meta.size,
+                state.metrics.checksum_failures.clone(),
+            );
+            permit.flight().extra().followers.start(written, body);
+            Ok(Outcome::Passthrough)
+        }
+        Ok(Admitted::Passthrough {
+            meta, body, room, ..
+        }) => {
             tracing::info!(key = %permit.key(), size = ?meta.size, ?room, "does not fit the cache: streamed without caching");
             *permit
                 .flight()

@@ -325,6 +325,7 @@ pub(crate) fn follow(
     let file = info.file.clone();
     let total = info.size;
     let written = fill.written();
+    let followers = fill.extra().followers.clone();
     let counter = state.metrics.bytes_from_cache.clone();
     let zero_copied = state.metrics.bytes_sendfile.clone();
     respond(&meta, headers, false, move |start, end| {
@@ -332,6 +333,8 @@ pub(crate) fn follow(
             phase: rx,
             written,
             total,
+            position: followers.register(start),
+            followers,
         });
         match zero_copy {
             Some(conn) => {

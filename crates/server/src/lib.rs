@@ -19,6 +19,7 @@ pub mod process;
 pub mod proxy;
 pub mod public_url;
 pub mod range;
+pub mod relay;
 pub mod representation;
 pub mod revalidate;
 pub mod router;

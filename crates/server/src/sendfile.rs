@@ -40,7 +40,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::serve_file::Cursor;
+use crate::serve_file::{Cursor, Piece};
 
 /// Bytes per placeholder frame (and most bytes one `sendfile` call is asked for).
 pub const SPAN: usize = 8 << 20;
@@ -92,7 +92,13 @@ pub fn body(
             let mut cursor = state?;
             // At the end, the file (and its flock) lives on in the queued spans.
             let (offset, len) = match cursor.next(SPAN).await? {
-                Ok(piece) => piece,
+                Ok(Piece::File { offset, len }) => (offset, len),
+                // Not in a file: written as they are, after the spans queued before them.
+                Ok(Piece::Relayed(b)) => {
+                    cursor.advance(b.len());
+                    served.inc_by(b.len() as u64);
+                    return Some((Ok(b), Some(cursor)));
+                }
                 Err(e) => return Some((Err(e), None)),
             };
             conn.queue

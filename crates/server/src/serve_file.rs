@@ -22,6 +22,8 @@ use tokio::sync::watch;
 
 use imgcache_store::{Done, Outcome, Phase};
 
+use crate::relay::{Followers, Position};
+
 /// Bytes per read (and per body frame).
 pub const CHUNK: usize = 512 << 10;
 
@@ -31,6 +33,17 @@ pub struct Follow {
     pub phase: watch::Receiver<Phase>,
     pub written: Arc<AtomicU64>,
     pub total: Option<u64>,
+    /// The fill's followers (this response among them, at `position`): should the fill
+    /// outgrow the cache, its relay carries this response on ([`crate::relay`]).
+    pub followers: Arc<Followers>,
+    pub position: Position,
+}
+
+/// What a [`Cursor`] lets out next: a piece of its file, or bytes relayed from the origin
+/// after a fill outgrew the cache (not in any file).
+pub enum Piece {
+    File { offset: u64, len: usize },
+    Relayed(Bytes),
 }
 
 /// Longest a reader that has sent everything written so far waits before it looks at the
@@ -59,12 +72,30 @@ impl Cursor {
     /// The next piece that may be sent now, at most `max` bytes: `(offset, len)`, waiting for
     /// the writer when nothing is readable yet. `None` once the range is complete; an error
     /// when the followed fill failed. The caller reports what it sent with [`Cursor::advance`].
-    pub async fn next(&mut self, max: usize) -> Option<io::Result<(u64, usize)>> {
+    pub async fn next(&mut self, max: usize) -> Option<io::Result<Piece>> {
         loop {
             // A response whose bytes have all gone out ends cleanly, even if the fill fails
             // later (its publishing, after the bytes were verified).
             if self.end.is_some_and(|e| self.pos >= e) {
                 return None;
+            }
+            if let Some(relay) = self.relay()
+                && self.pos >= relay.from
+            {
+                let max = self
+                    .end
+                    .map_or(max, |e| (e - self.pos).min(max as u64) as usize);
+                return match relay.read(self.pos, max).await {
+                    Ok(Some(b)) => Some(Ok(Piece::Relayed(b))),
+                    Ok(None) => match self.end {
+                        Some(e) if e > self.pos => Some(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the range ends at {e}, past the image's {} bytes", self.pos),
+                        ))),
+                        _ => None,
+                    },
+                    Err(e) => Some(Err(e)),
+                };
             }
             let limit = match self.readable() {
                 Ok(l) => l,
@@ -77,9 +108,17 @@ impl Cursor {
             let limit = self.end.map_or(limit, |e| limit.min(e));
             if limit > self.pos {
                 let n = (limit - self.pos).min(max as u64) as usize;
-                return Some(Ok((self.pos, n)));
+                return Some(Ok(Piece::File {
+                    offset: self.pos,
+                    len: n,
+                }));
             }
-            // Nothing readable yet: wait for the writer.
+            // Nothing readable yet: wait for the writer (or the relay).
+            if let Some(relay) = self.relay() {
+                // Bounded: a change just before this subscribed is seen on the next look.
+                let _ = tokio::time::timeout(POLL, relay.changed()).await;
+                continue;
+            }
             match &mut self.follow {
                 Some(f) => match tokio::time::timeout(POLL, f.phase.changed()).await {
                     Ok(Ok(())) | Err(_) => {}
@@ -92,6 +131,18 @@ impl Cursor {
 
     pub fn advance(&mut self, n: usize) {
         self.pos += n as u64;
+        if let Some(f) = &self.follow {
+            f.position.set(self.pos);
+        }
+    }
+
+    /// The fill's relay, once it ended handing its body back.
+    fn relay(&self) -> Option<Arc<crate::relay::Relay>> {
+        let f = self.follow.as_ref()?;
+        if !matches!(*f.phase.borrow(), Phase::Ended(Outcome::Passthrough)) {
+            return None;
+        }
+        f.followers.relay().cloned()
     }
 
     /// How far the file may be read now.
@@ -136,6 +187,11 @@ impl Cursor {
                 io::ErrorKind::TimedOut,
                 o.error().map(|e| e.to_string()).unwrap_or_default(),
             )),
+            // Outgrew the cache: the file's bytes, then the relay's.
+            Phase::Ended(Outcome::Passthrough) if f.followers.relay().is_some() => {
+                let limit = f.followers.relay().map_or(0, |r| r.file_limit());
+                Ok(self.end.map_or(limit, |e| limit.min(e)))
+            }
             Phase::Starting
             | Phase::Ended(Outcome::Passthrough)
             | Phase::Ended(Outcome::Done(Done::Held { .. })) => {
@@ -178,7 +234,12 @@ pub fn body(
 impl Reader {
     async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
         let (pos, n) = match self.cursor.next(CHUNK).await? {
-            Ok(piece) => piece,
+            Ok(Piece::File { offset, len }) => (offset, len),
+            Ok(Piece::Relayed(b)) => {
+                self.cursor.advance(b.len());
+                self.served.inc_by(b.len() as u64);
+                return Some(Ok(b));
+            }
             Err(e) => return Some(Err(e)),
         };
         Some(match read_at(&self.file, pos, n).await {

@@ -194,3 +194,74 @@ async fn a_follower_of_a_hung_writer_in_another_process_gives_up() {
     let (status, got) = get(&srv, IDS[0]).await;
     assert!(status == 200 && got == body);
 }
+
+/// A download of unannounced length that outgrows the cache mid-way stops caching; every
+/// client following it is carried on with the rest of the one origin answer (no cut, no second
+/// request), and the disk never holds more than the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn followers_of_a_fill_that_outgrows_the_cache_are_streamed_the_rest() {
+    use imgcache_testkit::faults::{Fault, FaultOrigin};
+    let origin = FaultOrigin::start();
+    let body = image_bytes(24 * MIB, 7);
+    // Slow enough (about 4 s) for all three clients to join before it passes 8 MiB.
+    let fault = Fault::ChunkedPaced {
+        step: 256 << 10,
+        pause: Duration::from_millis(40),
+    };
+    origin.add("/big.img", body.clone(), fault);
+    let srv = Server::start_with(None, |c| {
+        c.max_size = 8 * MIB as u64;
+        c.allow_href_prefixes = vec![origin.at("/")];
+    })
+    .await;
+    let url =
+        reqwest::Url::parse_with_params(&srv.url("/v1/fetch"), &[("href", origin.at("/big.img"))])
+            .unwrap();
+    let cache = srv.cache_dir();
+    let done = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (done, peak, cache) = (done.clone(), peak.clone(), cache.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Acquire) {
+                peak.fetch_max(bytes_on_disk(&cache), Ordering::AcqRel);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                let status = r.status().as_u16();
+                (status, r.bytes().await.map_err(|e| e.to_string()))
+            })
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        let (status, got) = c.await.unwrap();
+        assert_eq!(status, 200, "client {i}");
+        let got = got.unwrap_or_else(|e| panic!("client {i} was cut: {e}"));
+        assert!(
+            got == body,
+            "client {i}: {} bytes, not the image",
+            got.len()
+        );
+    }
+    done.store(true, Ordering::Release);
+    sampler.join().unwrap();
+    let gets = origin.gets("/big.img");
+    let peak = peak.load(Ordering::Acquire);
+    eprintln!(
+        "outgrew the cache: 3 clients of a 24 MiB chunked image under 8 MiB: {gets} origin request(s), peak on disk {:.1} MiB",
+        peak as f64 / MIB as f64
+    );
+    assert_eq!(gets, 1, "one origin answer carried every client");
+    assert!(peak <= 8 * MIB as u64, "peak {peak} bytes on disk");
+    let cached = imgcache_store::Cache::open(&cache, imgcache_store::DriverKind::Sqlite)
+        .unwrap()
+        .get_cached_images()
+        .unwrap();
+    assert!(cached.is_empty(), "nothing cached: {cached:?}");
+}

@@ -65,6 +65,9 @@ pub enum Fault {
     /// The body with `Transfer-Encoding: chunked` and no `Content-Length` (a client cannot
     /// know the size before the end).
     Chunked,
+    /// Chunked as [`Fault::Chunked`], `step` bytes at a time with `pause` between them (an
+    /// unannounced length that grows slowly enough for clients to join its download).
+    ChunkedPaced { step: u64, pause: Duration },
     /// The file is replaced by `then` (with `then_etag`, quoted here, or else its content's
     /// ETag) during this answer, which is cut (reset) after `cut_after` bytes: the next
     /// attempt finds another file (another ETag).
@@ -557,7 +560,7 @@ fn handle(st: &Shared, mut conn: TcpStream) {
             data.truncate(data.len().saturating_sub(*k as usize));
             Some(data.len() as u64)
         }
-        Fault::Endless { .. } | Fault::Chunked => None,
+        Fault::Endless { .. } | Fault::Chunked | Fault::ChunkedPaced { .. } => None,
         _ => Some(data.len() as u64),
     };
     if let Fault::CorruptByte(at) = &fault
@@ -568,7 +571,7 @@ fn handle(st: &Shared, mut conn: TcpStream) {
     if let Some(n) = declared {
         head += &format!("Content-Length: {n}\r\n");
     }
-    if fault == Fault::Chunked {
+    if matches!(fault, Fault::Chunked | Fault::ChunkedPaced { .. }) {
         head += "Transfer-Encoding: chunked\r\n";
     }
     let reason = if status == 206 {
@@ -629,12 +632,19 @@ fn handle(st: &Shared, mut conn: TcpStream) {
             }
             ended();
         }
-        Fault::Chunked => {
-            for c in data.chunks(64 << 10) {
+        Fault::Chunked | Fault::ChunkedPaced { .. } => {
+            let (step, pause) = match fault {
+                Fault::ChunkedPaced { step, pause } => ((step as usize).max(1), pause),
+                _ => (64 << 10, Duration::ZERO),
+            };
+            for (i, c) in data.chunks(step).enumerate() {
+                if i > 0 && !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
                 let mut piece = format!("{:x}\r\n", c.len()).into_bytes();
                 piece.extend_from_slice(c);
                 piece.extend_from_slice(b"\r\n");
-                if !send(&mut conn, &piece) {
+                if !send(&mut conn, &piece) || st.stopped() {
                     return;
                 }
             }

@@ -19,9 +19,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::header::{
-    AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, COOKIE, ETAG, HeaderMap, HeaderName, HeaderValue,
-    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, LOCATION, PROXY_AUTHORIZATION,
-    RANGE,
+    AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, COOKIE, ETAG, HeaderMap,
+    HeaderName, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, LOCATION,
+    PROXY_AUTHORIZATION, RANGE,
 };
 use reqwest::{Method, StatusCode};
 use url::Url;
@@ -223,6 +223,31 @@ impl HttpSource {
         if_range: Option<&str>,
         total: Option<u64>,
     ) -> Result<std::result::Result<reqwest::Response, String>> {
+        Ok(self
+            .get_rest_or_whole(url, extra, allow, offset, if_range, total)
+            .await?
+            .and_then(|(resp, skip)| match skip {
+                0 => Ok(resp),
+                _ => Err(
+                    "answered a range request with the whole image (ranges are not supported)"
+                        .into(),
+                ),
+            }))
+    }
+
+    /// [`HttpSource::get_rest`], and also the whole image again when the origin ignores
+    /// ranges but provably still has the same image (the strong validator `if_range` and the
+    /// length `total` both unchanged): then with the count of leading bytes to pass over
+    /// (`offset`), so that the download goes on instead of starting over.
+    pub async fn get_rest_or_whole(
+        &self,
+        url: &Url,
+        extra: &HeaderMap,
+        allow: Option<&AllowList>,
+        offset: u64,
+        if_range: Option<&str>,
+        total: Option<u64>,
+    ) -> Result<std::result::Result<(reqwest::Response, u64), String>> {
         let mut headers = extra.clone();
         let range = HeaderValue::from_str(&format!("bytes={offset}-")).expect("ASCII");
         headers.insert(RANGE, range);
@@ -235,6 +260,9 @@ impl HttpSource {
         let resp = self.send(Method::GET, url, headers, allow).await?;
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::OK if same_image(resp.headers(), if_range, total) => {
+                return Ok(Ok((resp, offset)));
+            }
             StatusCode::OK => {
                 return Ok(Err(
                     "answered a range request with the whole image (it changed, or ranges are not supported)".into(),
@@ -247,7 +275,7 @@ impl HttpSource {
             Some((start, _, t))
                 if start == offset && (total.is_none() || t.is_none() || t == total) =>
             {
-                Ok(Ok(resp))
+                Ok(Ok((resp, 0)))
             }
             _ => Ok(Err(format!(
                 "answered bytes={offset}- with Content-Range {cr:?}"
@@ -366,6 +394,24 @@ impl HttpSource {
 }
 
 const X_AUTH_TOKEN: &str = "x-auth-token";
+
+/// Whether a whole-image answer (a 200 to a range request) is provably the image the first
+/// answer was: the same strong validator (a strong `ETag`, or the `Last-Modified` the
+/// download resumes under) and the same known length, with no content coding.
+fn same_image(resp: &HeaderMap, validator: Option<&str>, total: Option<u64>) -> bool {
+    let (Some(validator), Some(total)) = (validator, total) else {
+        return false;
+    };
+    if header(resp, &CONTENT_ENCODING).is_some_and(|v| !v.eq_ignore_ascii_case("identity")) {
+        return false;
+    }
+    let now = match validator.starts_with('"') {
+        true => header(resp, &ETAG),
+        false => header(resp, &LAST_MODIFIED),
+    };
+    now.as_deref() == Some(validator)
+        && header(resp, &CONTENT_LENGTH).and_then(|v| v.parse().ok()) == Some(total)
+}
 
 /// A redirect that can be followed: 301, 302, 303, 307 or 308 with a `Location`. The method
 /// is kept (only GET and HEAD are sent).
