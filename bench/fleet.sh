@@ -24,7 +24,8 @@
 #   indep    the same N nodes without --fleet-db (N independent caches), same cap
 #   lookup   the miss overhead of fleet mode: SAMPLES misses of a small (64 KiB) image on fleet
 #            node 1 (N nodes in the index) and on a plain node in the same namespace, interleaved,
-#            each a fresh href; curl's time_starttransfer, p50/p99 of each and the p99 difference
+#            each a fresh href; curl's time_starttransfer, p50/p99 of each and the p99 difference;
+#            and the lookup itself as node 1 measures it (imgcache_fleet_source_seconds)
 # ORIGIN_MD5=1 (default) makes the origin send `Content-MD5` (RFC 1864), a checksum it vouches
 # for before the first byte: fleet nodes then follow a node that is still filling. With
 # ORIGIN_MD5=0 (a plain URL, nothing vouched) a filler is followed only once it has published
@@ -204,6 +205,29 @@ peer_fills() { # node indexes -> total peer fills (metrics), for the report
   done
   echo "$s"
 }
+# A node's own count of a miss's time to choose its source (imgcache_fleet_source_seconds,
+# source="origin": the index's lookups and the lease, no wait): "COUNT P50_S P99_S LE2MS" with
+# the quantiles interpolated within buckets as Prometheus' histogram_quantile does, and the
+# share of misses at or under 2 ms.
+source_quantiles() {
+  ip netns exec "$PFX-n$1" curl -sf "$(node_url "$1")/metrics" | awk '
+    /^imgcache_fleet_source_seconds_bucket\{.*source="origin"/ {
+      match($0, /le="[^"]*"/); le = substr($0, RSTART + 4, RLENGTH - 5)
+      n++; b[n] = (le == "+Inf") ? 1e9 : le + 0; c[n] = $NF + 0 }
+    END {
+      if (n == 0 || c[n] == 0) { print "0 0 0 0"; exit }
+      tot = c[n]
+      for (q = 1; q <= 2; q++) {
+        want = (q == 1 ? 0.5 : 0.99) * tot; prevb = 0; prevc = 0
+        for (i = 1; i <= n; i++) {
+          if (c[i] >= want) { v[q] = prevb + (b[i] - prevb) * (want - prevc) / (c[i] - prevc); break }
+          prevb = b[i]; prevc = c[i]
+        }
+      }
+      le2 = 0; for (i = 1; i <= n; i++) if (b[i] <= 0.002 + 1e-12) le2 = c[i]
+      printf "%d %.6f %.6f %.4f\n", tot, v[1], v[2], le2 / tot
+    }'
+}
 pct() { sort -g | awk -v p="$1" '{a[NR]=$1} END {i = int(NR * p / 100 + 0.999); if (i < 1) i = 1; print a[i]}'; }
 
 echo "fleet bench: image $SIZE ($BYTES bytes), origin cap tbf $CAP, NODES=\"$NODES\", caches on $CACHE_FS, origin Content-MD5: $ORIGIN_MD5"
@@ -238,6 +262,7 @@ for N in $NODES; do
     ip netns exec "$PFX-n1" curl -sf -o /dev/null -w '%{time_starttransfer}\n' \
       "$(fetch_url 1 "$ORIGIN/small.raw?run=$RUN-p$s" $((NPORT + 1)))" >> "$WORK/ttfb.plain"
   done
+  R[src.$N]=$(source_quantiles 1)
   for k in fleet plain; do
     [ "$(wc -l < "$WORK/ttfb.$k")" -eq "$SAMPLES" ] || { echo "fleet.sh: lookup samples failed ($k)" >&2; exit 1; }
     R[lk.$k.50.$N]=$(pct 50 < "$WORK/ttfb.$k"); R[lk.$k.99.$N]=$(pct 99 < "$WORK/ttfb.$k")
@@ -272,6 +297,8 @@ for N in $NODES; do
   echo "| $N | time until all $N hold it verified ÷ one node's cold fill | $(f2 "${R[fleet.$N]} / ${R[cold.$N]}") ($(f2 "${R[fleet.$N]}") s ÷ $(f2 "${R[cold.$N]}") s) | $(f2 "${R[indep.$N]} / ${R[cold.$N]}") ($(f2 "${R[indep.$N]}") s) | ≤ 1.2 |"
   echo "| $N | miss TTFB, 64 KiB, p50 / p99 ($SAMPLES samples) | $(ms "${R[lk.fleet.50.$N]}") / $(ms "${R[lk.fleet.99.$N]}") ms | $(ms "${R[lk.plain.50.$N]}") / $(ms "${R[lk.plain.99.$N]}") ms | |"
   echo "| $N | lookup overhead on a miss: p99 fleet − p99 plain (p50 −) | $(ms "${R[lk.fleet.99.$N]} - ${R[lk.plain.99.$N]}") ms ($(ms "${R[lk.fleet.50.$N]} - ${R[lk.plain.50.$N]}") ms) | (one PostgreSQL round trip, SELECT 1: ≤ ${R[rtt.$N]} ms) | ≤ 2 ms |"
+  read -r sc s50 s99 sle2 <<< "${R[src.$N]}"
+  echo "| $N | lookup on a miss, the node's own histogram (imgcache_fleet_source_seconds, source=origin): p50 / p99 | $(ms "$s50") / $(ms "$s99") ms ($(f2 "$sle2 * 100") % of $sc misses ≤ 2 ms) | | ≤ 2 ms |"
 done
 echo
 for N in $NODES; do

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::StreamExt;
 use imgcache_store::record::now;
 use imgcache_store::{
-    CacheReader, FileLock, Integrity, Key, Reservation, Room, Status, WriteOptions,
+    CacheReader, FileLock, Integrity, Key, Reservation, Room, Status, StoreError, WriteOptions,
 };
 
 use crate::download::{WrittenHook, stream_into_reporting};
@@ -252,8 +252,14 @@ impl ImageCache {
         // An unannounced length under the hard limit: once past what the cache can make room
         // for, the origin's body is parked (not read further) and handed back to be streamed
         // uncached, after the bytes already written.
+        let reservation = Arc::new(Mutex::new(reservation));
         let overflow = match (self.room_policy(), meta.size) {
-            (RoomPolicy::HardLimit(max), None) => Some(Overflow::new(max)),
+            (RoomPolicy::HardLimit(max), None) => Some(Overflow::new(
+                max,
+                reservation.clone(),
+                self.cache().clone(),
+                adm.hooks.evicted.clone(),
+            )),
             _ => None,
         };
         let body = match &overflow {
@@ -310,7 +316,6 @@ impl ImageCache {
             Some(_) if prepared.compressed.is_none() => File::open(writer.path()).ok(),
             _ => None,
         };
-        let reservation = Arc::new(Mutex::new(reservation));
         let evicted = adm.hooks.evicted.clone();
         let written = self.room_watch(
             reservation.clone(),
@@ -577,6 +582,11 @@ impl ImageCache {
 struct Overflow {
     max_size: u64,
     over: Arc<AtomicBool>,
+    /// The download's room, grown by the tap before it passes a chunk on, so that no byte
+    /// past the room ever reaches the writer (the limit is hard for the bytes in flight too).
+    reservation: Arc<Mutex<Option<Reservation>>>,
+    cache: imgcache_store::Cache,
+    evicted: Option<EvictedHook>,
     /// The origin's body, not read past `seen`.
     parked: Arc<Mutex<Option<BodyStream>>>,
     /// Bytes of the body passed on to the pipeline.
@@ -584,10 +594,18 @@ struct Overflow {
 }
 
 impl Overflow {
-    fn new(max_size: u64) -> Overflow {
+    fn new(
+        max_size: u64,
+        reservation: Arc<Mutex<Option<Reservation>>>,
+        cache: imgcache_store::Cache,
+        evicted: Option<EvictedHook>,
+    ) -> Overflow {
         Overflow {
             max_size,
             over: Arc::new(AtomicBool::new(false)),
+            reservation,
+            cache,
+            evicted,
             parked: Arc::new(Mutex::new(None)),
             seen: Arc::new(AtomicU64::new(0)),
         }
@@ -596,23 +614,39 @@ impl Overflow {
     fn tap(&self, body: BodyStream, origin: &str) -> BodyStream {
         let (over, parked, seen) = (self.over.clone(), self.parked.clone(), self.seen.clone());
         let (origin, max_size) = (origin.to_string(), self.max_size);
+        let (reservation, cache, evicted) = (
+            self.reservation.clone(),
+            self.cache.clone(),
+            self.evicted.clone(),
+        );
         Box::pin(futures_util::stream::unfold(Some(body), move |state| {
             let (over, parked, seen, origin) =
                 (over.clone(), parked.clone(), seen.clone(), origin.clone());
+            let (reservation, cache, evicted) =
+                (reservation.clone(), cache.clone(), evicted.clone());
             async move {
                 let mut body = state?;
+                let too_large = |size| FetchError::TooLarge {
+                    href: origin.clone(),
+                    size,
+                    max_size,
+                };
                 if over.load(Ordering::Acquire) {
                     let size = seen.load(Ordering::Acquire);
                     *parked.lock().expect("poisoned") = Some(body);
-                    let e = FetchError::TooLarge {
-                        href: origin,
-                        size,
-                        max_size,
-                    };
-                    return Some((Err(e), None));
+                    return Some((Err(too_large(size)), None));
                 }
                 let item = body.next().await?;
                 if let Ok(c) = &item {
+                    let had = seen.load(Ordering::Acquire);
+                    let need = had + c.len() as u64;
+                    if !room_for(need, max_size, &reservation, &cache, evicted).await {
+                        // This chunk goes back in front of the parked rest.
+                        over.store(true, Ordering::Release);
+                        let chunk = futures_util::stream::once(std::future::ready(item));
+                        *parked.lock().expect("poisoned") = Some(Box::pin(chunk.chain(body)));
+                        return Some((Err(too_large(had)), None));
+                    }
                     seen.fetch_add(c.len() as u64, Ordering::AcqRel);
                 }
                 Some((item, Some(body)))
@@ -648,6 +682,40 @@ impl Overflow {
         let prefix = resume::file_prefix(partial, &invalid, seen);
         Some((Box::pin(prefix.chain(rest)), seen))
     }
+}
+
+/// Whether `reservation` holds room for `need` bytes, growing it (off the runtime: growing may
+/// evict) when it does not. No reservation: no limit to keep.
+async fn room_for(
+    need: u64,
+    max: u64,
+    reservation: &Arc<Mutex<Option<Reservation>>>,
+    cache: &imgcache_store::Cache,
+    evicted: Option<EvictedHook>,
+) -> bool {
+    let held = |r: &Option<Reservation>| r.as_ref().is_none_or(|r| r.bytes() >= need);
+    if held(&reservation.lock().expect("poisoned")) {
+        return true;
+    }
+    let (reservation, cache) = (reservation.clone(), cache.clone());
+    off_thread(move || {
+        let mut held = reservation.lock().expect("poisoned");
+        let Some(r) = held.as_mut() else {
+            return Ok::<_, StoreError>(true);
+        };
+        if r.bytes() >= need {
+            return Ok(true);
+        }
+        let more = (need - r.bytes()).max(GROW_STEP.min(max.saturating_sub(r.bytes())));
+        let before = r.evicted.len();
+        let grown = matches!(r.grow(&cache, more, max), Ok(true)) && r.bytes() >= need;
+        if let Some(hook) = evicted.as_ref().filter(|_| r.evicted.len() > before) {
+            hook(&r.evicted[before..]);
+        }
+        Ok(grown)
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// A local file (or any reader of one, such as its first bytes) as a stream of 1 MiB chunks.

@@ -50,18 +50,32 @@ pub async fn stream_into_reporting(
     written: Option<WrittenHook>,
 ) -> Result<CacheWriter> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(DEPTH);
-    let sink = tokio::task::spawn_blocking(move || -> (CacheWriter, Option<FetchError>) {
-        while let Some(batch) = rx.blocking_recv() {
-            if let Err(e) = writer.write_batch(batch) {
-                let path = writer.path().to_path_buf();
-                return (writer, Some(FetchError::io("write", path, e)));
+    // The writer runs on a thread of its own for the whole download, not on tokio's blocking
+    // pool: that pool is kept small and for short calls (a record lookup, a pread), so that
+    // many long downloads can never starve the hits' calls behind them.
+    let (done_tx, sink) = tokio::sync::oneshot::channel::<(CacheWriter, Option<FetchError>)>();
+    let path = writer.path().to_path_buf();
+    // The hooks may spawn tasks (the server's eviction notices): the thread runs in this
+    // runtime's context.
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("imgcache-writer".into())
+        .spawn(move || {
+            let _runtime = runtime.enter();
+            let mut end = None;
+            while let Some(batch) = rx.blocking_recv() {
+                if let Err(e) = writer.write_batch(batch) {
+                    let path = writer.path().to_path_buf();
+                    end = Some(FetchError::io("write", path, e));
+                    break;
+                }
+                if let Some(hook) = &written {
+                    hook(writer.bytes_written());
+                }
             }
-            if let Some(hook) = &written {
-                hook(writer.bytes_written());
-            }
-        }
-        (writer, None)
-    });
+            let _ = done_tx.send((writer, end));
+        })
+        .map_err(|e| FetchError::io("start the writer thread for", path, e))?;
 
     let mut got: u64 = 0;
     let mut failure = None;
@@ -109,7 +123,7 @@ pub async fn stream_into_reporting(
     drop(tx);
     let (writer, write_err) = sink
         .await
-        .map_err(|e| FetchError::Config(format!("writer thread: {e}")))?;
+        .map_err(|_| FetchError::Config("the writer thread ended without its writer".into()))?;
     progress.finish();
     if let Some(e) = write_err.or(failure) {
         drop(writer); // moves the partial file to invalid/ (or removes it when the disk is full)

@@ -351,3 +351,8 @@ fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcce
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
+
+/// The most threads of tokio's blocking pool a server runtime should allow: every blocking
+/// call of the server is short (a record lookup, a pread of an uncached page, a rename);
+/// what runs for a download's whole length has a thread of its own.
+pub const MAX_BLOCKING_THREADS: usize = 64;

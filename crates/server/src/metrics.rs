@@ -32,6 +32,22 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
+/// Upper bounds of the fleet source-choice buckets, in seconds: fine around the 2 ms a miss
+/// may spend in the fleet index, coarse up to a wait for another node's lease.
+pub const FLEET_SOURCE_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
+];
+
+fn fleet_source_histogram() -> Histogram {
+    Histogram::new(FLEET_SOURCE_BUCKETS)
+}
+
+/// The label of [`Metrics::fleet_source_seconds`]: where the miss's bytes come from.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
+}
+
 /// The labels of a request's count and latency. Every value comes from a bounded set: the
 /// route is the router's template (`/v2/images/{image_id}/file`), never the path a client
 /// sent; the method one of the standard ones (else `other`).
@@ -74,6 +90,8 @@ pub struct Metrics {
     /// Fleet mode: streams served to peers, and misses filled from a peer.
     pub peer_streams: Counter,
     pub peer_fills: Counter,
+    /// Fleet mode: how long a miss took to choose its source (see its registration).
+    pub fleet_source_seconds: Family<SourceLabel, Histogram>,
     /// Finished requests, and their time from arrival to the last byte of the body.
     pub requests: Family<RequestLabels, Counter>,
     pub request_seconds: Family<RequestLabels, Histogram>,
@@ -105,6 +123,7 @@ impl Metrics {
             revalidation_failures: Counter::default(),
             peer_streams: Counter::default(),
             peer_fills: Counter::default(),
+            fleet_source_seconds: Family::new_with_constructor(fleet_source_histogram),
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(latency_histogram),
             registry: Registry::default(),
@@ -162,6 +181,11 @@ impl Metrics {
             "peer_fills",
             "Fleet mode: misses filled from another node instead of the origin",
             m.peer_fills.clone(),
+        );
+        r.register(
+            "fleet_source_seconds",
+            "Fleet mode: time a miss took to choose its source before its first byte (the index's lookups; for a peer, its answer's headers too; plus any wait for another node's origin lease)",
+            m.fleet_source_seconds.clone(),
         );
         r.register(
             "origin_requests",

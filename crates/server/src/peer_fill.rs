@@ -24,7 +24,20 @@ pub async fn source(state: &AppState, key: &Key, origin: &Origin) -> Source {
         state: state.clone(),
         origin: origin.clone(),
     });
-    node.source.source(key, origin).await
+    let started = std::time::Instant::now();
+    let source = node.source.source(key, origin).await;
+    let label = match &source {
+        Source::Peer { .. } => "peer",
+        Source::Origin(Some(_)) => "origin",
+        // The index did not answer, or another node's lease was waited out.
+        Source::Origin(None) => "origin_unleased",
+    };
+    state
+        .metrics
+        .fleet_source_seconds
+        .get_or_create(&crate::metrics::SourceLabel { source: label })
+        .observe(started.elapsed().as_secs_f64());
+    source
 }
 
 /// This server's origin of one miss, as the fleet's source selection asks it.

@@ -14,6 +14,11 @@ pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<()> {
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking calls are short (record lookups behind one SQLite connection, preads of
+        // uncached pages); long work has threads of its own (download writers, hashers).
+        // Tokio's default of 512 let 200 connections grow the pool to ~230 idle-then-busy
+        // threads (each with its stack and malloc arena) for no throughput.
+        .max_blocking_threads(imgcache_server::MAX_BLOCKING_THREADS)
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
