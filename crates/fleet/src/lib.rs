@@ -246,20 +246,26 @@ impl Fleet {
         self.call(|c| async move {
             let row = c
                 .query_opt(
-                    "INSERT INTO imgcache_nodes (url, instance) VALUES ($1, $2)
+                    &c.prepare_cached(
+                        "INSERT INTO imgcache_nodes (url, instance) VALUES ($1, $2)
                      ON CONFLICT (url) DO UPDATE
                         SET instance = EXCLUDED.instance, started = now(), heartbeat = now()
                         WHERE imgcache_nodes.instance = EXCLUDED.instance
                            OR imgcache_nodes.heartbeat < now() - make_interval(secs => $3)
                      RETURNING instance",
+                    )
+                    .await?,
                     &[&url, &instance, &dead],
                 )
                 .await?;
             let Some(row) = row else {
                 let age: f64 = c
                     .query_one(
-                        "SELECT extract(epoch FROM now() - heartbeat)::float8
+                        &c.prepare_cached(
+                            "SELECT extract(epoch FROM now() - heartbeat)::float8
                          FROM imgcache_nodes WHERE url = $1",
+                        )
+                        .await?,
                         &[&url],
                     )
                     .await?
@@ -287,7 +293,7 @@ impl Fleet {
         self.call(|c| async move {
             let n = c
                 .execute(
-                    "UPDATE imgcache_nodes SET heartbeat = now() WHERE url = $1 AND instance = $2",
+                    &c.prepare_cached("UPDATE imgcache_nodes SET heartbeat = now() WHERE url = $1 AND instance = $2").await?,
                     &[&url, &instance],
                 )
                 .await?;
@@ -320,10 +326,13 @@ impl Fleet {
         self.call(|c| async move {
             let rows = c
                 .query(
-                    "SELECT url, extract(epoch FROM now() - heartbeat)::float8
+                    &c.prepare_cached(
+                        "SELECT url, extract(epoch FROM now() - heartbeat)::float8
                      FROM imgcache_nodes
                      WHERE heartbeat >= now() - make_interval(secs => $1)
                      ORDER BY url",
+                    )
+                    .await?,
                     &[&dead],
                 )
                 .await?;
@@ -344,7 +353,8 @@ impl Fleet {
         self.call(|c| async move {
             let rows = c
                 .query(
-                    "SELECT n.url, extract(epoch FROM now() - n.heartbeat)::float8,
+                    &c.prepare_cached(
+                        "SELECT n.url, extract(epoch FROM now() - n.heartbeat)::float8,
                             count(h.image_key) FILTER (WHERE h.state = 'published'),
                             count(h.image_key) FILTER (WHERE h.state = 'filling'),
                             coalesce(sum(h.bytes) FILTER (WHERE h.state = 'published'), 0)::int8
@@ -352,6 +362,8 @@ impl Fleet {
                      WHERE n.heartbeat >= now() - make_interval(secs => $1)
                      GROUP BY n.url, n.heartbeat
                      ORDER BY n.url",
+                    )
+                    .await?,
                     &[&dead],
                 )
                 .await?;
@@ -378,11 +390,14 @@ impl Fleet {
         self.call(|c| async move {
             let rows = c
                 .query(
-                    "SELECT h.node, h.state, h.size, h.checksum, h.bytes
+                    &c.prepare_cached(
+                        "SELECT h.node, h.state, h.size, h.checksum, h.bytes
                      FROM imgcache_holdings h JOIN imgcache_nodes n ON n.url = h.node
                      WHERE h.image_key = $1
                        AND n.heartbeat >= now() - make_interval(secs => $2)
                      ORDER BY (h.state = 'published') DESC, h.bytes DESC, h.node",
+                    )
+                    .await?,
                     &[&key, &dead],
                 )
                 .await?;
@@ -484,7 +499,7 @@ impl Fleet {
         self.call(|c| async move {
             let row = c
                 .query_opt(
-                    "SELECT holder FROM imgcache_leases WHERE image_key = $1 AND expires_at > now()",
+                    &c.prepare_cached("SELECT holder FROM imgcache_leases WHERE image_key = $1 AND expires_at > now()").await?,
                     &[&key],
                 )
                 .await?;
@@ -509,7 +524,8 @@ impl Fleet {
             // timeout): a killed holder's lease need not be waited out.
             let row = c
                 .query_opt(
-                    "INSERT INTO imgcache_leases (image_key, holder, generation, expires_at)
+                    &c.prepare_cached(
+                        "INSERT INTO imgcache_leases (image_key, holder, generation, expires_at)
                      VALUES ($1, $2, 1, now() + make_interval(secs => $3))
                      ON CONFLICT (image_key) DO UPDATE
                         SET holder = EXCLUDED.holder,
@@ -521,6 +537,8 @@ impl Fleet {
                                 WHERE n.url = imgcache_leases.holder
                                   AND n.heartbeat >= now() - make_interval(secs => $4))
                      RETURNING generation",
+                    )
+                    .await?,
                     &[&key, &holder, &ttl, &dead],
                 )
                 .await?;
@@ -544,9 +562,12 @@ impl Fleet {
         self.call(|c| async move {
             let n = c
                 .execute(
-                    "UPDATE imgcache_leases SET expires_at = now() + make_interval(secs => $4)
+                    &c.prepare_cached(
+                        "UPDATE imgcache_leases SET expires_at = now() + make_interval(secs => $4)
                      WHERE image_key = $1 AND holder = $2 AND generation = $3
                        AND expires_at >= now()",
+                    )
+                    .await?,
                     &[&key, &holder, &generation, &ttl],
                 )
                 .await?;
