@@ -134,6 +134,45 @@ pub struct Lease {
     pub generation: i64,
 }
 
+/// What a miss learns from the index in one call ([`Fleet::lookup`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Lookup {
+    /// Live holders other than this node, best first.
+    pub holders: Vec<Holding>,
+    /// The origin lease, taken because nobody holds the key; `None` when holders are listed
+    /// or another live node holds the lease.
+    pub lease: Option<Lease>,
+}
+
+/// The conflict clause of taking a lease (`$2` the taker, `$3` the TTL and `$4` the heartbeat
+/// timeout in seconds): a lease is free when expired (by the database's clock), or when its
+/// holder is dead (silent past the heartbeat timeout, or gone): a killed holder's lease need
+/// not be waited out. The generation grows with every taking: the fencing token.
+const LEASE_TAKEN_OVER: &str = "ON CONFLICT (image_key) DO UPDATE
+        SET holder = EXCLUDED.holder,
+            generation = imgcache_leases.generation + 1,
+            expires_at = EXCLUDED.expires_at
+        WHERE imgcache_leases.expires_at <= now()
+           OR NOT EXISTS (
+                SELECT 1 FROM imgcache_nodes n
+                WHERE n.url = imgcache_leases.holder
+                  AND n.heartbeat >= now() - make_interval(secs => $4))";
+
+/// One row of `node, state, size, checksum, bytes` as a holding.
+fn holding(r: &tokio_postgres::Row) -> Holding {
+    Holding {
+        node: r.get(0),
+        state: if r.get::<_, &str>(1) == "published" {
+            HoldingState::Published
+        } else {
+            HoldingState::Filling
+        },
+        size: r.get::<_, Option<i64>>(2).map(|v| v as u64),
+        checksum: r.get(3),
+        bytes: r.get::<_, i64>(4) as u64,
+    }
+}
+
 /// A connection pool to the fleet database, as one node of the fleet.
 #[derive(Clone)]
 pub struct Fleet {
@@ -401,20 +440,63 @@ impl Fleet {
                     &[&key, &dead],
                 )
                 .await?;
-            Ok(rows
-                .iter()
-                .map(|r| Holding {
-                    node: r.get(0),
-                    state: if r.get::<_, &str>(1) == "published" {
-                        HoldingState::Published
-                    } else {
-                        HoldingState::Filling
-                    },
-                    size: r.get::<_, Option<i64>>(2).map(|v| v as u64),
-                    checksum: r.get(3),
-                    bytes: r.get::<_, i64>(4) as u64,
-                })
-                .collect())
+            Ok(rows.iter().map(holding).collect())
+        })
+        .await
+    }
+
+    /// What a miss asks the index, in one round trip: the live holders of `key` other than
+    /// this node (ranked as [`Fleet::holders`] ranks them), and, only when there are none,
+    /// the origin lease as [`Fleet::take_lease`] takes it. When holders are listed no lease is
+    /// taken: the miss tries them first and takes the lease with [`Fleet::take_lease`] only if
+    /// none serves.
+    ///
+    /// One statement (a data-modifying CTE) rather than two calls: a miss's time to its
+    /// source is one pool checkout and one round trip, not two.
+    pub async fn lookup(&self, key: &str) -> Result<Lookup> {
+        let (key, me, ttl, dead) = (
+            key.to_string(),
+            self.cfg.node_url.clone(),
+            self.cfg.lease_ttl.as_secs_f64(),
+            self.timeout_secs(),
+        );
+        self.call(|c| async move {
+            let sql = format!(
+                "WITH h AS (
+                    SELECT h.node, h.state, h.size, h.checksum, h.bytes
+                    FROM imgcache_holdings h JOIN imgcache_nodes n ON n.url = h.node
+                    WHERE h.image_key = $1 AND h.node <> $2
+                      AND n.heartbeat >= now() - make_interval(secs => $4)
+                 ), l AS (
+                    INSERT INTO imgcache_leases (image_key, holder, generation, expires_at)
+                    SELECT $1, $2, 1, now() + make_interval(secs => $3)
+                    WHERE NOT EXISTS (SELECT 1 FROM h)
+                    {LEASE_TAKEN_OVER}
+                    RETURNING generation
+                 )
+                 SELECT * FROM (
+                    SELECT node, state, size, checksum, bytes, NULL::bigint AS generation FROM h
+                    UNION ALL
+                    SELECT NULL, NULL, NULL, NULL, NULL, generation FROM l
+                 ) u
+                 ORDER BY (state = 'published') DESC, bytes DESC, node"
+            );
+            let rows = c
+                .query(&c.prepare_cached(&sql).await?, &[&key, &me, &ttl, &dead])
+                .await?;
+            let mut found = Lookup::default();
+            for r in &rows {
+                match r.get::<_, Option<i64>>(5) {
+                    Some(generation) => {
+                        found.lease = Some(Lease {
+                            key: key.clone(),
+                            generation,
+                        })
+                    }
+                    None => found.holders.push(holding(r)),
+                }
+            }
+            Ok(found)
         })
         .await
     }
@@ -520,24 +602,14 @@ impl Fleet {
             self.timeout_secs(),
         );
         self.call(|c| async move {
-            // Free when expired, or when its holder is dead (silent past the heartbeat
-            // timeout): a killed holder's lease need not be waited out.
             let row = c
                 .query_opt(
-                    &c.prepare_cached(
+                    &c.prepare_cached(&format!(
                         "INSERT INTO imgcache_leases (image_key, holder, generation, expires_at)
-                     VALUES ($1, $2, 1, now() + make_interval(secs => $3))
-                     ON CONFLICT (image_key) DO UPDATE
-                        SET holder = EXCLUDED.holder,
-                            generation = imgcache_leases.generation + 1,
-                            expires_at = EXCLUDED.expires_at
-                        WHERE imgcache_leases.expires_at <= now()
-                           OR NOT EXISTS (
-                                SELECT 1 FROM imgcache_nodes n
-                                WHERE n.url = imgcache_leases.holder
-                                  AND n.heartbeat >= now() - make_interval(secs => $4))
-                     RETURNING generation",
-                    )
+                             VALUES ($1, $2, 1, now() + make_interval(secs => $3))
+                             {LEASE_TAKEN_OVER}
+                             RETURNING generation"
+                    ))
                     .await?,
                     &[&key, &holder, &ttl, &dead],
                 )

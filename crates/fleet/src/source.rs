@@ -33,7 +33,7 @@ use imgcache_fetch::source::{OriginMeta, Response};
 use imgcache_store::{Integrity, Key};
 use reqwest::header::{HeaderMap, HeaderValue};
 
-use crate::{Fleet, FleetConfig, FleetError, Holding, HoldingState, Lease};
+use crate::{Fleet, FleetConfig, FleetError, Holding, HoldingState, Lease, Lookup};
 
 /// The header peers present their fleet token in.
 pub const TOKEN_HEADER: &str = "x-imgcache-fleet-token";
@@ -129,21 +129,35 @@ impl FleetSource {
         // Whether the lease's holder can be followed once it fills, asked once.
         let mut followable: Option<bool> = None;
         loop {
-            for h in self.holders(key.as_str()).await {
-                if self.suspects.is_suspect(&h.node) {
-                    continue;
+            let found = match self.lookup(key).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "fleet index unavailable: downloading from the origin");
+                    return Source::Origin(None);
                 }
-                if vouched.is_none() {
-                    vouched = Some(origin.vouched().await);
+            };
+            let lease = match found {
+                Lookup {
+                    lease: Some(lease), ..
+                } => Ok(Some(lease)),
+                Lookup { holders, .. } if holders.is_empty() => Ok(None),
+                Lookup { holders, .. } => {
+                    for h in holders {
+                        if vouched.is_none() {
+                            vouched = Some(origin.vouched().await);
+                        }
+                        if let Some(src) = self
+                            .try_peer(&h, key, &origin, vouched.clone().flatten())
+                            .await
+                        {
+                            return src;
+                        }
+                    }
+                    // Holders were listed, so the lookup took no lease; none served.
+                    self.fleet.take_lease(key.as_str()).await
                 }
-                if let Some(src) = self
-                    .try_peer(&h, key, &origin, vouched.clone().flatten())
-                    .await
-                {
-                    return src;
-                }
-            }
-            match self.fleet.take_lease(key.as_str()).await {
+            };
+            match lease {
                 Ok(Some(lease)) => return Source::Origin(Some(LeaseGuard::new(self, lease))),
                 Ok(None) => {
                     if followable.is_none() {
@@ -168,6 +182,18 @@ impl FleetSource {
                 }
             }
         }
+    }
+
+    /// One look at the index for `key`'s miss ([`Fleet::lookup`]), suspect holders left out.
+    /// When every listed holder is a suspect, the lease is taken as if none were listed.
+    async fn lookup(&self, key: &Key) -> crate::Result<Lookup> {
+        let mut found = self.fleet.lookup(key.as_str()).await?;
+        let listed = !found.holders.is_empty();
+        found.holders.retain(|h| !self.suspects.is_suspect(&h.node));
+        if listed && found.holders.is_empty() {
+            found.lease = self.fleet.take_lease(key.as_str()).await?;
+        }
+        Ok(found)
     }
 
     /// Whether the holder of `key`'s lease is a node peers can read from (an http(s) URL);

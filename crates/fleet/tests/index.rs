@@ -285,3 +285,63 @@ async fn node_holdings_count_each_live_nodes_images() {
     assert!(all.iter().all(|n| n.node.heartbeat_age >= 0.0));
     drop(b);
 }
+
+#[tokio::test]
+async fn a_lookup_lists_holders_or_takes_the_lease_in_one_call() {
+    let pg = pg();
+    let a = Fleet::connect(cfg(&pg, "http://a:1")).await.unwrap();
+    let b = Fleet::connect(cfg(&pg, "http://b:1")).await.unwrap();
+    let c = Fleet::connect(cfg(&pg, "http://c:1")).await.unwrap();
+
+    // Nobody holds "k": of many concurrent lookups exactly one comes back with the lease, and
+    // none lists a holder.
+    let looks = futures_util::future::join_all((0..9).map(|i| {
+        let f = [&a, &b, &c][i % 3].clone();
+        async move { f.lookup("k").await.unwrap() }
+    }))
+    .await;
+    assert!(looks.iter().all(|l| l.holders.is_empty()), "{looks:?}");
+    let leases: Vec<_> = looks.iter().filter_map(|l| l.lease.clone()).collect();
+    assert_eq!(leases.len(), 1, "{looks:?}");
+    assert_eq!(leases[0].generation, 1);
+
+    // Once holders are listed, a lookup takes no lease (the miss tries them first), and a
+    // node never lists itself: ranked published first, then the filler furthest along.
+    a.announce("j", HoldingState::Filling, Some(100), None, 10)
+        .await
+        .unwrap();
+    b.announce("j", HoldingState::Filling, Some(100), None, 70)
+        .await
+        .unwrap();
+    c.announce("j", HoldingState::Published, Some(100), Some("md5:00"), 100)
+        .await
+        .unwrap();
+    let seen = a.lookup("j").await.unwrap();
+    let nodes: Vec<_> = seen.holders.iter().map(|h| h.node.as_str()).collect();
+    assert_eq!(nodes, ["http://c:1", "http://b:1"]);
+    assert_eq!(seen.holders[0].checksum.as_deref(), Some("md5:00"));
+    assert_eq!(seen.lease, None);
+    assert_eq!(
+        b.take_lease("j").await.unwrap().map(|l| l.generation),
+        Some(1),
+        "the lookups took no lease on j"
+    );
+
+    // A holder that went silent is no holder: past the heartbeat timeout the lookup of "m"
+    // held only by b takes the lease.
+    b.announce("m", HoldingState::Published, Some(1), None, 1)
+        .await
+        .unwrap();
+    assert_eq!(a.lookup("m").await.unwrap().holders.len(), 1);
+    let silent = Instant::now();
+    let taken = loop {
+        a.heartbeat().await.unwrap();
+        let l = a.lookup("m").await.unwrap();
+        if l.holders.is_empty() {
+            break l.lease;
+        }
+        assert!(silent.elapsed() < Duration::from_secs(6), "b never dropped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(taken.map(|l| l.generation), Some(1));
+}
