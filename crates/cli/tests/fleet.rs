@@ -657,6 +657,57 @@ fn fetch_in_fleet_mode_fills_from_a_serve_node_without_the_origin() {
 }
 
 #[test]
+fn a_fetch_beside_a_serve_feeds_the_fleet_under_its_url() {
+    let pg = pg();
+    let data = image_bytes(4 << 20, 11);
+    let (origin, _d) = origin_with("disk.img", &data);
+    let allow = format!("{}/", origin.url);
+    // Conductor A runs `imgcache serve` on its cache directory; its deploys use `imgcache
+    // fetch` on the same directory, with the same fleet settings and no --node-url.
+    let a = node(&pg, &["--allow-href-prefix", &allow]);
+    let b = node(&pg, &["--allow-href-prefix", &allow]);
+    let href = format!("{}/images/disk.img", origin.url);
+    let key = key_of(&href);
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("deploy.img");
+    let db = pg.url();
+    let flags = ["--fleet-db", db.as_str(), "--fleet-token", TOKEN];
+    fetched(fetch_cmd(&a.cache, &href, &dest, &flags));
+    assert!(std::fs::read(&dest).unwrap() == data.as_ref());
+    assert_eq!(origin.data_requests("/images/disk.img"), 1);
+    // What the fetch published is announced under A's URL (A answers peers from the
+    // directory), so B's miss fills from A, not from the origin.
+    assert_eq!(holders(&b, &key), [a.url.clone()]);
+    let (status, body, _) = get(&fetch_url(&b, &href), &[]);
+    assert_eq!(status, 200);
+    assert!(body == data.as_ref(), "exact bytes from the peer");
+    assert_eq!(
+        origin.data_requests("/images/disk.img"),
+        1,
+        "B filled from A's directory through A"
+    );
+    // A marker naming a node that is gone is not believed: once A is dead, a fetch on a
+    // directory holding A's marker announces nothing (no one would answer peers for it).
+    let stale = dir.path().join("stale-cache");
+    std::fs::create_dir_all(&stale).unwrap();
+    let marker = imgcache_fleet::NODE_MARKER;
+    std::fs::copy(a.cache.join(marker), stale.join(marker)).unwrap();
+    drop(a);
+    eventually("A leaves the fleet", Duration::from_secs(10), || {
+        fleet_cli(&pg, &["nodes"]).as_array().map(Vec::len) == Some(1)
+    });
+    let href2 = format!("{}/images/disk.img?second", origin.url);
+    fetched(fetch_cmd(
+        &stale,
+        &href2,
+        &dir.path().join("second.img"),
+        &flags,
+    ));
+    assert!(stale.join(key_of(&href2)).exists(), "published");
+    assert!(holders(&b, &key_of(&href2)).is_empty());
+}
+
+#[test]
 fn two_fetch_only_members_do_not_wait_on_each_other() {
     let pg = pg();
     let data = image_bytes(4 << 20, 8);

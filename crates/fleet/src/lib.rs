@@ -23,6 +23,7 @@ pub mod migrations;
 pub mod source;
 
 use std::future::Future;
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -53,6 +54,10 @@ pub const LEASE_TTL: Duration = Duration::from_secs(30);
 /// The longest one index call may take. Not an operator setting: it is the bound that keeps
 /// the database off a request's critical path (a miss waits at most this on the index).
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// The file a `serve` node writes into its cache directory naming itself (dot-named, so no
+/// image key can collide with it): see [`Fleet::mark_cache_dir`].
+pub const NODE_MARKER: &str = ".imgcache-fleet-node";
 
 /// Whether `url` names a node peers can read from (an http(s) URL; a fetch-only member's
 /// `fetch://HOST/PID` is not one).
@@ -272,6 +277,52 @@ impl Fleet {
             Ok(())
         })
         .await
+    }
+
+    /// Writes [`NODE_MARKER`] into the cache directory `root` this node serves peers from:
+    /// its URL and instance, so that an `imgcache fetch` on the same directory can announce
+    /// what it publishes there under this node's URL ([`Fleet::node_beside`]). Written to a
+    /// temporary name and renamed, so a reader never sees half of it.
+    pub fn mark_cache_dir(&self, root: &Path) -> std::io::Result<()> {
+        let tmp = root.join(format!("{NODE_MARKER}.{}", std::process::id()));
+        std::fs::write(&tmp, format!("{}\n{}\n", self.cfg.node_url, self.instance))?;
+        std::fs::rename(&tmp, root.join(NODE_MARKER))
+    }
+
+    /// The live `serve` node whose cache directory is `root`, by the [`NODE_MARKER`] it wrote
+    /// there and the index's word that the instance it names is alive; `None` when there is
+    /// no marker, it is stale (that instance stopped or was replaced), or the index does not
+    /// answer.
+    pub async fn node_beside(&self, root: &Path) -> Option<String> {
+        let text = std::fs::read_to_string(root.join(NODE_MARKER)).ok()?;
+        let mut lines = text.lines();
+        let (url, instance) = (lines.next()?.to_string(), lines.next()?.to_string());
+        let dead = self.timeout_secs();
+        let u = url.clone();
+        let live = self
+            .call(|c| async move {
+                let row = c
+                    .query_opt(
+                        &c.prepare_cached(
+                            "SELECT 1 FROM imgcache_nodes
+                             WHERE url = $1 AND instance = $2
+                               AND heartbeat >= now() - make_interval(secs => $3)",
+                        )
+                        .await?,
+                        &[&u, &instance, &dead],
+                    )
+                    .await?;
+                Ok(row.is_some())
+            })
+            .await;
+        match live {
+            Ok(true) => Some(url),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot tell whether the node beside is alive");
+                None
+            }
+        }
     }
 
     /// Registers this node (or takes over its URL from a dead instance). The URL's holdings
@@ -510,7 +561,23 @@ impl Fleet {
         checksum: Option<&str>,
         bytes: u64,
     ) -> Result<()> {
-        let (key, node) = (key.to_string(), self.cfg.node_url.clone());
+        let node = self.cfg.node_url.clone();
+        self.announce_for(&node, key, state, size, checksum, bytes)
+            .await
+    }
+
+    /// Records that the live node `node` holds `key`: for an `imgcache fetch` that wrote the
+    /// image into the cache directory `node` serves peers from ([`Fleet::node_beside`]).
+    pub async fn announce_for(
+        &self,
+        node: &str,
+        key: &str,
+        state: HoldingState,
+        size: Option<u64>,
+        checksum: Option<&str>,
+        bytes: u64,
+    ) -> Result<()> {
+        let (key, node) = (key.to_string(), node.to_string());
         let checksum = checksum.map(str::to_owned);
         let size = size.map(|s| s as i64);
         self.call(|c| async move {

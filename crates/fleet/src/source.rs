@@ -434,25 +434,40 @@ impl Drop for LeaseGuard {
 /// holds an origin lease (a lease whose holder stops heartbeating is free), so it joins, beats
 /// every quarter of the heartbeat timeout while it runs, and leaves at [`FetchMember::leave`].
 ///
-/// It announces what it publishes only under an `http(s)` node URL (one a `serve` on the
-/// same cache directory answers peers at); under a non-HTTP id (`fetch://HOST/PID`) no peer
-/// could read from it, so it announces nothing.
+/// What it publishes is announced under a URL peers can read it at: its own node URL when
+/// that is an `http(s)` one, else that of the live `serve` whose cache directory it shares
+/// (the marker that serve wrote there, [`Fleet::node_beside`]): the serve answers peers from
+/// the directory, so a conductor's fetch beside a serve feeds the fleet. A fetch with neither
+/// (`fetch://HOST/PID` on a directory no serve answers for) announces nothing: no peer could
+/// read from it.
 pub struct FetchMember {
     source: Arc<FleetSource>,
-    announces: bool,
+    announce_as: Option<String>,
     beat: tokio::task::JoinHandle<()>,
 }
 
 impl FetchMember {
-    /// Joins the fleet as `cfg.node_url` (bounded by the fleet's call timeout).
+    /// Joins the fleet as `cfg.node_url` (bounded by the fleet's call timeout), for a fetch
+    /// into the cache directory `cache_root`.
     pub async fn join(
         cfg: FleetConfig,
         token: impl Into<String>,
         http: &HttpSource,
+        cache_root: &std::path::Path,
     ) -> crate::Result<Arc<FetchMember>> {
-        let announces = crate::serves_peers(&cfg.node_url);
+        let own = Some(cfg.node_url.clone()).filter(|u| crate::serves_peers(u));
         let every = cfg.heartbeat_every();
         let fleet = Fleet::connect(cfg).await?;
+        let announce_as = match own {
+            Some(url) => Some(url),
+            None => fleet.node_beside(cache_root).await,
+        };
+        if let Some(node) = &announce_as {
+            tracing::debug!(
+                node,
+                "what this fetch publishes is announced under this node"
+            );
+        }
         let f = fleet.clone();
         let beat = tokio::spawn(async move {
             loop {
@@ -464,7 +479,7 @@ impl FetchMember {
         });
         Ok(Arc::new(FetchMember {
             source: FleetSource::new(fleet, token, http),
-            announces,
+            announce_as,
             beat,
         }))
     }
@@ -517,12 +532,13 @@ impl MissSources for FetchMember {
         checksum: Option<String>,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            if !self.announces {
+            let Some(node) = &self.announce_as else {
                 return;
-            }
+            };
             let fleet = &self.source.fleet;
             if let Err(e) = fleet
-                .announce(
+                .announce_for(
+                    node,
                     key.as_str(),
                     HoldingState::Published,
                     Some(size),

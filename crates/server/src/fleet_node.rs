@@ -76,6 +76,11 @@ impl FleetNode {
         http: &HttpSource,
     ) -> Result<Arc<FleetNode>, FleetError> {
         let fleet = Fleet::connect(settings.index.clone()).await?;
+        // An `imgcache fetch` on this directory announces what it publishes under this
+        // node's URL, once the marker shows this node serves the directory.
+        if let Err(e) = fleet.mark_cache_dir(cache.root()) {
+            tracing::warn!(error = %e, "cannot mark the cache directory: a fetch on it will not feed the fleet");
+        }
         let node = Arc::new(FleetNode {
             source: FleetSource::new(fleet.clone(), settings.token.clone(), http),
             fleet,

@@ -7,6 +7,7 @@
 //! <root>/queue/<key>        images waiting to be prefetched
 //! <root>/locks/             flock files: <key>.lock per key, .global.lock for clean-up
 //! <root>/.imgcache.sqlite   the SQLite driver's records (dot-named: no key can collide)
+//! <root>/.imgcache-fleet-node  fleet mode: the `serve` node answering peers for this directory
 //! ```
 
 use std::fs;

@@ -139,10 +139,10 @@ pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
 
 /// Fleet mode (`fleet_db` set): joins the fleet as a transient node, so this fetch may fill
 /// from a live holder and may hold the fleet's origin lease (a lease's holder must be a live,
-/// heartbeating node). It joins as `node_url` when configured (announcing what it publishes
-/// there, for a `serve` on the same cache answering at that URL), else, or when a live node
-/// already uses that URL, as `fetch://HOST/PID`, which announces nothing (no peer can read
-/// from it). A fleet database that does not answer (every call is bounded) leaves the fetch
+/// heartbeating node). It joins as `node_url` when configured and free, else (a `serve`
+/// already runs as that URL, or none is configured) as `fetch://HOST/PID`; what it publishes
+/// is announced under a URL that answers peers for this cache directory, if there is one
+/// ([`FetchMember`]). A fleet database that does not answer (every call is bounded) leaves the fetch
 /// to the origin alone.
 async fn join_fleet(
     ctx: &Ctx,
@@ -165,7 +165,7 @@ async fn join_fleet(
     for url in urls {
         let mut cfg = imgcache_fleet::FleetConfig::new(db.clone(), url.clone());
         cfg.heartbeat_timeout = s.heartbeat_timeout;
-        match FetchMember::join(cfg, token.clone(), &http).await {
+        match FetchMember::join(cfg, token.clone(), &http, images.cache().root()).await {
             Ok(m) => {
                 tracing::debug!(node = url, "joined the fleet");
                 return Ok(Some(m));
