@@ -677,7 +677,7 @@ fn a_fetch_beside_a_serve_feeds_the_fleet_under_its_url() {
     assert_eq!(origin.data_requests("/images/disk.img"), 1);
     // What the fetch published is announced under A's URL (A answers peers from the
     // directory), so B's miss fills from A, not from the origin.
-    assert_eq!(holders(&b, &key), [a.url.clone()]);
+    assert_eq!(holders(&b, &key), vec![a.url.clone()]);
     let (status, body, _) = get(&fetch_url(&b, &href), &[]);
     assert_eq!(status, 200);
     assert!(body == data.as_ref(), "exact bytes from the peer");
