@@ -10,7 +10,8 @@
 //! - `lookup, held`: `lookup` of a key another node holds (lists it, takes no lease).
 //!
 //! Prints p50, p99 and max per operation, and each p50 and p99 as a ratio to `ping`'s.
-//! `ROUNDS` (default 3000) sets the number of samples per operation.
+//! `ROUNDS` (default 3000) sets the number of samples per operation; `FSYNC=on` runs the
+//! server with its commits flushed to disk, as in production (the test kit's default is off).
 
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,14 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3000);
-    let pg = Postgres::start().unwrap_or_else(|e| panic!("PostgreSQL for the bench: {e}"));
+    // FSYNC=on: commits flushed to disk, as on a production server.
+    let durable = std::env::var("FSYNC").is_ok_and(|v| v == "on");
+    let pg = if durable {
+        Postgres::start_durable()
+    } else {
+        Postgres::start()
+    }
+    .unwrap_or_else(|e| panic!("PostgreSQL for the bench: {e}"));
     let mut nodes = Vec::new();
     for n in 0..NODES {
         let mut cfg = FleetConfig::new(pg.url(), format!("http://node{n}:9292"));
@@ -97,7 +105,8 @@ async fn main() {
     let (p50, p99) = (quantile(&took[0], 0.5), quantile(&took[0], 0.99));
     println!(
         "fleet lookup: {rounds} samples per operation, {NODES} nodes x {HELD_PER_NODE} holdings, \
-         PostgreSQL on loopback"
+         PostgreSQL on loopback, fsync {}",
+        if durable { "on" } else { "off" }
     );
     println!(
         "{:<14} {:>9} {:>9} {:>9} {:>12} {:>12}",

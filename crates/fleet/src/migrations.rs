@@ -52,8 +52,13 @@ pub async fn migrate(client: &mut Client) -> Result<usize> {
         }
     }
     let tx = client.transaction().await?;
-    tx.batch_execute("LOCK TABLE imgcache_schema IN EXCLUSIVE MODE")
-        .await?;
+    // The schema is the one thing here that is not soft state: its commit is flushed even
+    // though the pool's connections commit asynchronously (`ASYNC_COMMIT` in lib.rs), and the
+    // flush makes the schema table's creation above durable with it.
+    tx.batch_execute(
+        "SET LOCAL synchronous_commit = on; LOCK TABLE imgcache_schema IN EXCLUSIVE MODE",
+    )
+    .await?;
     let row = tx
         .query_opt("SELECT version FROM imgcache_schema", &[])
         .await?;

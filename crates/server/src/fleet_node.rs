@@ -199,6 +199,8 @@ impl FleetNode {
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let beat = self.settings.index.heartbeat_every();
         let mut down = false;
+        // When the database server started, as of the last heartbeat.
+        let mut server_started: Option<String> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(beat) => {}
@@ -206,7 +208,17 @@ impl FleetNode {
                 _ = stop.wait_for(|s| *s) => break,
             }
             match self.fleet.heartbeat().await {
-                Ok(()) => {}
+                Ok(started) => {
+                    // A restart between two beats goes unnoticed by every failed call: its
+                    // last commits may be lost all the same, so the node says it all again.
+                    if !down && server_started.as_ref().is_some_and(|s| *s != started) {
+                        tracing::warn!(
+                            "the fleet database restarted since the last heartbeat: re-announcing"
+                        );
+                        down = true;
+                    }
+                    server_started = Some(started);
+                }
                 Err(FleetError::DuplicateNode { .. }) => {
                     tracing::warn!("the fleet took this node for dead: joining again");
                     match self.fleet.join().await {

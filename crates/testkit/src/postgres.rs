@@ -12,6 +12,9 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     pub port: u16,
     as_nobody: bool,
+    /// Whether commits are flushed to disk (`fsync`), as a production server's are; off for
+    /// tests, which never crash the machine.
+    durable: bool,
 }
 
 /// Why no server could be started (no PostgreSQL installed, initdb failed, ...).
@@ -51,8 +54,19 @@ fn is_root() -> bool {
 }
 
 impl Postgres {
-    /// Initialises and starts a server.
+    /// Initialises and starts a server (`fsync=off`: quick, and crash-safe but for the
+    /// machine's own crash).
     pub fn start() -> Result<Postgres, Unavailable> {
+        Postgres::start_with(false)
+    }
+
+    /// [`Postgres::start`] with `fsync` on, as a production server runs: for benchmarks of
+    /// what a commit costs.
+    pub fn start_durable() -> Result<Postgres, Unavailable> {
+        Postgres::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<Postgres, Unavailable> {
         let bin = bindir().ok_or_else(|| Unavailable("PostgreSQL is not installed".into()))?;
         let dir = tempfile::Builder::new()
             .prefix("imgcache-pg")
@@ -71,6 +85,7 @@ impl Postgres {
             dir,
             port,
             as_nobody,
+            durable,
         };
         let data = pg.data();
         pg.run(
@@ -102,9 +117,10 @@ impl Postgres {
     pub fn resume(&self) -> Result<(), Unavailable> {
         let data = self.data();
         let opts = format!(
-            "-k {} -h 127.0.0.1 -p {} -c fsync=off",
+            "-k {} -h 127.0.0.1 -p {} -c fsync={}",
             self.dir.path().display(),
-            self.port
+            self.port,
+            if self.durable { "on" } else { "off" }
         );
         let log = self.dir.path().join("log");
         self.run(
