@@ -201,38 +201,47 @@ impl FleetNode {
         let mut down = false;
         // When the database server started, as of the last heartbeat.
         let mut server_started: Option<String> = None;
+        let mut last_beat: Option<std::time::Instant> = None;
         loop {
+            let due = last_beat.map_or(Duration::ZERO, |t| beat.saturating_sub(t.elapsed()));
             tokio::select! {
-                _ = tokio::time::sleep(beat) => {}
+                _ = tokio::time::sleep(due) => {}
                 _ = self.wake.notified() => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
-            match self.fleet.heartbeat().await {
-                Ok(started) => {
-                    // A restart between two beats goes unnoticed by every failed call: its
-                    // last commits may be lost all the same, so the node says it all again.
-                    if !down && server_started.as_ref().is_some_and(|s| *s != started) {
-                        tracing::warn!(
-                            "the fleet database restarted since the last heartbeat: re-announcing"
-                        );
+            // A beat when one is due, not on every update (a busy node's misses would each
+            // cost the database one more write); while the database is away, every round
+            // asks, since its return is what the loop waits for.
+            let beat_due = last_beat.is_none_or(|t| t.elapsed() >= beat);
+            if down || beat_due {
+                last_beat = Some(std::time::Instant::now());
+                match self.fleet.heartbeat().await {
+                    Ok(started) => {
+                        // A restart between two beats goes unnoticed by every failed call: its
+                        // last commits may be lost all the same, so the node says it all again.
+                        if !down && server_started.as_ref().is_some_and(|s| *s != started) {
+                            tracing::warn!(
+                                "the fleet database restarted since the last heartbeat: re-announcing"
+                            );
+                            down = true;
+                        }
+                        server_started = Some(started);
+                    }
+                    Err(FleetError::DuplicateNode { .. }) => {
+                        tracing::warn!("the fleet took this node for dead: joining again");
+                        match self.fleet.join().await {
+                            Ok(()) => self.announce_all().await,
+                            Err(e) => tracing::warn!(error = %e, "cannot rejoin the fleet"),
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        if !down {
+                            tracing::warn!(error = %e, "fleet database unavailable: bookkeeping queued");
+                        }
                         down = true;
+                        continue;
                     }
-                    server_started = Some(started);
-                }
-                Err(FleetError::DuplicateNode { .. }) => {
-                    tracing::warn!("the fleet took this node for dead: joining again");
-                    match self.fleet.join().await {
-                        Ok(()) => self.announce_all().await,
-                        Err(e) => tracing::warn!(error = %e, "cannot rejoin the fleet"),
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    if !down {
-                        tracing::warn!(error = %e, "fleet database unavailable: bookkeeping queued");
-                    }
-                    down = true;
-                    continue;
                 }
             }
             if down {
