@@ -155,7 +155,9 @@ pub struct Lookup {
 /// timeout in seconds): a lease is free when expired (by the database's clock), or when its
 /// holder is dead (silent past the heartbeat timeout, or gone): a killed holder's lease need
 /// not be waited out. The generation grows with every taking: the fencing token.
-const LEASE_TAKEN_OVER: &str = "ON CONFLICT (image_key) DO UPDATE
+macro_rules! lease_taken_over {
+    () => {
+        "ON CONFLICT (image_key) DO UPDATE
         SET holder = EXCLUDED.holder,
             generation = imgcache_leases.generation + 1,
             expires_at = EXCLUDED.expires_at
@@ -163,7 +165,43 @@ const LEASE_TAKEN_OVER: &str = "ON CONFLICT (image_key) DO UPDATE
            OR NOT EXISTS (
                 SELECT 1 FROM imgcache_nodes n
                 WHERE n.url = imgcache_leases.holder
-                  AND n.heartbeat >= now() - make_interval(secs => $4))";
+                  AND n.heartbeat >= now() - make_interval(secs => $4))"
+    };
+}
+
+/// A miss's one statement ([`Fleet::lookup`]).
+const LOOKUP_SQL: &str = concat!(
+    "WITH h AS (
+        SELECT h.node, h.state, h.size, h.checksum, h.bytes
+        FROM imgcache_holdings h JOIN imgcache_nodes n ON n.url = h.node
+        WHERE h.image_key = $1 AND h.node <> $2
+          AND n.heartbeat >= now() - make_interval(secs => $4)
+     ), l AS (
+        INSERT INTO imgcache_leases (image_key, holder, generation, expires_at)
+        SELECT $1, $2, 1, now() + make_interval(secs => $3)
+        WHERE NOT EXISTS (SELECT 1 FROM h) ",
+    lease_taken_over!(),
+    " RETURNING generation
+     )
+     SELECT * FROM (
+        SELECT node, state, size, checksum, bytes, NULL::bigint AS generation FROM h
+        UNION ALL
+        SELECT NULL, NULL, NULL, NULL, NULL, generation FROM l
+     ) u
+     ORDER BY (state = 'published') DESC, bytes DESC, node"
+);
+
+/// [`Fleet::take_lease`]'s statement.
+const TAKE_LEASE_SQL: &str = concat!(
+    "INSERT INTO imgcache_leases (image_key, holder, generation, expires_at)
+     VALUES ($1, $2, 1, now() + make_interval(secs => $3)) ",
+    lease_taken_over!(),
+    " RETURNING generation"
+);
+
+/// The statements on a miss's path, prepared as each pooled connection is made, so that no
+/// miss pays a Parse round trip (the first use on each new connection would otherwise).
+const MISS_PATH: [&str; 2] = [LOOKUP_SQL, TAKE_LEASE_SQL];
 
 /// Set on every pooled connection: a commit returns once its WAL record is written, not
 /// flushed (PostgreSQL's asynchronous commit; visibility to other sessions is unchanged).
@@ -221,6 +259,22 @@ impl Fleet {
         Ok(fleet)
     }
 
+    /// Opens the connections a node's misses and bookkeeping use at once, each with the
+    /// miss path's statements prepared, so that no early miss waits for a connection to be
+    /// made (a pool makes them lazily). Best effort. For a long-lived node (`serve`); a
+    /// one-shot `fetch` makes the one or two it needs.
+    pub async fn warm(&self) {
+        const WARM: usize = 4;
+        let mut held = Vec::with_capacity(WARM);
+        while held.len() < WARM {
+            let Ok(c) = self.pool.get().await else { break };
+            for sql in MISS_PATH {
+                let _ = c.prepare_cached(sql).await;
+            }
+            held.push(c);
+        }
+    }
+
     /// Connects and applies missing migrations without joining: for a reader of the index
     /// (`imgcache fleet nodes`), which is no node and must not appear as one. `cfg.node_url`
     /// is not used.
@@ -247,7 +301,13 @@ impl Fleet {
                     client
                         .batch_execute(ASYNC_COMMIT)
                         .await
-                        .map_err(HookError::Backend)
+                        .map_err(HookError::Backend)?;
+                    // Best effort: before the first migration the tables do not exist yet
+                    // (a statement not prepared here is prepared at its first use).
+                    for sql in MISS_PATH {
+                        let _ = client.prepare_cached(sql).await;
+                    }
+                    Ok(())
                 })
             }))
             .build()
@@ -546,28 +606,11 @@ impl Fleet {
             self.timeout_secs(),
         );
         self.call(|c| async move {
-            let sql = format!(
-                "WITH h AS (
-                    SELECT h.node, h.state, h.size, h.checksum, h.bytes
-                    FROM imgcache_holdings h JOIN imgcache_nodes n ON n.url = h.node
-                    WHERE h.image_key = $1 AND h.node <> $2
-                      AND n.heartbeat >= now() - make_interval(secs => $4)
-                 ), l AS (
-                    INSERT INTO imgcache_leases (image_key, holder, generation, expires_at)
-                    SELECT $1, $2, 1, now() + make_interval(secs => $3)
-                    WHERE NOT EXISTS (SELECT 1 FROM h)
-                    {LEASE_TAKEN_OVER}
-                    RETURNING generation
-                 )
-                 SELECT * FROM (
-                    SELECT node, state, size, checksum, bytes, NULL::bigint AS generation FROM h
-                    UNION ALL
-                    SELECT NULL, NULL, NULL, NULL, NULL, generation FROM l
-                 ) u
-                 ORDER BY (state = 'published') DESC, bytes DESC, node"
-            );
             let rows = c
-                .query(&c.prepare_cached(&sql).await?, &[&key, &me, &ttl, &dead])
+                .query(
+                    &c.prepare_cached(LOOKUP_SQL).await?,
+                    &[&key, &me, &ttl, &dead],
+                )
                 .await?;
             let mut found = Lookup::default();
             for r in &rows {
@@ -705,13 +748,7 @@ impl Fleet {
         self.call(|c| async move {
             let row = c
                 .query_opt(
-                    &c.prepare_cached(&format!(
-                        "INSERT INTO imgcache_leases (image_key, holder, generation, expires_at)
-                             VALUES ($1, $2, 1, now() + make_interval(secs => $3))
-                             {LEASE_TAKEN_OVER}
-                             RETURNING generation"
-                    ))
-                    .await?,
+                    &c.prepare_cached(TAKE_LEASE_SQL).await?,
                     &[&key, &holder, &ttl, &dead],
                 )
                 .await?;

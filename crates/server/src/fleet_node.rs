@@ -76,6 +76,7 @@ impl FleetNode {
         http: &HttpSource,
     ) -> Result<Arc<FleetNode>, FleetError> {
         let fleet = Fleet::connect(settings.index.clone()).await?;
+        fleet.warm().await;
         // An `imgcache fetch` on this directory announces what it publishes under this
         // node's URL, once the marker shows this node serves the directory.
         if let Err(e) = fleet.mark_cache_dir(cache.root()) {
