@@ -203,6 +203,15 @@ const TAKE_LEASE_SQL: &str = concat!(
 /// miss pays a Parse round trip (the first use on each new connection would otherwise).
 const MISS_PATH: [&str; 2] = [LOOKUP_SQL, TAKE_LEASE_SQL];
 
+/// Prepares [`MISS_PATH`] on `client` (into its statement cache). Best effort: before the
+/// first migration the tables do not exist yet, and a statement not prepared here is
+/// prepared at its first use.
+async fn prepare_miss_path(client: &deadpool_postgres::ClientWrapper) {
+    for sql in MISS_PATH {
+        let _ = client.prepare_cached(sql).await;
+    }
+}
+
 /// Set on every pooled connection: a commit returns once its WAL record is written, not
 /// flushed (PostgreSQL's asynchronous commit; visibility to other sessions is unchanged).
 /// A miss's lookup commits when it takes the lease, and the flush was most of its time on a
@@ -259,18 +268,15 @@ impl Fleet {
         Ok(fleet)
     }
 
-    /// Opens the connections a node's misses and bookkeeping use at once, each with the
-    /// miss path's statements prepared, so that no early miss waits for a connection to be
-    /// made (a pool makes them lazily). Best effort. For a long-lived node (`serve`); a
-    /// one-shot `fetch` makes the one or two it needs.
+    /// Opens the connections a node's misses and bookkeeping use at once (each prepares the
+    /// miss path as it is made), so that no early miss waits for a connection to be made (a
+    /// pool makes them lazily). Best effort. For a long-lived node (`serve`); a one-shot
+    /// `fetch` makes the one or two it needs.
     pub async fn warm(&self) {
         const WARM: usize = 4;
         let mut held = Vec::with_capacity(WARM);
         while held.len() < WARM {
             let Ok(c) = self.pool.get().await else { break };
-            for sql in MISS_PATH {
-                let _ = c.prepare_cached(sql).await;
-            }
             held.push(c);
         }
     }
@@ -302,11 +308,7 @@ impl Fleet {
                         .batch_execute(ASYNC_COMMIT)
                         .await
                         .map_err(HookError::Backend)?;
-                    // Best effort: before the first migration the tables do not exist yet
-                    // (a statement not prepared here is prepared at its first use).
-                    for sql in MISS_PATH {
-                        let _ = client.prepare_cached(sql).await;
-                    }
+                    prepare_miss_path(client).await;
                     Ok(())
                 })
             }))
@@ -322,6 +324,8 @@ impl Fleet {
         tokio::time::timeout(Duration::from_secs(30), migrations::migrate(&mut client))
             .await
             .map_err(|_| FleetError::TimedOut(Duration::from_secs(30)))??;
+        // Made before the tables existed, perhaps: its post_create could not prepare them.
+        prepare_miss_path(&client).await;
         drop(client);
         Ok(fleet)
     }
@@ -347,6 +351,18 @@ impl Fleet {
         })
         .await
         .map_err(|_| FleetError::TimedOut(budget))?
+    }
+
+    /// The parameters `$1`–`$4` of the statements that take a lease ([`LOOKUP_SQL`],
+    /// [`TAKE_LEASE_SQL`]): the key, this node, the lease TTL and the heartbeat timeout in
+    /// seconds.
+    fn lease_params(&self, key: &str) -> (String, String, f64, f64) {
+        (
+            key.to_string(),
+            self.cfg.node_url.clone(),
+            self.cfg.lease_ttl.as_secs_f64(),
+            self.timeout_secs(),
+        )
     }
 
     fn timeout_secs(&self) -> f64 {
@@ -599,12 +615,7 @@ impl Fleet {
     /// One statement (a data-modifying CTE) rather than two calls: a miss's time to its
     /// source is one pool checkout and one round trip, not two.
     pub async fn lookup(&self, key: &str) -> Result<Lookup> {
-        let (key, me, ttl, dead) = (
-            key.to_string(),
-            self.cfg.node_url.clone(),
-            self.cfg.lease_ttl.as_secs_f64(),
-            self.timeout_secs(),
-        );
+        let (key, me, ttl, dead) = self.lease_params(key);
         self.call(|c| async move {
             let rows = c
                 .query(
@@ -739,12 +750,7 @@ impl Fleet {
     /// heartbeat within `heartbeat_timeout`, or gone from the fleet), `None` while a live
     /// node holds it.
     pub async fn take_lease(&self, key: &str) -> Result<Option<Lease>> {
-        let (key, holder, ttl, dead) = (
-            key.to_string(),
-            self.cfg.node_url.clone(),
-            self.cfg.lease_ttl.as_secs_f64(),
-            self.timeout_secs(),
-        );
+        let (key, holder, ttl, dead) = self.lease_params(key);
         self.call(|c| async move {
             let row = c
                 .query_opt(

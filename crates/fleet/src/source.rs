@@ -136,26 +136,22 @@ impl FleetSource {
                     return Source::Origin(None);
                 }
             };
-            let lease = match found {
-                Lookup {
-                    lease: Some(lease), ..
-                } => Ok(Some(lease)),
-                Lookup { holders, .. } if holders.is_empty() => Ok(None),
-                Lookup { holders, .. } => {
-                    for h in holders {
-                        if vouched.is_none() {
-                            vouched = Some(origin.vouched().await);
-                        }
-                        if let Some(src) = self
-                            .try_peer(&h, key, &origin, vouched.clone().flatten())
-                            .await
-                        {
-                            return src;
-                        }
+            let lease = if found.lease.is_some() || found.holders.is_empty() {
+                Ok(found.lease)
+            } else {
+                for h in found.holders {
+                    if vouched.is_none() {
+                        vouched = Some(origin.vouched().await);
                     }
-                    // Holders were listed, so the lookup took no lease; none served.
-                    self.fleet.take_lease(key.as_str()).await
+                    if let Some(src) = self
+                        .try_peer(&h, key, &origin, vouched.clone().flatten())
+                        .await
+                    {
+                        return src;
+                    }
                 }
+                // Holders were listed, so the lookup took no lease; none served.
+                self.fleet.take_lease(key.as_str()).await
             };
             match lease {
                 Ok(Some(lease)) => return Source::Origin(Some(LeaseGuard::new(self, lease))),
