@@ -711,6 +711,90 @@ fn a_fetch_beside_a_serve_feeds_the_fleet_under_its_url() {
 }
 
 #[test]
+fn conductors_fetching_one_image_at_once_download_it_once() {
+    use imgcache_testkit::digest::sha256_hex;
+    let pg = pg();
+    let data = image_bytes(4 << 20, 12);
+    let (origin, _d) = origin_with("disk.img", &data);
+    // About 1.5 s of download, so the second fetch asks while the first is still filling.
+    origin.throttle("/images/disk.img", 128 << 10, Duration::from_millis(50));
+    let allow = format!("{}/", origin.url);
+    // Two conductors, each with `imgcache serve` on its cache directory, deploy one image at
+    // once with `imgcache fetch` (Ironic gives the image's checksum).
+    let serves = [
+        node(&pg, &["--allow-href-prefix", &allow]),
+        node(&pg, &["--allow-href-prefix", &allow]),
+    ];
+    let href = format!("{}/images/disk.img", origin.url);
+    let key = key_of(&href);
+    let sum = format!("sha256:{}", sha256_hex(&data));
+    let db = pg.url();
+    let flags = [
+        "--fleet-db",
+        db.as_str(),
+        "--fleet-token",
+        TOKEN,
+        "--checksum",
+        sum.as_str(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let dest = |i: usize| dir.path().join(format!("deploy{i}.img"));
+    let t = Instant::now();
+    let procs: Vec<_> = serves
+        .iter()
+        .enumerate()
+        .map(|(i, s)| fetch_cmd(&s.cache, &href, &dest(i), &flags))
+        .collect();
+    // The fill in progress is in the index, listed under the serve that answers for it.
+    let listed = eventually(
+        "a fetch's fill is listed under its serve",
+        Duration::from_secs(5),
+        || {
+            fleet_cli(&pg, &["holders", &key])
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h["state"] == "filling" && serves.iter().any(|s| h["node"] == s.url))
+        },
+    );
+    procs.into_iter().for_each(fetched);
+    let took = t.elapsed();
+    for i in 0..2 {
+        assert!(std::fs::read(dest(i)).unwrap() == data.as_ref(), "exact");
+    }
+    assert_eq!(
+        origin.data_requests("/images/disk.img"),
+        1,
+        "one conductor downloaded; the other followed its fill through its serve"
+    );
+    assert!(
+        took < Duration::from_millis(2800),
+        "the second followed the first, it did not download after it: {took:?}"
+    );
+    // Each serve holds the image its fetch published (announced under its URL), and the
+    // fetches left the fleet, their fills' holdings with them.
+    let mut want: Vec<_> = serves.iter().map(|s| s.url.clone()).collect();
+    want.sort();
+    let mut held = holders(&serves[0], &key);
+    held.sort();
+    assert_eq!(held, want);
+    let states = fleet_cli(&pg, &["holders", &key]);
+    assert!(
+        states
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["state"] == "published"),
+        "{states}"
+    );
+    let nodes = fleet_cli(&pg, &["nodes"]);
+    assert_eq!(nodes.as_array().map(Vec::len), Some(2), "{nodes}");
+    eprintln!(
+        "fleet: two conductors' fetches: 1 origin request in {took:?}; a fill was listed after {listed:?}"
+    );
+}
+
+#[test]
 fn two_fetch_only_members_do_not_wait_on_each_other() {
     let pg = pg();
     let data = image_bytes(4 << 20, 8);

@@ -50,6 +50,14 @@ pub trait MissSources: Send + Sync + 'static {
     /// The source of `key`'s miss, asked under the key's permit.
     fn source<'a>(&'a self, key: &'a Key, origin: Arc<dyn MissOrigin>)
     -> BoxFuture<'a, MissSource>;
+    /// This process started writing `key`'s bytes (to be verified against `checksum`), so
+    /// that others may follow the fill. Called once per download, before the first byte.
+    fn filling<'a>(
+        &'a self,
+        key: &'a Key,
+        size: Option<u64>,
+        checksum: Option<String>,
+    ) -> BoxFuture<'a, ()>;
     /// `node` sent an image the admission refused (it is skipped for a while).
     fn refused(&self, node: &str);
     /// This process published `key` (awaited before the origin lease is given up, so a node
@@ -60,4 +68,37 @@ pub trait MissSources: Send + Sync + 'static {
         size: u64,
         checksum: Option<String>,
     ) -> BoxFuture<'a, ()>;
+}
+
+/// A fill's announcement to the fleet ([`MissSources::filling`]), made as its bytes start to
+/// flow (the admission's streaming hook) and awaited before the image is said published, so
+/// that the "filling" holding never lands after the "published" one that ends it.
+#[derive(Clone, Default)]
+pub struct FillAnnouncement(Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>);
+
+impl FillAnnouncement {
+    /// The admission's streaming hook: announces `key`'s fill with the size and checksum
+    /// the bytes will be verified against.
+    pub fn hook(
+        &self,
+        sources: Arc<dyn MissSources>,
+        key: Key,
+    ) -> Box<dyn FnOnce(crate::admit::StreamInfo) + Send> {
+        let slot = self.0.clone();
+        Box::new(move |s| {
+            let checksum = s.checksum.as_ref().map(ToString::to_string);
+            let task = tokio::spawn(async move {
+                sources.filling(&key, s.size, checksum).await;
+            });
+            *slot.lock().expect("poisoned") = Some(task);
+        })
+    }
+
+    /// Waits for the announcement, if one was made.
+    pub async fn done(&self) {
+        let task = self.0.lock().expect("poisoned").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
 }

@@ -23,7 +23,7 @@ use crate::error::{FetchError, Result};
 use crate::formats::DiskFormat;
 use crate::href::{Href, cache_key};
 use crate::meta::{Freshness, ImageMeta, freshness};
-use crate::miss::{BoxFuture, MissOrigin, MissSource, MissSources};
+use crate::miss::{BoxFuture, FillAnnouncement, MissOrigin, MissSource, MissSources};
 use crate::pipeline::ImageOptions;
 use crate::place::{Placement, check_dest, place, same_file};
 use crate::progress::Progress;
@@ -371,6 +371,7 @@ impl ImageCache {
                     }
                 }
             };
+            let announcing = FillAnnouncement::default();
             let adm = Admission {
                 key: key.clone(),
                 href: href.clone(),
@@ -381,6 +382,11 @@ impl ImageCache {
                 force_raw: opts.force_raw,
                 hooks: Hooks {
                     progress: opts.progress.clone(),
+                    streaming: self
+                        .fleet
+                        .as_ref()
+                        .filter(|_| !opts.force_raw)
+                        .map(|f| announcing.hook(f.clone(), key.clone())),
                     ..Hooks::default()
                 },
             };
@@ -415,6 +421,7 @@ impl ImageCache {
                 }
                 Admitted::Unchanged(None) => continue,
                 Admitted::Published(reader) => {
+                    announcing.done().await;
                     if let Some(fleet) = &self.fleet {
                         let rec = reader.record();
                         let sum = rec.checksum.as_ref().map(ToString::to_string);

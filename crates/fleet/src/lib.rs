@@ -124,6 +124,8 @@ impl HoldingState {
 /// One node's holding of an image.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Holding {
+    /// Where peers read it: the holding node's URL, or, for an `imgcache fetch` beside a
+    /// `serve`, that serve's ([`Fleet::serve_through`]).
     pub node: String,
     pub state: HoldingState,
     pub size: Option<u64>,
@@ -172,9 +174,9 @@ macro_rules! lease_taken_over {
 /// A miss's one statement ([`Fleet::lookup`]).
 const LOOKUP_SQL: &str = concat!(
     "WITH h AS (
-        SELECT h.node, h.state, h.size, h.checksum, h.bytes
+        SELECT coalesce(n.peer_url, h.node) AS node, h.state, h.size, h.checksum, h.bytes
         FROM imgcache_holdings h JOIN imgcache_nodes n ON n.url = h.node
-        WHERE h.image_key = $1 AND h.node <> $2
+        WHERE h.image_key = $1 AND h.node <> $2 AND coalesce(n.peer_url, h.node) <> $2
           AND n.heartbeat >= now() - make_interval(secs => $4)
      ), l AS (
         INSERT INTO imgcache_leases (image_key, holder, generation, expires_at)
@@ -239,6 +241,14 @@ fn holding(r: &tokio_postgres::Row) -> Holding {
         size: r.get::<_, Option<i64>>(2).map(|v| v as u64),
         checksum: r.get(3),
         bytes: r.get::<_, i64>(4) as u64,
+    }
+}
+
+/// Adds `h` to `list` (ranked best first) unless its node is listed already: a serve and the
+/// fetch beside it are one place to read from, listed once, at its best holding.
+fn add_holding(list: &mut Vec<Holding>, h: Holding) {
+    if !list.iter().any(|l| l.node == h.node) {
+        list.push(h);
     }
 }
 
@@ -440,7 +450,8 @@ impl Fleet {
                     &c.prepare_cached(
                         "INSERT INTO imgcache_nodes (url, instance) VALUES ($1, $2)
                      ON CONFLICT (url) DO UPDATE
-                        SET instance = EXCLUDED.instance, started = now(), heartbeat = now()
+                        SET instance = EXCLUDED.instance, started = now(), heartbeat = now(),
+                            peer_url = NULL
                         WHERE imgcache_nodes.instance = EXCLUDED.instance
                            OR imgcache_nodes.heartbeat < now() - make_interval(secs => $3)
                      RETURNING instance",
@@ -501,6 +512,31 @@ impl Fleet {
                 Some(r) => Ok(r.get(0)),
                 None => Err(FleetError::DuplicateNode { url, age_secs: 0.0 }),
             }
+        })
+        .await
+    }
+
+    /// Says that peers read this node's images at `url`, the live `serve` whose cache
+    /// directory it writes into ([`Fleet::node_beside`]): for an `imgcache fetch`, which has
+    /// no peer endpoint of its own. Its holdings and its origin lease are then listed as
+    /// `url`'s, so a node that finds its lease waits for its fill and follows it through the
+    /// serve, and they still go when this node does (it stops heartbeating or leaves).
+    pub async fn serve_through(&self, url: &str) -> Result<()> {
+        let (me, instance, url) = (
+            self.cfg.node_url.clone(),
+            self.instance.clone(),
+            url.to_string(),
+        );
+        self.call(|c| async move {
+            c.execute(
+                &c.prepare_cached(
+                    "UPDATE imgcache_nodes SET peer_url = $3 WHERE url = $1 AND instance = $2",
+                )
+                .await?,
+                &[&me, &instance, &url],
+            )
+            .await?;
+            Ok(())
         })
         .await
     }
@@ -591,17 +627,20 @@ impl Fleet {
             let rows = c
                 .query(
                     &c.prepare_cached(
-                        "SELECT h.node, h.state, h.size, h.checksum, h.bytes
+                        "SELECT coalesce(n.peer_url, h.node), h.state, h.size, h.checksum, h.bytes
                      FROM imgcache_holdings h JOIN imgcache_nodes n ON n.url = h.node
                      WHERE h.image_key = $1
                        AND n.heartbeat >= now() - make_interval(secs => $2)
-                     ORDER BY (h.state = 'published') DESC, h.bytes DESC, h.node",
+                     ORDER BY (h.state = 'published') DESC, h.bytes DESC, 1",
                     )
                     .await?,
                     &[&key, &dead],
                 )
                 .await?;
-            Ok(rows.iter().map(holding).collect())
+            let mut found = Vec::new();
+            rows.iter()
+                .for_each(|r| add_holding(&mut found, holding(r)));
+            Ok(found)
         })
         .await
     }
@@ -632,7 +671,7 @@ impl Fleet {
                             generation,
                         })
                     }
-                    None => found.holders.push(holding(r)),
+                    None => add_holding(&mut found.holders, holding(r)),
                 }
             }
             Ok(found)
@@ -730,13 +769,19 @@ impl Fleet {
         .await
     }
 
-    /// The node holding `key`'s origin lease now (unexpired), if any.
+    /// Where the holder of `key`'s origin lease (unexpired), if any, is read from by peers:
+    /// its URL, or the serve it writes beside ([`Fleet::serve_through`]).
     pub async fn lease_holder(&self, key: &str) -> Result<Option<String>> {
         let key = key.to_string();
         self.call(|c| async move {
             let row = c
                 .query_opt(
-                    &c.prepare_cached("SELECT holder FROM imgcache_leases WHERE image_key = $1 AND expires_at > now()").await?,
+                    &c.prepare_cached(
+                        "SELECT coalesce(n.peer_url, l.holder)
+                         FROM imgcache_leases l LEFT JOIN imgcache_nodes n ON n.url = l.holder
+                         WHERE l.image_key = $1 AND l.expires_at > now()",
+                    )
+                    .await?,
                     &[&key],
                 )
                 .await?;

@@ -34,6 +34,9 @@ pub const STEPS: &[&str] = &[
         generation BIGINT NOT NULL,
         expires_at TIMESTAMPTZ NOT NULL
     );",
+    // 2: where peers read a node's images when it has no peer endpoint of its own (an
+    // `imgcache fetch` beside a `serve`: that serve's URL); NULL for the node's own URL.
+    "ALTER TABLE imgcache_nodes ADD COLUMN peer_url TEXT",
 ];
 
 /// Brings the database to the latest version; returns the version it was at.

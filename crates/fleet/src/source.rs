@@ -436,9 +436,15 @@ impl Drop for LeaseGuard {
 /// the directory, so a conductor's fetch beside a serve feeds the fleet. A fetch with neither
 /// (`fetch://HOST/PID` on a directory no serve answers for) announces nothing: no peer could
 /// read from it.
+///
+/// Beside a serve, its fill in progress is announced too (as its own holding, read through
+/// the serve: [`Fleet::serve_through`]), and the serve's peer endpoint follows the growing
+/// file: conductors deploying one image at once download it from the origin once.
 pub struct FetchMember {
     source: Arc<FleetSource>,
     announce_as: Option<String>,
+    /// Whether peers read this process's fills through the serve beside it.
+    through_serve: bool,
     beat: tokio::task::JoinHandle<()>,
 }
 
@@ -454,9 +460,21 @@ impl FetchMember {
         let own = Some(cfg.node_url.clone()).filter(|u| crate::serves_peers(u));
         let every = cfg.heartbeat_every();
         let fleet = Fleet::connect(cfg).await?;
-        let announce_as = match own {
-            Some(url) => Some(url),
-            None => fleet.node_beside(cache_root).await,
+        let (announce_as, through_serve) = match own {
+            Some(url) => (Some(url), false),
+            None => match fleet.node_beside(cache_root).await {
+                Some(serve) => {
+                    let through = match fleet.serve_through(&serve).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "this fetch's fill is not announced");
+                            false
+                        }
+                    };
+                    (Some(serve), through)
+                }
+                None => (None, false),
+            },
         };
         if let Some(node) = &announce_as {
             tracing::debug!(
@@ -476,6 +494,7 @@ impl FetchMember {
         Ok(Arc::new(FetchMember {
             source: FleetSource::new(fleet, token, http),
             announce_as,
+            through_serve,
             beat,
         }))
     }
@@ -517,6 +536,27 @@ impl MissSources for FetchMember {
         })
     }
 
+    fn filling<'a>(
+        &'a self,
+        key: &'a Key,
+        size: Option<u64>,
+        checksum: Option<String>,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if !self.through_serve {
+                return;
+            }
+            let fleet = &self.source.fleet;
+            let state = HoldingState::Filling;
+            if let Err(e) = fleet
+                .announce(key.as_str(), state, size, checksum.as_deref(), 0)
+                .await
+            {
+                tracing::debug!(%key, error = %e, "the fill is not announced");
+            }
+        })
+    }
+
     fn refused(&self, node: &str) {
         self.source.suspects.mark(node);
     }
@@ -544,6 +584,12 @@ impl MissSources for FetchMember {
                 .await
             {
                 tracing::debug!(%key, error = %e, "the published image is not announced");
+            }
+            // The serve holds it now; this process's fill is over.
+            if self.through_serve
+                && let Err(e) = fleet.withdraw(key.as_str()).await
+            {
+                tracing::debug!(%key, error = %e, "the fill's holding stays until this fetch leaves");
             }
         })
     }

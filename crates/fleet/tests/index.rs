@@ -358,3 +358,56 @@ async fn a_lookup_lists_holders_or_takes_the_lease_in_one_call() {
     };
     assert_eq!(taken.map(|l| l.generation), Some(1));
 }
+
+#[tokio::test]
+async fn a_fetch_beside_a_serve_is_read_through_the_serve() {
+    let pg = pg();
+    let serve = Fleet::connect(cfg(&pg, "http://s:9292")).await.unwrap();
+    let other = Fleet::connect(cfg(&pg, "http://o:9292")).await.unwrap();
+    let fetch = Fleet::connect(cfg(&pg, "fetch://host/42")).await.unwrap();
+    fetch.serve_through("http://s:9292").await.unwrap();
+    // The fetch takes the origin lease and starts filling: another node that finds the
+    // lease is told where to follow it (the serve), and lists the fill under the serve.
+    let l = fetch.lookup("img").await.unwrap();
+    assert!(l.lease.is_some());
+    assert_eq!(
+        other.lease_holder("img").await.unwrap().as_deref(),
+        Some("http://s:9292")
+    );
+    fetch
+        .announce("img", HoldingState::Filling, Some(10), Some("sha256:ab"), 0)
+        .await
+        .unwrap();
+    let found = other.lookup("img").await.unwrap();
+    assert_eq!(found.lease, None);
+    let nodes: Vec<_> = found.holders.iter().map(|h| h.node.as_str()).collect();
+    assert_eq!(nodes, ["http://s:9292"]);
+    // The serve never lists itself, so never asks itself for its fetch's fill.
+    assert!(serve.holders("img").await.unwrap().len() == 1);
+    assert!(serve.lookup("img").await.unwrap().holders.is_empty());
+    // Published through the serve while the fill's holding is still there: listed once, as
+    // the published one.
+    fetch
+        .announce_for(
+            "http://s:9292",
+            "img",
+            HoldingState::Published,
+            Some(10),
+            Some("sha256:ab"),
+            10,
+        )
+        .await
+        .unwrap();
+    let h = other.holders("img").await.unwrap();
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(h[0].state, HoldingState::Published);
+    // The fetch leaves: its fill's holding goes with it, the serve's stays.
+    fetch
+        .announce("img2", HoldingState::Filling, None, None, 0)
+        .await
+        .unwrap();
+    assert_eq!(other.holders("img2").await.unwrap().len(), 1);
+    fetch.leave().await.unwrap();
+    assert!(other.holders("img2").await.unwrap().is_empty());
+    assert_eq!(other.holders("img").await.unwrap().len(), 1);
+}

@@ -25,6 +25,7 @@ use crate::representation::Md5Style;
 use crate::state::AppState;
 use imgcache_store::off_thread;
 
+use imgcache_fleet::source::PEER_CONNECT;
 pub use imgcache_fleet::source::TOKEN_HEADER;
 pub const CHECKSUM_HEADER: &str = "x-imgcache-checksum";
 
@@ -62,8 +63,23 @@ async fn peer_image(
         )
         .into_response();
     };
-    // Followed while it fills: the peer's bytes as they are written.
-    let resp = if let Some(fill) = state.fills.get(&key)
+    // Followed while it fills (this server's fill, or an `imgcache fetch`'s on this cache
+    // directory): the peer's bytes as they are written.
+    let fill = match state.fills.get(&key) {
+        Some(fill) => Some(fill),
+        None => match state.fills.follow_other_writer(&key) {
+            Ok(fill) => fill,
+            Err(e) => return e.into_response(),
+        },
+    };
+    if let Some(fill) = &fill {
+        // A flight following another process streams once it has opened the file (its
+        // first poll); the asking node gives up on this holder after PEER_CONNECT.
+        let mut rx = fill.subscribe();
+        let started = rx.wait_for(|p| !matches!(p, Phase::Starting));
+        let _ = tokio::time::timeout(PEER_CONNECT / 2, started).await;
+    }
+    let resp = if let Some(fill) = fill
         && matches!(
             fill.phase(),
             Phase::Streaming { .. } | Phase::Verified { .. }
