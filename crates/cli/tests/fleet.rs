@@ -38,8 +38,12 @@ fn free_port() -> u16 {
 
 /// Starts a node on its own cache directory; returns once it serves.
 fn node(pg: &Postgres, extra: &[&str]) -> Node {
+    node_on(pg, free_port(), extra)
+}
+
+/// [`node`] on `port`.
+fn node_on(pg: &Postgres, port: u16, extra: &[&str]) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_imgcache"))
         .env_clear()
@@ -792,6 +796,67 @@ fn conductors_fetching_one_image_at_once_download_it_once() {
     eprintln!(
         "fleet: two conductors' fetches: 1 origin request in {took:?}; a fill was listed after {listed:?}"
     );
+}
+
+#[test]
+fn a_fetch_never_takes_the_url_of_a_serve_that_is_down() {
+    let pg = pg();
+    let data = image_bytes(4 << 20, 13);
+    let (origin, _d) = origin_with("disk.img", &data);
+    // About 1.5 s of download.
+    origin.throttle("/images/disk.img", 128 << 10, Duration::from_millis(50));
+    let allow = format!("{}/", origin.url);
+    let b = node(&pg, &["--allow-href-prefix", &allow]);
+    let href = format!("{}/images/disk.img", origin.url);
+    // The conductor's config names its serve (`node_url`), which is down (restarting).
+    let port = free_port();
+    let serve_url = format!("http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.url();
+    let flags = [
+        "--fleet-db",
+        db.as_str(),
+        "--fleet-token",
+        TOKEN,
+        "--node-url",
+        serve_url.as_str(),
+    ];
+    let fetch = fetch_cmd(
+        &dir.path().join("cache"),
+        &href,
+        &dir.path().join("deploy.img"),
+        &flags,
+    );
+    eventually("the fetch joins", Duration::from_secs(5), || {
+        let nodes = fleet_cli(&pg, &["nodes"]);
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["url"].as_str().is_some_and(|u| u.starts_with("fetch://")))
+    });
+    // The fetch joined as itself, so the serve comes back at its URL while the fetch runs
+    // (under that URL, it would be refused as a duplicate of a live node) ...
+    let serve = node_on(&pg, port, &["--allow-href-prefix", &allow]);
+    assert!(
+        fleet_cli(&pg, &["nodes"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["url"] == serve.url.as_str())
+    );
+    // ... and a miss on another node does not wait on the fetch's lease for a fill no peer
+    // can follow: it downloads at once.
+    let (status, body, took) = get(&fetch_url(&b, &href), &[]);
+    assert_eq!(status, 200);
+    assert!(body == data.as_ref(), "exact");
+    assert!(
+        took < Duration::from_secs(5),
+        "not held up by the fetch's lease: {took:?}"
+    );
+    fetched(fetch);
+    assert!(std::fs::read(dir.path().join("deploy.img")).unwrap() == data.as_ref());
+    assert_eq!(origin.data_requests("/images/disk.img"), 2);
 }
 
 #[test]

@@ -12,6 +12,10 @@
 //! Prints p50, p99 and max per operation, and each p50 and p99 as a ratio to `ping`'s.
 //! `ROUNDS` (default 3000) sets the number of samples per operation; `FSYNC=on` runs the
 //! server with its commits flushed to disk, as in production (the test kit's default is off).
+//! `GAP_MS=N` idles N ms before each timed call, as a node's misses come (a serve node's
+//! lookups are apart, not back to back): the client, the pool's connection and the server's
+//! backend are then woken from sleep for each call, and `ping` shows what that costs any
+//! round trip on this machine.
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +40,12 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3000);
+    let gap = Duration::from_millis(
+        std::env::var("GAP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
     // FSYNC=on: commits flushed to disk, as on a production server.
     let durable = std::env::var("FSYNC").is_ok_and(|v| v == "on");
     let pg = if durable {
@@ -76,22 +86,26 @@ async fn main() {
     let names = ["ping", "two calls", "lookup", "lookup, held"];
     let mut took: [Vec<Duration>; 4] = Default::default();
     for r in 0..rounds {
+        idle(gap).await;
         let t = Instant::now();
         me.ping().await.unwrap();
         took[0].push(t.elapsed());
 
         let key = format!("two-{r}");
+        idle(gap).await;
         let t = Instant::now();
         assert!(me.holders(&key).await.unwrap().is_empty());
         assert!(me.take_lease(&key).await.unwrap().is_some());
         took[1].push(t.elapsed());
 
         let key = format!("one-{r}");
+        idle(gap).await;
         let t = Instant::now();
         assert!(me.lookup(&key).await.unwrap().lease.is_some());
         took[2].push(t.elapsed());
 
         let key = format!("held-1-{}", r % HELD_PER_NODE);
+        idle(gap).await;
         let t = Instant::now();
         let seen = me.lookup(&key).await.unwrap();
         took[3].push(t.elapsed());
@@ -105,8 +119,9 @@ async fn main() {
     let (p50, p99) = (quantile(&took[0], 0.5), quantile(&took[0], 0.99));
     println!(
         "fleet lookup: {rounds} samples per operation, {NODES} nodes x {HELD_PER_NODE} holdings, \
-         PostgreSQL on loopback, fsync {}",
-        if durable { "on" } else { "off" }
+         PostgreSQL on loopback, fsync {}, {} ms idle before each call",
+        if durable { "on" } else { "off" },
+        gap.as_millis()
     );
     println!(
         "{:<14} {:>9} {:>9} {:>9} {:>12} {:>12}",
@@ -123,5 +138,12 @@ async fn main() {
             ms(a) / ms(p50),
             ms(b) / ms(p99)
         );
+    }
+}
+
+/// Idles `gap` (nothing when zero).
+async fn idle(gap: Duration) {
+    if !gap.is_zero() {
+        tokio::time::sleep(gap).await;
     }
 }

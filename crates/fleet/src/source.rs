@@ -429,58 +429,66 @@ impl Drop for LeaseGuard {
 /// A short-lived process (`imgcache fetch`) as a fleet node: it must be a live node while it
 /// holds an origin lease (a lease whose holder stops heartbeating is free), so it joins, beats
 /// every quarter of the heartbeat timeout while it runs, and leaves at [`FetchMember::leave`].
+/// Its node is its own (`fetch://HOST/PID`, from the caller), never a URL it does not answer:
+/// peers would wait on its lease for a fill they cannot follow, and a `serve` starting at that
+/// URL meanwhile would be refused as a duplicate.
 ///
-/// What it publishes is announced under a URL peers can read it at: its own node URL when
-/// that is an `http(s)` one, else that of the live `serve` whose cache directory it shares
-/// (the marker that serve wrote there, [`Fleet::node_beside`]): the serve answers peers from
-/// the directory, so a conductor's fetch beside a serve feeds the fleet. A fetch with neither
-/// (`fetch://HOST/PID` on a directory no serve answers for) announces nothing: no peer could
-/// read from it.
-///
-/// Beside a serve, its fill in progress is announced too (as its own holding, read through
-/// the serve: [`Fleet::serve_through`]), and the serve's peer endpoint follows the growing
-/// file: conductors deploying one image at once download it from the origin once.
+/// It has no peer endpoint, so what it fills and publishes is read through the live `serve`
+/// whose cache directory it shares, if there is one: the one named by the marker that serve
+/// wrote there ([`Fleet::node_beside`]), else the one the operator named (`node_url`), if the
+/// index shows it alive. Its fill in progress is announced as its own holding, read through
+/// the serve ([`Fleet::serve_through`]; the serve's peer endpoint follows the growing file),
+/// and what it publishes is announced under the serve's URL (the serve then holds it): a
+/// conductor's fetches beside a serve feed the fleet, and conductors deploying one image at
+/// once download it from the origin once. A fetch with no serve beside it announces nothing:
+/// no peer could read from it.
 pub struct FetchMember {
     source: Arc<FleetSource>,
-    announce_as: Option<String>,
-    /// Whether peers read this process's fills through the serve beside it.
-    through_serve: bool,
+    /// The serve peers read this process's images through.
+    through: Option<String>,
     beat: tokio::task::JoinHandle<()>,
 }
 
 impl FetchMember {
     /// Joins the fleet as `cfg.node_url` (bounded by the fleet's call timeout), for a fetch
-    /// into the cache directory `cache_root`.
+    /// into the cache directory `cache_root`; `stated`: the serve the operator says answers
+    /// for that directory (`node_url`).
     pub async fn join(
         cfg: FleetConfig,
         token: impl Into<String>,
         http: &HttpSource,
         cache_root: &std::path::Path,
+        stated: Option<&str>,
     ) -> crate::Result<Arc<FetchMember>> {
-        let own = Some(cfg.node_url.clone()).filter(|u| crate::serves_peers(u));
         let every = cfg.heartbeat_every();
         let fleet = Fleet::connect(cfg).await?;
-        let (announce_as, through_serve) = match own {
-            Some(url) => (Some(url), false),
-            None => match fleet.node_beside(cache_root).await {
-                Some(serve) => {
-                    let through = match fleet.serve_through(&serve).await {
-                        Ok(()) => true,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "this fetch's fill is not announced");
-                            false
-                        }
-                    };
-                    (Some(serve), through)
-                }
-                None => (None, false),
+        let through = match fleet.node_beside(cache_root).await {
+            Some(serve) => Some(serve),
+            None => match stated.filter(|u| crate::serves_peers(u)) {
+                Some(url) => match fleet.nodes().await {
+                    Ok(nodes) if nodes.iter().any(|n| n.url == url) => Some(url.to_string()),
+                    _ => None,
+                },
+                None => None,
             },
         };
-        if let Some(node) = &announce_as {
-            tracing::debug!(
-                node,
-                "what this fetch publishes is announced under this node"
-            );
+        let through = match through {
+            Some(serve) => match fleet.serve_through(&serve).await {
+                Ok(()) => Some(serve),
+                Err(e) => {
+                    tracing::debug!(error = %e, "this fetch's images are not announced");
+                    None
+                }
+            },
+            None => None,
+        };
+        match &through {
+            Some(serve) => {
+                tracing::debug!(serve, "this fetch's images are read through this serve")
+            }
+            None => tracing::debug!(
+                "no live serve answers for this cache directory: this fetch announces nothing"
+            ),
         }
         let f = fleet.clone();
         let beat = tokio::spawn(async move {
@@ -493,8 +501,7 @@ impl FetchMember {
         });
         Ok(Arc::new(FetchMember {
             source: FleetSource::new(fleet, token, http),
-            announce_as,
-            through_serve,
+            through,
             beat,
         }))
     }
@@ -543,7 +550,7 @@ impl MissSources for FetchMember {
         checksum: Option<String>,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            if !self.through_serve {
+            if self.through.is_none() {
                 return;
             }
             let fleet = &self.source.fleet;
@@ -568,7 +575,7 @@ impl MissSources for FetchMember {
         checksum: Option<String>,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let Some(node) = &self.announce_as else {
+            let Some(node) = &self.through else {
                 return;
             };
             let fleet = &self.source.fleet;
@@ -586,9 +593,7 @@ impl MissSources for FetchMember {
                 tracing::debug!(%key, error = %e, "the published image is not announced");
             }
             // The serve holds it now; this process's fill is over.
-            if self.through_serve
-                && let Err(e) = fleet.withdraw(key.as_str()).await
-            {
+            if let Err(e) = fleet.withdraw(key.as_str()).await {
                 tracing::debug!(%key, error = %e, "the fill's holding stays until this fetch leaves");
             }
         })

@@ -325,7 +325,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Text,
         env: &["IMGCACHE_NODE_URL"],
         flag: Some("`serve --node-url`, `fetch --node-url`"),
-        default: "none: `http://` and the listen address (`fetch`: `fetch://HOST/PID`)",
+        default: "none: `http://` and the listen address (`fetch`: the `serve` on its cache directory, by its marker)",
         list: None,
         doc: "How peers and clients reach this node (Glance's worker_self_reference_url)",
         example: r#""http://node1.example:9292""#,

@@ -137,13 +137,12 @@ pub fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
     ))
 }
 
-/// Fleet mode (`fleet_db` set): joins the fleet as a transient node, so this fetch may fill
-/// from a live holder and may hold the fleet's origin lease (a lease's holder must be a live,
-/// heartbeating node). It joins as `node_url` when configured and free, else (a `serve`
-/// already runs as that URL, or none is configured) as `fetch://HOST/PID`; what it publishes
-/// is announced under a URL that answers peers for this cache directory, if there is one
-/// ([`FetchMember`]). A fleet database that does not answer (every call is bounded) leaves the fetch
-/// to the origin alone.
+/// Fleet mode (`fleet_db` set): joins the fleet as a transient node, `fetch://HOST/PID`, so
+/// this fetch may fill from a live holder and may hold the fleet's origin lease (a lease's
+/// holder must be a live, heartbeating node). What it fills and publishes is read through the
+/// live `serve` on the same cache directory (its marker, else `node_url`), if there is one
+/// ([`FetchMember`]). A fleet database that does not answer (every call is bounded) leaves
+/// the fetch to the origin alone.
 async fn join_fleet(
     ctx: &Ctx,
     images: &ImageCache,
@@ -157,29 +156,20 @@ async fn join_fleet(
         bail!("fleet mode (fleet_db) needs a fleet_token, the secret peers present");
     };
     let http = images.http_source()?;
-    let transient = format!("fetch://{}/{}", hostname(), std::process::id());
-    let mut urls = vec![transient];
-    if let Some(u) = &s.node_url {
-        urls.insert(0, u.clone());
-    }
-    for url in urls {
-        let mut cfg = imgcache_fleet::FleetConfig::new(db.clone(), url.clone());
-        cfg.heartbeat_timeout = s.heartbeat_timeout;
-        match FetchMember::join(cfg, token.clone(), &http, images.cache().root()).await {
-            Ok(m) => {
-                tracing::debug!(node = url, "joined the fleet");
-                return Ok(Some(m));
-            }
-            Err(e @ imgcache_fleet::FleetError::DuplicateNode { .. }) => {
-                tracing::info!(error = %e, "node URL in use: joining under this process's own id");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "fleet index unavailable: fetching from the origin");
-                return Ok(None);
-            }
+    let me = format!("fetch://{}/{}", hostname(), std::process::id());
+    let mut cfg = imgcache_fleet::FleetConfig::new(db.clone(), me.clone());
+    cfg.heartbeat_timeout = s.heartbeat_timeout;
+    let root = images.cache().root();
+    match FetchMember::join(cfg, token, &http, root, s.node_url.as_deref()).await {
+        Ok(m) => {
+            tracing::debug!(node = me, "joined the fleet");
+            Ok(Some(m))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "fleet index unavailable: fetching from the origin");
+            Ok(None)
         }
     }
-    Ok(None)
 }
 
 /// This host's name, for a transient node id.
