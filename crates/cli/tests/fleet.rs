@@ -130,6 +130,16 @@ fn origin_with(name: &str, data: &[u8]) -> (Origin, tempfile::TempDir) {
     (Origin::start(dir.path().to_path_buf()), dir)
 }
 
+/// A 4 MiB image `disk.img` (bytes from `seed`) on an origin that sends it in about 1.5 s, so
+/// a second request comes while the first is still downloading; and its href.
+fn slow_origin(seed: u64) -> (bytes::Bytes, Origin, tempfile::TempDir, String) {
+    let data = image_bytes(4 << 20, seed);
+    let (origin, dir) = origin_with("disk.img", &data);
+    origin.throttle("/images/disk.img", 128 << 10, Duration::from_millis(50));
+    let href = format!("{}/images/disk.img", origin.url);
+    (data, origin, dir, href)
+}
+
 fn pg() -> Postgres {
     Postgres::start().unwrap_or_else(|e| panic!("PostgreSQL for the fleet tests: {e}"))
 }
@@ -718,10 +728,7 @@ fn a_fetch_beside_a_serve_feeds_the_fleet_under_its_url() {
 fn conductors_fetching_one_image_at_once_download_it_once() {
     use imgcache_testkit::digest::sha256_hex;
     let pg = pg();
-    let data = image_bytes(4 << 20, 12);
-    let (origin, _d) = origin_with("disk.img", &data);
-    // About 1.5 s of download, so the second fetch asks while the first is still filling.
-    origin.throttle("/images/disk.img", 128 << 10, Duration::from_millis(50));
+    let (data, origin, _d, href) = slow_origin(12);
     let allow = format!("{}/", origin.url);
     // Two conductors, each with `imgcache serve` on its cache directory, deploy one image at
     // once with `imgcache fetch` (Ironic gives the image's checksum).
@@ -729,7 +736,6 @@ fn conductors_fetching_one_image_at_once_download_it_once() {
         node(&pg, &["--allow-href-prefix", &allow]),
         node(&pg, &["--allow-href-prefix", &allow]),
     ];
-    let href = format!("{}/images/disk.img", origin.url);
     let key = key_of(&href);
     let sum = format!("sha256:{}", sha256_hex(&data));
     let db = pg.url();
@@ -801,13 +807,9 @@ fn conductors_fetching_one_image_at_once_download_it_once() {
 #[test]
 fn a_fetch_never_takes_the_url_of_a_serve_that_is_down() {
     let pg = pg();
-    let data = image_bytes(4 << 20, 13);
-    let (origin, _d) = origin_with("disk.img", &data);
-    // About 1.5 s of download.
-    origin.throttle("/images/disk.img", 128 << 10, Duration::from_millis(50));
+    let (data, origin, _d, href) = slow_origin(13);
     let allow = format!("{}/", origin.url);
     let b = node(&pg, &["--allow-href-prefix", &allow]);
-    let href = format!("{}/images/disk.img", origin.url);
     // The conductor's config names its serve (`node_url`), which is down (restarting).
     let port = free_port();
     let serve_url = format!("http://127.0.0.1:{port}");
@@ -862,11 +864,7 @@ fn a_fetch_never_takes_the_url_of_a_serve_that_is_down() {
 #[test]
 fn two_fetch_only_members_do_not_wait_on_each_other() {
     let pg = pg();
-    let data = image_bytes(4 << 20, 8);
-    let (origin, _d) = origin_with("disk.img", &data);
-    // About 1.5 s of download, so the second fetch asks while the first holds the lease.
-    origin.throttle("/images/disk.img", 128 << 10, Duration::from_millis(50));
-    let href = format!("{}/images/disk.img", origin.url);
+    let (data, origin, _d, href) = slow_origin(8);
     let db = pg.url();
     let flags = ["--fleet-db", db.as_str(), "--fleet-token", TOKEN];
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();

@@ -450,8 +450,8 @@ pub struct FetchMember {
 }
 
 impl FetchMember {
-    /// Joins the fleet as `cfg.node_url` (bounded by the fleet's call timeout), for a fetch
-    /// into the cache directory `cache_root`; `stated`: the serve the operator says answers
+    /// Joins the fleet as `cfg.node_url` (the caller's `fetch://HOST/PID`; bounded by the
+    /// fleet's call timeout), for a fetch into the cache directory `cache_root`; `stated`: the serve the operator says answers
     /// for that directory (`node_url`).
     pub async fn join(
         cfg: FleetConfig,
@@ -462,26 +462,7 @@ impl FetchMember {
     ) -> crate::Result<Arc<FetchMember>> {
         let every = cfg.heartbeat_every();
         let fleet = Fleet::connect(cfg).await?;
-        let through = match fleet.node_beside(cache_root).await {
-            Some(serve) => Some(serve),
-            None => match stated.filter(|u| crate::serves_peers(u)) {
-                Some(url) => match fleet.nodes().await {
-                    Ok(nodes) if nodes.iter().any(|n| n.url == url) => Some(url.to_string()),
-                    _ => None,
-                },
-                None => None,
-            },
-        };
-        let through = match through {
-            Some(serve) => match fleet.serve_through(&serve).await {
-                Ok(()) => Some(serve),
-                Err(e) => {
-                    tracing::debug!(error = %e, "this fetch's images are not announced");
-                    None
-                }
-            },
-            None => None,
-        };
+        let through = read_through(&fleet, cache_root, stated).await;
         match &through {
             Some(serve) => {
                 tracing::debug!(serve, "this fetch's images are read through this serve")
@@ -517,6 +498,29 @@ impl FetchMember {
             tracing::debug!(error = %e, "cannot leave the fleet cleanly (it drops this node after the heartbeat timeout)");
         }
     }
+}
+
+/// The live serve peers read a fetch's images through (set as this node's `peer_url`): the
+/// one the marker in `cache_root` names, else `stated` if the index lists it alive. `None`
+/// when there is none, or it cannot be set (the fetch then announces nothing).
+async fn read_through(
+    fleet: &Fleet,
+    cache_root: &std::path::Path,
+    stated: Option<&str>,
+) -> Option<String> {
+    let serve = match fleet.node_beside(cache_root).await {
+        Some(serve) => serve,
+        None => {
+            let url = stated.filter(|u| crate::serves_peers(u))?;
+            let nodes = fleet.nodes().await.ok()?;
+            nodes.iter().find(|n| n.url == url)?.url.clone()
+        }
+    };
+    if let Err(e) = fleet.serve_through(&serve).await {
+        tracing::debug!(error = %e, "this fetch's images are not announced");
+        return None;
+    }
+    Some(serve)
 }
 
 impl MissSources for FetchMember {

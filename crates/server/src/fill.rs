@@ -174,13 +174,17 @@ impl Fills {
     /// over: should that process stop before its first byte, the flight just ends (this
     /// server was given no origin for it). `None` when no other process writes it. For the
     /// peer endpoint, which never starts a download.
-    pub fn follow_other_writer(&self, key: &Key) -> Result<Option<Arc<Fill>>, ApiError> {
+    pub fn follow_other_writer(
+        &self,
+        state: &AppState,
+        key: &Key,
+    ) -> Result<Option<Arc<Fill>>, ApiError> {
         // Nothing is written (a stat, not the flock: a lock taken here could end a flight a
         // client of this server just joined).
         if self.locks.cache().incomplete_len(key).unwrap_or(0) == 0 {
             return Ok(None);
         }
-        let mut elsewhere = match self.locks.acquire(key)? {
+        let elsewhere = match self.locks.acquire(key)? {
             Acquired::Follow(f) => return Ok(Some(f.into_flight())),
             Acquired::Elsewhere(e) => e,
             // A dead writer's leftover (or a writer that just finished): nothing to follow.
@@ -191,21 +195,17 @@ impl Fills {
         };
         let fill = elsewhere.flight().clone();
         fill.extra().progress.set_source("another process", None);
-        let mut cancel = self.cancelled();
+        let st = state.clone();
         let mut tasks = self.tasks.lock().expect("poisoned");
         while tasks.try_join_next().is_some() {}
         tasks.spawn(async move {
-            let followed = tokio::select! {
-                f = elsewhere.follow() => Some(f),
-                _ = cancel.wait_for(|c| *c) => None,
-            };
-            match followed {
-                Some(Followed::Write(p)) => p.finish(Outcome::failed(
+            // Followed as a client's miss follows it; a permit handed back means the other
+            // process stopped unwritten, and this server has no origin to take over with.
+            if let Some(p) = lead_to_permit(&st, Lead::Elsewhere(elsewhere)).await {
+                p.finish(Outcome::failed(
                     FailKind::WriterGone,
                     "the process writing it stopped before its first byte",
-                )),
-                Some(Followed::Ended(_)) => {}
-                None => elsewhere.end(Outcome::Failed(failure(&shutting_down()))),
+                ));
             }
         });
         Ok(Some(fill))

@@ -67,7 +67,7 @@ async fn peer_image(
     // directory): the peer's bytes as they are written.
     let fill = match state.fills.get(&key) {
         Some(fill) => Some(fill),
-        None => match state.fills.follow_other_writer(&key) {
+        None => match state.fills.follow_other_writer(&state, &key) {
             Ok(fill) => fill,
             Err(e) => return e.into_response(),
         },
