@@ -862,6 +862,70 @@ fn a_fetch_never_takes_the_url_of_a_serve_that_is_down() {
 }
 
 #[test]
+fn the_index_follows_the_cache_directory_whatever_process_changes_it() {
+    let pg = pg();
+    let data = image_bytes(1 << 20, 14);
+    let (origin, _d) = origin_with("disk.img", &data);
+    let a = node(&pg, &[]);
+    let href = format!("{}/images/disk.img", origin.url);
+    let key = key_of(&href);
+    // A fetch that tells the fleet nothing (no fleet flags) publishes into the serve's
+    // directory: the serve finds it there and announces it, within a heartbeat timeout
+    // (2 s here) and one check.
+    let dir = tempfile::tempdir().unwrap();
+    fetched(fetch_cmd(
+        &a.cache,
+        &href,
+        &dir.path().join("deploy.img"),
+        &[],
+    ));
+    assert!(holders(&a, &key).is_empty(), "not announced by the fetch");
+    let found = eventually(
+        "the serve announces what a fetch published",
+        Duration::from_secs(8),
+        || holders(&a, &key) == [a.url.clone()],
+    );
+    // Deleted by the cache commands, which tell the fleet nothing either: withdrawn.
+    let o = Command::new(env!("CARGO_BIN_EXE_imgcache"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("--cache-dir")
+        .arg(&a.cache)
+        .args(["delete", &key])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let gone = eventually(
+        "the serve withdraws what was deleted",
+        Duration::from_secs(8),
+        || holders(&a, &key).is_empty(),
+    );
+    // An image file an operator removes by hand (its record stays): withdrawn too.
+    let href2 = format!("{href}?second");
+    let key2 = key_of(&href2);
+    fetched(fetch_cmd(
+        &a.cache,
+        &href2,
+        &dir.path().join("second.img"),
+        &[],
+    ));
+    eventually("announced", Duration::from_secs(8), || {
+        holders(&a, &key2) == [a.url.clone()]
+    });
+    std::fs::remove_file(a.cache.join(&key2)).unwrap();
+    eventually(
+        "the serve withdraws a file removed by hand",
+        Duration::from_secs(8),
+        || holders(&a, &key2).is_empty(),
+    );
+    // The two downloads were the fetches'.
+    assert_eq!(origin.data_requests("/images/disk.img"), 2);
+    eprintln!(
+        "fleet: a fetch's image announced after {found:?}; a deletion withdrawn after {gone:?}"
+    );
+}
+
+#[test]
 fn two_fetch_only_members_do_not_wait_on_each_other() {
     let pg = pg();
     let (data, origin, _d, href) = slow_origin(8);

@@ -769,6 +769,26 @@ impl Fleet {
         .await
     }
 
+    /// The keys the index lists this node as holding published: what a node checks against
+    /// its cache directory ([`Fleet::announce`] and [`Fleet::withdraw`] mend the difference).
+    pub async fn published_here(&self) -> Result<Vec<String>> {
+        let node = self.cfg.node_url.clone();
+        self.call(|c| async move {
+            let rows = c
+                .query(
+                    &c.prepare_cached(
+                        "SELECT image_key FROM imgcache_holdings
+                         WHERE node = $1 AND state = 'published'",
+                    )
+                    .await?,
+                    &[&node],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+        .await
+    }
+
     /// Where the holder of `key`'s origin lease (unexpired), if any, is read from by peers:
     /// its URL, or the serve it writes beside ([`Fleet::serve_through`]).
     pub async fn lease_holder(&self, key: &str) -> Result<Option<String>> {

@@ -5,11 +5,13 @@
 //! The index is bookkeeping, never on a hit's path, and the database may go away: updates go
 //! through a queue that keeps the latest state per key, and while the database is down they
 //! wait there; when it answers again they are replayed and the node re-announces everything
-//! it holds (the index may have dropped it as dead meanwhile). Lookups on a miss are bounded
+//! it holds (the index may have dropped it as dead meanwhile). Every heartbeat timeout the
+//! index is checked against the cache directory, which other processes change too (a fetch,
+//! the cache commands). Lookups on a miss are bounded
 //! by the fleet's call timeout and treated as "nobody holds it" when the database is down,
 //! so the miss goes to the origin with this node's own coalescing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -104,15 +106,7 @@ impl FleetNode {
         let n = records.len();
         let mut pending = self.pending.lock().await;
         for r in records {
-            pending.insert(
-                r.image_id.clone(),
-                Update::Holds {
-                    state: HoldingState::Published,
-                    size: Some(r.size),
-                    checksum: r.checksum.as_ref().map(ToString::to_string),
-                    bytes: r.size,
-                },
-            );
+            pending.insert(r.image_id.clone(), held(&r));
         }
         drop(pending);
         tracing::info!(
@@ -121,6 +115,81 @@ impl FleetNode {
             "announcing the local cache to the fleet"
         );
         self.wake.notify_one();
+    }
+
+    /// Mends the index's record of what this node holds where it differs from the cache
+    /// directory: other processes change that directory too (an `imgcache fetch` that could
+    /// not read through this node publishes into it; `imgcache delete`, `prune` and `clean`
+    /// remove from it, as does an operator's `rm`) and tell the index nothing. Queued like every update, never
+    /// overriding one already pending. The index is read before the directory: whatever it
+    /// lists was published here before, so a key it lists that the directory lacks was removed
+    /// since. A race this leaves (an image removed and published again meanwhile) is mended
+    /// by the next round.
+    async fn reconcile(&self) -> Result<(), FleetError> {
+        let listed: HashSet<String> = self.fleet.published_here().await?.into_iter().collect();
+        let cache = self.cache.clone();
+        // Published: a record whose file is in place (a file removed by hand leaves its record).
+        let published = move || {
+            let mut records = cache.get_cached_images()?;
+            records.retain(|r| {
+                imgcache_store::Key::new(&r.image_id).is_ok_and(|k| {
+                    cache
+                        .get_image_filepath(&k, imgcache_store::Status::Active)
+                        .exists()
+                })
+            });
+            Ok::<_, imgcache_store::StoreError>(records)
+        };
+        let local = match imgcache_store::off_thread(published).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the cache to check the fleet index");
+                return Ok(());
+            }
+        };
+        let local_keys: HashSet<&str> = local.iter().map(|r| r.image_id.as_str()).collect();
+        let unlisted: Vec<_> = local
+            .iter()
+            .filter(|r| !listed.contains(&r.image_id))
+            .collect();
+        let cache = self.cache.clone();
+        let candidates: Vec<String> = listed
+            .iter()
+            .filter(|k| !local_keys.contains(k.as_str()))
+            .cloned()
+            .collect();
+        // Checked again one by one: a listing is a snapshot.
+        let removed = imgcache_store::off_thread(move || {
+            Ok::<_, imgcache_store::StoreError>(
+                candidates
+                    .into_iter()
+                    .filter(|k| {
+                        imgcache_store::Key::new(k)
+                            .ok()
+                            .is_some_and(|key| matches!(cache.get_record(&key), Ok(None)))
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await
+        .unwrap_or_default();
+        if unlisted.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        let mut pending = self.pending.lock().await;
+        for r in &unlisted {
+            pending.entry(r.image_id.clone()).or_insert_with(|| held(r));
+        }
+        for k in &removed {
+            pending.entry(k.clone()).or_insert(Update::Gone);
+        }
+        drop(pending);
+        tracing::info!(
+            announced = unlisted.len(),
+            withdrawn = removed.len(),
+            "the fleet index differed from the cache directory: mending it"
+        );
+        Ok(())
     }
 
     /// This node published `key`. Queued like every update, and also written to the index
@@ -203,6 +272,9 @@ impl FleetNode {
         // When the database server started, as of the last heartbeat.
         let mut server_started: Option<String> = None;
         let mut last_beat: Option<std::time::Instant> = None;
+        // The cache directory was announced at start; checked again every heartbeat timeout.
+        let check_every = self.settings.index.heartbeat_timeout;
+        let mut last_check = std::time::Instant::now();
         loop {
             let due = last_beat.map_or(Duration::ZERO, |t| beat.saturating_sub(t.elapsed()));
             tokio::select! {
@@ -255,6 +327,13 @@ impl FleetNode {
                     continue;
                 }
                 self.announce_all().await;
+                last_check = std::time::Instant::now();
+            }
+            if last_check.elapsed() >= check_every {
+                last_check = std::time::Instant::now();
+                if let Err(e) = self.reconcile().await {
+                    tracing::debug!(error = %e, "the fleet index is checked against the cache later");
+                }
             }
             let batch: Vec<(String, Update)> = self.pending.lock().await.drain().collect();
             for (i, (key, u)) in batch.iter().enumerate() {
@@ -286,6 +365,16 @@ impl FleetNode {
         if let Err(e) = self.fleet.leave().await {
             tracing::warn!(error = %e, "cannot leave the fleet cleanly (it will drop this node after the heartbeat timeout)");
         }
+    }
+}
+
+/// The update saying this node holds the published image `r`.
+fn held(r: &imgcache_store::Record) -> Update {
+    Update::Holds {
+        state: HoldingState::Published,
+        size: Some(r.size),
+        checksum: r.checksum.as_ref().map(ToString::to_string),
+        bytes: r.size,
     }
 }
 
