@@ -273,6 +273,27 @@ fn concurrent_clients_on_three_nodes_one_origin_request() {
         },
     );
     eprintln!("fleet: glance cache-nodes-list:\n{last}");
+    // And openstacksdk's `cached_image_nodes`, from another node.
+    let sdk = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/sdk.py");
+    let mut cmd = Command::new("python3");
+    imgcache_testkit::clients::client_env(&mut cmd, home.path());
+    let o = cmd
+        .args([sdk, &nodes[2].url, ADMIN_TOKEN, "cache-nodes", &id])
+        .stdin(Stdio::null())
+        .output()
+        .expect("python3");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut got: Vec<&str> = listed["nodes"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    got.sort();
+    let mut want: Vec<&str> = nodes.iter().map(|n| n.url.as_str()).collect();
+    want.sort();
+    assert_eq!(got, want, "openstacksdk cached_image_nodes");
 }
 
 #[test]

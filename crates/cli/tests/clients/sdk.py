@@ -20,6 +20,7 @@ Commands:
   cache-queue ID            queue_image
   cache-delete ID           cache_delete_image(ignore_missing=False)
   cache-clear [TARGET]      clear_cache(TARGET), TARGET both|cache|queue
+  cache-nodes ID            cached_image_nodes(ID): the node URLs holding it (fleet mode)
 """
 import hashlib
 import json
@@ -85,6 +86,8 @@ def main():
         c.image.cache_delete_image(args[0], ignore_missing=False)
     elif cmd == "cache-clear":
         c.image.clear_cache(args[0] if args else "both")
+    elif cmd == "cache-nodes":
+        out = {"nodes": c.image.cached_image_nodes(args[0])}
     else:
         sys.exit("unknown command %s" % cmd)
     print(json.dumps(out))
