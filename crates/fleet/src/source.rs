@@ -17,7 +17,7 @@
 //!
 //! A holder whose stream breaks mid-way (it died, stalled or was cut) costs nothing but a
 //! pause: the body goes on from another holder, else the origin under the lease, by `Range`
-//! from the bytes already written ([`Continue`]).
+//! from the bytes already written (`Continue`).
 //!
 //! A database that does not answer makes the miss go to the origin, with this node's own
 //! coalescing only.
