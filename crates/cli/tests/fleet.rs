@@ -43,7 +43,11 @@ fn node(pg: &Postgres, extra: &[&str]) -> Node {
 
 /// [`node`] on `port`.
 fn node_on(pg: &Postgres, port: u16, extra: &[&str]) -> Node {
-    let dir = tempfile::tempdir().unwrap();
+    node_in(pg, port, tempfile::tempdir().unwrap(), extra)
+}
+
+/// [`node`] on `port`, its cache directory `dir/cache` (which may hold images already).
+fn node_in(pg: &Postgres, port: u16, dir: tempfile::TempDir, extra: &[&str]) -> Node {
     let url = format!("http://127.0.0.1:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_imgcache"))
         .env_clear()
@@ -944,6 +948,43 @@ fn the_index_follows_the_cache_directory_whatever_process_changes_it() {
     eprintln!(
         "fleet: a fetch's image announced after {found:?}; a deletion withdrawn after {gone:?}"
     );
+}
+
+#[test]
+fn a_node_joining_with_a_cache_announces_it() {
+    let pg = pg();
+    let data = image_bytes(1 << 20, 15);
+    let (origin, _d) = origin_with("disk.img", &data);
+    let href = format!("{}/images/disk.img", origin.url);
+    // A cache filled before fleet mode was turned on (a plain fetch, no fleet flags).
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    fetched(fetch_cmd(
+        &dir.path().join("cache"),
+        &href,
+        &out.path().join("d.img"),
+        &[],
+    ));
+    let a = node_in(&pg, free_port(), dir, &[]);
+    // Announced at start, well before the first check against the directory (one heartbeat
+    // timeout, 2 s, after start).
+    let took = eventually(
+        "the node announces its cache",
+        Duration::from_secs(1),
+        || holders(&a, &key_of(&href)) == [a.url.clone()],
+    );
+    // And another node fills from it, not from the origin.
+    let allow = format!("{}/", origin.url);
+    let b = node(&pg, &["--allow-href-prefix", &allow]);
+    let (status, body, _) = get(&fetch_url(&b, &href), &[]);
+    assert_eq!(status, 200);
+    assert!(body == data.as_ref(), "exact");
+    assert_eq!(
+        origin.data_requests("/images/disk.img"),
+        1,
+        "only the first fetch's"
+    );
+    eprintln!("fleet: a node's existing cache was announced {took:?} after it answered");
 }
 
 #[test]

@@ -3,15 +3,16 @@
 //! Ironic and Glance coordinate through their SQL databases. There is no coordinator of our
 //! own: every decision is one SQL statement checked against the database's clock.
 //!
-//! - **Nodes** (`imgcache_nodes`, `nodes.rs`): a node joins with its URL and a random instance id, and
-//!   heartbeats; one whose heartbeat is older than `heartbeat_timeout` is dead, dropped from
-//!   every answer, and its URL may be taken by a new instance. A live node's URL cannot be
-//!   taken (a second node started with the same `--node-url` is refused).
-//! - **Holdings** (`imgcache_holdings`, `holdings.rs`): which node holds (`published`) or is filling
-//!   (`filling`, with the bytes so far) an image key.
-//! - **Leases** (`imgcache_leases`, `lease.rs`): the right to download one key from the origin, taken by
-//!   a conditional insert that only succeeds when no lease exists or the current one has
-//!   expired, and that returns a generation: the fencing token a renewal must present.
+//! - **Nodes** (`imgcache_nodes`, `nodes.rs`): a node joins with its URL and a random
+//!   instance id, and heartbeats; one whose heartbeat is older than `heartbeat_timeout` is
+//!   dead, dropped from every answer, and its URL may be taken by a new instance. A live
+//!   node's URL cannot be taken (a second node started with the same `--node-url` is refused).
+//! - **Holdings** (`imgcache_holdings`, `holdings.rs`): which node holds (`published`) or is
+//!   filling (`filling`, with the bytes so far) an image key.
+//! - **Leases** (`imgcache_leases`, `lease.rs`): the right to download one key from the
+//!   origin, taken by a conditional insert that only succeeds when no lease exists or the
+//!   current one has expired, and that returns a generation: the fencing token a renewal
+//!   must present.
 //!
 //! Each node's own records stay in its local driver: the index is consulted on a miss, never
 //! on a hit, and every call is bounded by `call_timeout` (250 ms by default), so a database

@@ -7,9 +7,9 @@
 //! wait there; when it answers again they are replayed and the node re-announces everything
 //! it holds (the index may have dropped it as dead meanwhile). Every heartbeat timeout the
 //! index is checked against the cache directory, which other processes change too (a fetch,
-//! the cache commands). Lookups on a miss are bounded
-//! by the fleet's call timeout and treated as "nobody holds it" when the database is down,
-//! so the miss goes to the origin with this node's own coalescing.
+//! the cache commands). Lookups on a miss are bounded by the fleet's call timeout and treated
+//! as "nobody holds it" when the database is down, so the miss goes to the origin with this
+//! node's own coalescing.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -120,11 +120,11 @@ impl FleetNode {
     /// Mends the index's record of what this node holds where it differs from the cache
     /// directory: other processes change that directory too (an `imgcache fetch` that could
     /// not read through this node publishes into it; `imgcache delete`, `prune` and `clean`
-    /// remove from it, as does an operator's `rm`) and tell the index nothing. Queued like every update, never
-    /// overriding one already pending. The index is read before the directory: whatever it
-    /// lists was published here before, so a key it lists that the directory lacks was removed
-    /// since. A race this leaves (an image removed and published again meanwhile) is mended
-    /// by the next round.
+    /// remove from it, as does an operator's `rm`) and tell the index nothing. Queued like
+    /// every update, never overriding one already pending. The index is read before the
+    /// directory: whatever it lists was published here before, so a key it lists that the
+    /// directory lacks was removed since. A race this leaves (an image removed and published
+    /// again meanwhile) is mended by the next round.
     async fn reconcile(&self) -> Result<(), FleetError> {
         let listed: HashSet<String> = self.fleet.published_here().await?.into_iter().collect();
         let cache = self.cache.clone();
