@@ -116,6 +116,15 @@ fn fetch_url(node: &Node, href: &str) -> String {
     format!("{}/v1/fetch?href={}", node.url, urlencode(href))
 }
 
+/// `node`'s miss or hit for `href` (`/v1/fetch`): 200 and exactly `data`, or the test fails
+/// saying `what`. The time it took.
+fn fetch_exact(node: &Node, href: &str, data: &[u8], what: &str) -> Duration {
+    let (status, body, took) = get(&fetch_url(node, href), &[]);
+    assert_eq!(status, 200, "{what}");
+    assert!(body == data, "{what}: the bytes differ");
+    took
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -182,9 +191,7 @@ fn sequential_misses_on_every_node_fetch_once_from_the_origin() {
         .collect();
     let href = format!("{}/images/disk.img", origin.url);
     for n in &nodes {
-        let (status, body, _) = get(&fetch_url(n, &href), &[]);
-        assert_eq!(status, 200, "{}", n.url);
-        assert!(body == data.as_ref(), "{}: exact bytes", n.url);
+        fetch_exact(n, &href, &data, &n.url);
     }
     assert_eq!(
         origin.data_requests("/images/disk.img"),
@@ -630,9 +637,7 @@ fn a_corrupt_peer_publishes_nothing_and_the_next_source_is_the_origin() {
     );
 
     // The next request skips the suspect peer for the origin, and gets exact bytes.
-    let (status, body, _) = get(&fetch_url(&b, &href), &[]);
-    assert_eq!(status, 200);
-    assert!(body == data.as_ref(), "exact bytes from the origin");
+    fetch_exact(&b, &href, &data, "exact bytes from the origin");
     assert_eq!(origin.data_requests("/images/c.img"), 2);
     // Published once durable, just after the client's last byte.
     eventually("b published", Duration::from_secs(5), || {
@@ -671,9 +676,7 @@ fn fetch_in_fleet_mode_fills_from_a_serve_node_without_the_origin() {
     let allow = format!("{}/", origin.url);
     let n = node(&pg, &["--allow-href-prefix", &allow]);
     let href = format!("{}/images/disk.img", origin.url);
-    let (status, body, _) = get(&fetch_url(&n, &href), &[]);
-    assert_eq!(status, 200);
-    assert!(body == data.as_ref());
+    fetch_exact(&n, &href, &data, "exact");
     eventually("the node is listed", Duration::from_secs(5), || {
         holders(&n, &key_of(&href)).len() == 1
     });
@@ -720,9 +723,7 @@ fn a_fetch_beside_a_serve_feeds_the_fleet_under_its_url() {
     // What the fetch published is announced under A's URL (A answers peers from the
     // directory), so B's miss fills from A, not from the origin.
     assert_eq!(holders(&b, &key), vec![a.url.clone()]);
-    let (status, body, _) = get(&fetch_url(&b, &href), &[]);
-    assert_eq!(status, 200);
-    assert!(body == data.as_ref(), "exact bytes from the peer");
+    fetch_exact(&b, &href, &data, "exact bytes from the peer");
     assert_eq!(
         origin.data_requests("/images/disk.img"),
         1,
@@ -874,9 +875,7 @@ fn a_fetch_never_takes_the_url_of_a_serve_that_is_down() {
     );
     // ... and a miss on another node does not wait on the fetch's lease for a fill no peer
     // can follow: it downloads at once.
-    let (status, body, took) = get(&fetch_url(&b, &href), &[]);
-    assert_eq!(status, 200);
-    assert!(body == data.as_ref(), "exact");
+    let took = fetch_exact(&b, &href, &data, "exact");
     assert!(
         took < Duration::from_secs(5),
         "not held up by the fetch's lease: {took:?}"
@@ -976,9 +975,7 @@ fn a_node_joining_with_a_cache_announces_it() {
     // And another node fills from it, not from the origin.
     let allow = format!("{}/", origin.url);
     let b = node(&pg, &["--allow-href-prefix", &allow]);
-    let (status, body, _) = get(&fetch_url(&b, &href), &[]);
-    assert_eq!(status, 200);
-    assert!(body == data.as_ref(), "exact");
+    fetch_exact(&b, &href, &data, "exact");
     assert_eq!(
         origin.data_requests("/images/disk.img"),
         1,

@@ -451,8 +451,8 @@ pub struct FetchMember {
 
 impl FetchMember {
     /// Joins the fleet as `cfg.node_url` (the caller's `fetch://HOST/PID`; bounded by the
-    /// fleet's call timeout), for a fetch into the cache directory `cache_root`; `stated`: the serve the operator says answers
-    /// for that directory (`node_url`).
+    /// fleet's call timeout), for a fetch into the cache directory `cache_root`; `stated`: the
+    /// serve the operator says answers for that directory (`node_url`).
     pub async fn join(
         cfg: FleetConfig,
         token: impl Into<String>,

@@ -128,7 +128,8 @@ impl FleetNode {
     async fn reconcile(&self) -> Result<(), FleetError> {
         let listed: HashSet<String> = self.fleet.published_here().await?.into_iter().collect();
         let cache = self.cache.clone();
-        // Published: a record whose file is in place (a file removed by hand leaves its record).
+        // Published: a record whose file is in place, as `Cache::get_record` has it (a file
+        // removed by hand leaves its record), in one listing rather than a lookup per key.
         let published = move || {
             let mut records = cache.get_cached_images()?;
             records.retain(|r| {
@@ -152,27 +153,10 @@ impl FleetNode {
             .iter()
             .filter(|r| !listed.contains(&r.image_id))
             .collect();
-        let cache = self.cache.clone();
-        let candidates: Vec<String> = listed
+        let removed: Vec<&String> = listed
             .iter()
             .filter(|k| !local_keys.contains(k.as_str()))
-            .cloned()
             .collect();
-        // Checked again one by one: a listing is a snapshot.
-        let removed = imgcache_store::off_thread(move || {
-            Ok::<_, imgcache_store::StoreError>(
-                candidates
-                    .into_iter()
-                    .filter(|k| {
-                        imgcache_store::Key::new(k)
-                            .ok()
-                            .is_some_and(|key| matches!(cache.get_record(&key), Ok(None)))
-                    })
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .await
-        .unwrap_or_default();
         if unlisted.is_empty() && removed.is_empty() {
             return Ok(());
         }
@@ -181,7 +165,7 @@ impl FleetNode {
             pending.entry(r.image_id.clone()).or_insert_with(|| held(r));
         }
         for k in &removed {
-            pending.entry(k.clone()).or_insert(Update::Gone);
+            pending.entry((*k).clone()).or_insert(Update::Gone);
         }
         drop(pending);
         tracing::info!(
